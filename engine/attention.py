@@ -1,0 +1,78 @@
+"""Attention over the paged KV cache, for a flat batch of decodes and prompt chunks.
+
+The cache of one layer is a flat tensor of slots, `[num_blocks * block_size, kv_heads,
+head_dim]`; a token at position p of a request lives in slot
+`block_ids[p // block_size] * block_size + p % block_size`. The batch puts all decode
+tokens first (one per request, attended together, padded to the longest context) and
+prompt chunks after (each attended on its own, causally, over its cached prefix).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    query_start: int
+    query_end: int
+    num_cached: int  # context tokens before this chunk (prefix hits and earlier chunks)
+    context_slots: torch.Tensor | None  # [num_cached + chunk] slots, None when num_cached == 0
+    mask: torch.Tensor | None  # [chunk, num_cached + chunk] causal mask with the prefix visible
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] where each new token's key and value go
+    num_decodes: int
+    decode_slots: torch.Tensor | None  # [num_decodes, max_context] gather index, padded
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] True where real
+    prefills: list[PrefillSpan]
+
+
+def context_slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Slot of each position; `block_table` is [..., num_blocks], positions broadcast against it."""
+    block_index = positions // block_size
+    blocks = torch.gather(block_table, -1, block_index.expand(*block_table.shape[:-1], -1))
+    return blocks * block_size + positions % block_size
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, heads, head_dim]
+    key: torch.Tensor,  # [num_tokens, kv_heads, head_dim]
+    value: torch.Tensor,
+    key_cache: torch.Tensor,  # [num_slots, kv_heads, head_dim]
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    # Every new key is written before any query reads: a prefix-cache hit on a block that
+    # another request fills in this same step then sees that request's keys.
+    key_cache.index_copy_(0, meta.slot_mapping, key)
+    value_cache.index_copy_(0, meta.slot_mapping, value)
+    output = torch.empty_like(query)
+
+    if meta.num_decodes:
+        n = meta.num_decodes
+        keys = key_cache[meta.decode_slots].transpose(1, 2)  # [n, kv_heads, context, head_dim]
+        values = value_cache[meta.decode_slots].transpose(1, 2)
+        decoded = F.scaled_dot_product_attention(
+            query[:n].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+        )
+        output[:n] = decoded.squeeze(2)
+
+    for span in meta.prefills:
+        chunk = slice(span.query_start, span.query_end)
+        q = query[chunk].transpose(0, 1).unsqueeze(0)
+        if span.context_slots is None:
+            k, v = key[chunk], value[chunk]
+        else:
+            k, v = key_cache[span.context_slots], value_cache[span.context_slots]
+        k = k.transpose(0, 1).unsqueeze(0)
+        v = v.transpose(0, 1).unsqueeze(0)
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=span.mask, is_causal=span.mask is None, scale=scale, enable_gqa=True
+        )
+        output[chunk] = attended.squeeze(0).transpose(0, 1)
+    return output

@@ -1,0 +1,34 @@
+"""Engine settings: model, dtype, device, KV-cache size and the scheduler's knobs."""
+
+from dataclasses import dataclass
+
+GIB = 1024 ** 3
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str | None = None  # a Hugging Face folder; None serves the embedded SmolLM2
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None  # defaults to the model's position limit
+    block_size: int = 16
+    kv_cache_memory: int = 2 * GIB  # bytes for the KV tensor, unless num_kv_blocks is set
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # 2048 with chunked prefill, else max_model_len
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    policy: str = "fcfs"
+    seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads on CPU; None keeps torch's choice
+    cuda_graphs: bool = False  # capture decode steps as CUDA graphs (CUDA only; unverified here)
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB' or a plain byte count."""
+    units = {"kib": 1024, "mib": 1024 ** 2, "gib": GIB, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "b": 1}
+    lowered = text.strip().lower()
+    for unit, factor in units.items():
+        if lowered.endswith(unit):
+            return int(float(lowered[: -len(unit)]) * factor)
+    return int(lowered)

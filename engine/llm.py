@@ -1,0 +1,50 @@
+"""Offline API: `LLM(...).generate(prompts, sampling_params)` runs a batch to completion."""
+
+from typing import Sequence
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine, RequestOutput
+from scheduler import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **config):
+        self.engine = LLMEngine(EngineConfig(model=model, **config))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Final outputs in the order of `prompts`."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        # Validate every prompt before queueing any, so a bad one leaves nothing half-queued.
+        token_ids = [self.engine.tokenize(p) if isinstance(p, str) else list(p) for p in prompts]
+        for ids in token_ids:
+            self.engine.check_prompt(ids)
+        order = [self.engine.add_request(ids, params) for ids, params in zip(token_ids, sampling_params)]
+        finished: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    finished[output.request_id] = output
+        return [finished[request_id] for request_id in order]
+
+    def chat(
+        self,
+        conversations: list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        prompts = [self.engine.apply_chat_template(messages) for messages in conversations]
+        return self.generate(prompts, sampling_params)

@@ -1,0 +1,240 @@
+"""The engine loop: each step schedules, executes, updates and emits outputs."""
+
+from dataclasses import dataclass, field
+import logging
+import time
+import uuid
+
+import torch
+
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.loader import load_model, resolve_device, resolve_dtype, resolve_model_path
+from engine.model_runner import ModelRunner, kv_bytes_per_block
+from engine.sampler import TokenLogprobs
+from kvcache import KVCacheManager
+from scheduler import (
+    InvalidRequestError, Request, RequestStatus, SamplingParams, Scheduler, SchedulerConfig, SchedulerOutput,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    new_token_ids: list[int]
+    new_text: str
+    token_ids: list[int]  # every output token so far
+    text: str  # every output character released so far
+    finished: bool
+    finish_reason: str | None = None
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    error: str | None = None
+    request: Request | None = None  # timestamps and counters, read-only for consumers
+
+
+@dataclass(slots=True)
+class _TextState:
+    """Per-request text: detokenizer, stop-string search, and how much has been released."""
+
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    num_released: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        loaded = load_model(resolve_model_path(config.model), self.dtype, self.device, config.max_model_len)
+        self.model_path = loaded.path
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = loaded.eos_token_ids
+        self.max_model_len = loaded.max_model_len
+        self.vocab_size = loaded.model.args.vocab_size
+
+        num_blocks = config.num_kv_blocks or config.kv_cache_memory // kv_bytes_per_block(
+            loaded.model, config.block_size, self.dtype)
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * config.block_size} tokens, less than one request of "
+                f"max_model_len {self.max_model_len}: give it more memory or lower max_model_len"
+            )
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        max_batched = config.max_num_batched_tokens or (
+            2048 if config.enable_chunked_prefill else self.max_model_len)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_model_len=self.max_model_len,
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=max_batched,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                policy=config.policy,
+            ),
+            self.kv_cache,
+        )
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.device)
+        self._texts: dict[str, _TextState] = {}
+        logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens",
+                    self.model_path, self.dtype, self.device, num_blocks, config.block_size)
+
+    # -- requests in ------------------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    def apply_chat_template(self, messages: list[dict], **template_kwargs) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+        # The template already wrote any special tokens the model expects.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        tenant: str = "",
+    ) -> str:
+        """Validate and queue a request; InvalidRequestError leaves the engine untouched."""
+        params = sampling_params or SamplingParams()
+        token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_prompt(token_ids)
+        request = Request(
+            request_id=request_id or uuid.uuid4().hex,
+            prompt_token_ids=token_ids,
+            sampling_params=params,
+            eos_token_ids=self.eos_token_ids,
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            priority=priority,
+            tenant=tenant,
+        )
+        self.scheduler.add_request(request)
+        self._texts[request.request_id] = _TextState(
+            IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens))
+        return request.request_id
+
+    def check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(token_ids)} tokens; this model's context is {self.max_model_len} tokens "
+                "including at least one generated token",
+                param="prompt", code="context_length_exceeded",
+            )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.scheduler.abort(request_id)
+        return self._final_output(request) if request is not None else None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- one step -------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        try:
+            result = self.runner.execute(plan)
+        except Exception as error:  # noqa: BLE001 - a bad step must not take the engine down
+            return self._fail_step(plan, error)
+        outputs = []
+        for request in self.scheduler.update(plan, result.sampled_token_ids):
+            logprobs = result.logprobs.get(request.request_id)
+            outputs.append(self._output(request, request.output_token_ids[-1], logprobs))
+        return outputs
+
+    def _fail_step(self, plan: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+        logger.exception("model step failed; failing its %d requests", len(plan.scheduled))
+        # Blocks registered for this step may hold garbage: forget every cached prefix.
+        self.kv_cache.reset_prefix_cache()
+        outputs = []
+        for scheduled in plan.scheduled:
+            request = self.scheduler.finish_request(scheduled.request.request_id, RequestStatus.FINISHED_ERROR)
+            if request is not None:
+                output = self._final_output(request)
+                output.error = f"model step failed: {type(error).__name__}: {error}"
+                outputs.append(output)
+        return outputs
+
+    # -- outputs ----------------------------------------------------------------------
+
+    def _output(self, request: Request, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
+        state = self._texts[request.request_id]
+        params = request.sampling_params
+        state.text += state.detokenizer.add(token_id)
+        if request.is_finished:
+            state.text += state.detokenizer.flush()
+        if params.stop and self._truncate_at_stop(state, params):
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+        if request.is_finished:
+            released = len(state.text)
+        else:
+            # Hold back a tail that could be the start of a stop string.
+            held = max((len(s) for s in params.stop), default=1) - 1
+            released = max(state.num_released, len(state.text) - held)
+        new_text = state.text[state.num_released:released]
+        state.num_released = released
+        output = RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            new_token_ids=[token_id],
+            new_text=new_text,
+            token_ids=request.output_token_ids,
+            text=state.text[:released],
+            finished=request.is_finished,
+            finish_reason=request.status.finish_reason,
+            new_logprobs=[logprobs] if logprobs is not None else [],
+            num_cached_tokens=request.num_cached_tokens,
+            request=request,
+        )
+        if request.is_finished:
+            self._forget(request.request_id)
+        return output
+
+    @staticmethod
+    def _truncate_at_stop(state: _TextState, params: SamplingParams) -> bool:
+        # Only the tail can hold a new match: earlier text was searched on earlier steps.
+        search_from = max(0, state.num_released - max(len(s) for s in params.stop))
+        found = [(state.text.find(s, search_from), s) for s in params.stop]
+        found = [(index, s) for index, s in found if index >= 0]
+        if not found:
+            return False
+        index, stop = min(found)
+        state.text = state.text[: index + len(stop) if params.include_stop_str_in_output else index]
+        return True
+
+    def _final_output(self, request: Request) -> RequestOutput:
+        state = self._texts.get(request.request_id)
+        text = state.text[: state.num_released] if state else ""
+        self._forget(request.request_id)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            new_token_ids=[],
+            new_text="",
+            token_ids=request.output_token_ids,
+            text=text,
+            finished=True,
+            finish_reason=request.status.finish_reason,
+            num_cached_tokens=request.num_cached_tokens,
+            request=request,
+        )
+
+    def _forget(self, request_id: str) -> None:
+        self._texts.pop(request_id, None)
+        self.runner.sampler.release(request_id)

@@ -1,0 +1,94 @@
+"""Finds and loads a model folder: config, tokenizer, safetensors weights into our model."""
+
+from dataclasses import dataclass
+import json
+from pathlib import Path
+
+import torch
+
+from engine.model import LlamaForCausalLM, ModelArgs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    path: Path
+    model: LlamaForCausalLM
+    tokenizer: object
+    eos_token_ids: frozenset[int]
+    max_model_len: int
+
+
+def resolve_model_path(model: str | None) -> Path:
+    if model is None:
+        from engine.embedded_model import default_model_path
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a model folder (no config.json); weights are never downloaded")
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # On CPU float32 is exact and, for a model this small, not much slower; see BENCHMARKS.md.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device, max_model_len: int | None) -> LoadedModel:
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path)
+    args = ModelArgs.from_hf_config(config)
+    limit = args.max_position_embeddings
+    if max_model_len is None:
+        max_model_len = limit
+    elif max_model_len > limit:
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's {limit} positions")
+
+    # Built on the meta device, so no time goes into random initialisation we overwrite.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(args, max_model_len, device)
+    model = model.to_empty(device=device).to(dtype)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {path}")
+
+    def weights():
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    yield name, handle.get_tensor(name)
+
+    model.load_weights(weights())
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(path, model, tokenizer, _eos_token_ids(path, config, tokenizer), max_model_len)
+
+
+def _eos_token_ids(path: Path, config, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    sources = [getattr(config, "eos_token_id", None), tokenizer.eos_token_id]
+    generation_config = path / "generation_config.json"
+    if generation_config.exists():
+        sources.append(json.loads(generation_config.read_text()).get("eos_token_id"))
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)

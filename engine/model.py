@@ -1,0 +1,228 @@
+"""Our Llama-family model (llama, mistral, qwen2) over a flat batch of tokens from many requests.
+
+One module per concept, in the manner of gpt-fast; q/k/v and gate/up projections
+are fused at load time so each layer runs two large matmuls instead of five.
+"""
+
+from dataclasses import dataclass
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from engine.attention import AttentionMetadata, paged_attention
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(slots=True)
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+
+    @classmethod
+    def from_hf_config(cls, config) -> "ModelArgs":
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model type {config.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+        # transformers 5 folds theta and scaling into `rope_parameters`; 4.x keeps them apart.
+        rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+        rope_theta = rope.pop("rope_theta", None) or getattr(config, "rope_theta", 10000.0)
+        if rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = {}
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        num_heads = config.num_attention_heads
+        return cls(
+            model_type=config.model_type,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            rope_theta=float(rope_theta),
+            rope_scaling=rope or None,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=attention_bias or config.model_type == "qwen2",
+            o_bias=attention_bias,
+        )
+
+
+def rope_inverse_frequencies(args: ModelArgs) -> torch.Tensor:
+    dim = args.head_dim
+    # float32 throughout, as the reference implementation computes it, so positions rotate identically.
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    scaling = args.rope_scaling
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short kept, a smooth ramp between.
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelength - low) / (high - low)
+        scaled = torch.where(wavelength > old_len / low, inv_freq / factor, inv_freq)
+        ramp = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        middle = (wavelength <= old_len / low) & (wavelength >= old_len / high)
+        return torch.where(middle, ramp, scaled)
+    raise ValueError(f"rope scaling {kind!r} is not supported")
+
+
+class RotaryEmbedding:
+    """cos/sin tables in float32 whatever the model's dtype (so not module buffers).
+
+    Computed on the CPU explicitly, so a model built on the meta device still gets real tables.
+    """
+
+    def __init__(self, args: ModelArgs, max_positions: int, device: torch.device | str = "cpu"):
+        positions = torch.arange(max_positions, dtype=torch.float32, device="cpu")
+        freqs = torch.outer(positions, rope_inverse_frequencies(args))
+        self.cos = freqs.cos().to(device)  # [positions, head_dim / 2]
+        self.sin = freqs.sin().to(device)
+
+    def __call__(self, positions: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        cos = self.cos[positions].unsqueeze(1)  # [tokens, 1, head_dim / 2]
+        sin = self.sin[positions].unsqueeze(1)
+        rotated = []
+        for x in tensors:  # [tokens, heads, head_dim], halves split as in Hugging Face Llama
+            first, second = x.float().chunk(2, dim=-1)
+            out = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+            rotated.append(out.to(x.dtype))
+        return rotated
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalised in float32 and cast back before the weight, as the reference model does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.q_size = args.num_heads * args.head_dim
+        self.kv_size = args.num_kv_heads * args.head_dim
+        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=args.o_bias)
+        self.scale = args.head_dim ** -0.5
+
+    def forward(self, x, positions, rotary, kv_cache, meta: AttentionMetadata):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rotary(positions, q, k)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = FeedForward(args)
+
+    def forward(self, x, positions, rotary, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, args: ModelArgs, max_positions: int, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(args, max_positions, device)
+
+    def forward(self, input_ids, positions, kv_caches: torch.Tensor, meta: AttentionMetadata):
+        """kv_caches: [layers, 2, slots, kv_heads, head_dim]; returns hidden states [tokens, hidden]."""
+        x = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, positions, self.rotary, kv_cache, meta)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Called only on the positions that sample: the vocabulary projection is a fifth of the FLOPs.
+        return self.lm_head(self.norm(hidden))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load Hugging Face tensors, packing q/k/v and gate/up into the fused projections."""
+        params = dict(self.named_parameters())
+        fused = {
+            "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+        }
+        loaded = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.args.tie_word_embeddings):
+                continue
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[-2] in fused:
+                target, shard = fused[parts[-2]]
+                parts[-2] = target
+                param = params[".".join(parts)]
+                offset, size = self._shard_range(target, shard)
+                param.data.narrow(0, offset, size).copy_(tensor)
+                loaded.add((".".join(parts), shard))
+            else:
+                params[name].data.copy_(tensor)
+                loaded.add((name, 0))
+        # A tied lm_head is the embedding itself and is not listed twice in `params`.
+        expected = sum(3 if "qkv_proj" in n else 2 if "gate_up" in n else 1 for n in params)
+        if len(loaded) != expected:
+            raise ValueError(f"checkpoint filled {len(loaded)} of {expected} weight shards")
+
+    def _shard_range(self, target: str, shard: int) -> tuple[int, int]:
+        args = self.args
+        if target == "gate_up_proj":
+            return shard * args.intermediate_size, args.intermediate_size
+        q_size, kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        return [(0, q_size), (q_size, kv_size), (q_size + kv_size, kv_size)][shard]

@@ -1,0 +1,135 @@
+"""Runs one scheduled step: builds the flat batch, runs the model, samples."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.attention import AttentionMetadata, PrefillSpan, context_slots
+from engine.model import LlamaForCausalLM
+from engine.sampler import Sampler, TokenLogprobs
+from scheduler import ScheduledRequest, SchedulerOutput
+
+
+@dataclass(slots=True)
+class StepResult:
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ModelInput:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # rows of the hidden states that sample
+    sampling: list[ScheduledRequest]  # the requests those rows belong to, in the same order
+
+
+def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+    args = model.args
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return args.num_layers * 2 * block_size * args.num_kv_heads * args.head_dim * element_size
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device):
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        args = model.args
+        # One tensor for every layer's keys and values. Zeroed, not empty: padded decode
+        # lanes read slots that are masked out, and 0 * NaN from stale memory is still NaN.
+        self.kv_caches = torch.zeros(
+            args.num_layers, 2, num_blocks * block_size, args.num_kv_heads, args.head_dim,
+            dtype=self.dtype, device=device,
+        )
+        self.sampler = Sampler(device)
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> StepResult:
+        batch = self.prepare(output)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        result = StepResult()
+        if not batch.sampling:
+            return result
+        logits = self.model.compute_logits(hidden[batch.logits_indices]).float()
+        requests = [s.request for s in batch.sampling]
+        tokens, logprobs = self.sampler.sample(logits, requests)
+        for request, token, token_logprobs in zip(requests, tokens, logprobs):
+            result.sampled_token_ids[request.request_id] = token
+            if token_logprobs is not None:
+                result.logprobs[request.request_id] = token_logprobs
+        return result
+
+    def prepare(self, output: SchedulerOutput) -> ModelInput:
+        # Decodes first, then prompt chunks: decodes are attended together, chunks one by one.
+        decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
+        chunks = [s for s in output.scheduled if s.num_new_tokens > 1]
+        block_size = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        logits_rows: list[int] = []
+        sampling: list[ScheduledRequest] = []
+        prefills: list[PrefillSpan] = []
+        for scheduled in decodes + chunks:
+            start = scheduled.start_position
+            end = start + scheduled.num_new_tokens
+            query_start = len(input_ids)
+            block_ids = scheduled.block_ids
+            input_ids.extend(scheduled.request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slot_mapping.extend(block_ids[p // block_size] * block_size + p % block_size for p in range(start, end))
+            if scheduled.num_new_tokens > 1:
+                prefills.append(self._prefill_span(scheduled, query_start, len(input_ids)))
+            if scheduled.samples:
+                logits_rows.append(len(input_ids) - 1)
+                sampling.append(scheduled)
+
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slot_mapping),
+            num_decodes=len(decodes),
+            decode_slots=None,
+            decode_mask=None,
+            prefills=prefills,
+        )
+        if decodes:
+            meta.decode_slots, meta.decode_mask = self._decode_gather(decodes)
+        return ModelInput(
+            input_ids=self._tensor(input_ids),
+            positions=self._tensor(positions),
+            meta=meta,
+            logits_indices=self._tensor(logits_rows),
+            sampling=sampling,
+        )
+
+    def _decode_gather(self, decodes: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        context_lens = torch.tensor([s.start_position + 1 for s in decodes])
+        max_context = int(context_lens.max())
+        max_blocks = -(-max_context // self.block_size)
+        block_table = torch.tensor([(s.block_ids + [0] * max_blocks)[:max_blocks] for s in decodes])
+        positions = torch.arange(max_context).unsqueeze(0)
+        slots = context_slots(block_table, positions, self.block_size)
+        mask = (positions < context_lens.unsqueeze(1)).view(len(decodes), 1, 1, max_context)
+        return self._to_device(slots), self._to_device(mask)
+
+    def _prefill_span(self, scheduled: ScheduledRequest, query_start: int, query_end: int) -> PrefillSpan:
+        num_cached = scheduled.start_position
+        if num_cached == 0:
+            return PrefillSpan(query_start, query_end, 0, None, None)
+        context = num_cached + scheduled.num_new_tokens
+        block_table = torch.tensor(scheduled.block_ids)
+        slots = context_slots(block_table, torch.arange(context), self.block_size)
+        query_positions = torch.arange(num_cached, context).unsqueeze(1)
+        mask = torch.arange(context).unsqueeze(0) <= query_positions
+        return PrefillSpan(query_start, query_end, num_cached, self._to_device(slots), self._to_device(mask))
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return self._to_device(torch.tensor(values, dtype=torch.long))
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return tensor
+        # Pinned host memory lets the copy overlap with work already queued on the GPU.
+        return tensor.pin_memory().to(self.device, non_blocking=True)

@@ -1,0 +1,119 @@
+"""Turns one step's logits into tokens: penalties, temperature, top-k/top-p/min-p, seeds, logprobs."""
+
+from dataclasses import dataclass
+
+import torch
+
+from scheduler import Request, SamplingParams
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens and their logprobs, best first
+
+
+class Sampler:
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        # A seeded request draws from its own generator, so its tokens do not depend on
+        # which other requests share the batch.
+        self._generators: dict[str, torch.Generator] = {}
+
+    def release(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """logits: [len(requests), vocab] in float32."""
+        params = [r.sampling_params for r in requests]
+        # Logprobs are reported from the model's own distribution, before any processing.
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
+        if any(p.has_penalties for p in params):
+            logits = apply_penalties(logits.clone(), requests)
+
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        if random_rows:
+            rows = torch.tensor(random_rows, device=logits.device)
+            chosen = self._sample_random(logits[rows], [requests[i] for i in random_rows])
+            tokens[rows] = chosen
+        token_list = tokens.tolist()
+        logprobs = [
+            _token_logprobs(raw_logprobs[i], token_list[i], p.logprobs) if p.logprobs is not None else None
+            for i, p in enumerate(params)
+        ]
+        return token_list, logprobs
+
+    def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        params = [r.sampling_params for r in requests]
+        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        logits = logits / temperature.unsqueeze(1)
+        if any(p.top_k or p.top_p < 1.0 for p in params):
+            logits = _apply_top_k_top_p(logits, params)
+        probs = torch.softmax(logits, dim=-1)
+        if any(p.min_p > 0.0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+            threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one row at a time
+        # so that a seeded row uses its own generator.
+        noise = torch.empty_like(probs)
+        for row, request in enumerate(requests):
+            noise[row].exponential_(generator=self._generator(request))
+        return (probs / noise).argmax(dim=-1)
+
+    def _generator(self, request: Request) -> torch.Generator | None:
+        seed = request.sampling_params.seed
+        if seed is None:
+            return None
+        generator = self._generators.get(request.request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            self._generators[request.request_id] = generator
+        return generator
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    top_k = torch.tensor([p.top_k or vocab for p in params], device=logits.device)
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    drop = ranks >= top_k.unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    # The most likely token is always kept, whatever top_p says.
+    drop = (mass_before > top_p.unsqueeze(1)) & (ranks > 0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Repetition (over prompt and output, as in CTRL), presence and frequency (output only, as OpenAI)."""
+    vocab = logits.shape[-1]
+    for row, request in enumerate(requests):
+        params = request.sampling_params
+        if not params.has_penalties:
+            continue
+        output_ids = torch.tensor(request.output_token_ids, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(output_ids, minlength=vocab)[:vocab].to(logits.dtype)
+        row_logits = logits[row]
+        if params.repetition_penalty != 1.0:
+            seen = counts > 0
+            seen[torch.tensor(request.prompt_token_ids, dtype=torch.long, device=logits.device)] = True
+            penalty = params.repetition_penalty
+            penalized = torch.where(row_logits > 0, row_logits / penalty, row_logits * penalty)
+            row_logits = torch.where(seen, penalized, row_logits)
+        row_logits = row_logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+        logits[row] = row_logits
+    return logits
+
+
+def _token_logprobs(row: torch.Tensor, token_id: int, num_top: int) -> TokenLogprobs:
+    top = []
+    if num_top:
+        values, indices = row.topk(num_top)
+        top = list(zip(indices.tolist(), values.tolist()))
+    return TokenLogprobs(token_id, row[token_id].item(), top)

@@ -1,0 +1,138 @@
+"""Per-request block tables over a BlockPool, with prefix-cache lookups."""
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from kvcache.block_pool import BlockPool, KVBlock
+from kvcache.hashing import extend_block_hashes
+
+
+class CachedRequest(Protocol):
+    """What the manager reads of a request; the scheduler's Request satisfies it."""
+
+    request_id: str
+    num_computed_tokens: int
+
+    @property
+    def all_token_ids(self) -> Sequence[int]: ...
+
+
+@dataclass(slots=True)
+class KVCacheStats:
+    num_blocks: int
+    num_free_blocks: int
+    usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True):
+        if block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self._tables: dict[str, list[KVBlock]] = {}
+        self._hashes: dict[str, list[bytes]] = {}
+        self._num_registered: dict[str, int] = {}
+        # Counted in tokens, as vLLM does, so a hit rate reads as "share of prompt reused".
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [block.block_id for block in self._tables.get(request_id, ())]
+
+    def get_computed_blocks(self, request: CachedRequest) -> tuple[list[KVBlock], int]:
+        """Cached blocks that hold a prefix of this new request, and how many tokens they cover."""
+        if not self.enable_prefix_caching:
+            return [], 0
+        token_ids = request.all_token_ids
+        hashes = self._block_hashes(request)
+        # The last token is always recomputed: its logits are what the step samples from.
+        max_hit_blocks = (len(token_ids) - 1) // self.block_size
+        hits = []
+        for block_hash in hashes[:max_hit_blocks]:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        num_hit_tokens = len(hits) * self.block_size
+        self.prefix_cache_queries += len(token_ids)
+        self.prefix_cache_hits += num_hit_tokens
+        return hits, num_hit_tokens
+
+    def allocate_slots(
+        self,
+        request: CachedRequest,
+        num_new_tokens: int,
+        computed_blocks: Sequence[KVBlock] = (),
+    ) -> list[KVBlock] | None:
+        """Make room for `num_new_tokens` more tokens of `request`.
+
+        `computed_blocks` are prefix-cache hits for a request not yet holding blocks.
+        Returns the newly allocated blocks, or None (changing nothing) if the pool
+        cannot serve them.
+        """
+        table = self._tables.setdefault(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
+        num_to_allocate = num_needed - len(table) - len(computed_blocks)
+        # Hits sitting in the free queue stop being free once taken.
+        num_evictable_hits = sum(1 for block in computed_blocks if self.pool.is_free(block))
+        if num_to_allocate > self.pool.num_free_blocks - num_evictable_hits:
+            if not table:
+                del self._tables[request.request_id]
+            return None
+        self.pool.touch(list(computed_blocks))
+        table.extend(computed_blocks)
+        new_blocks = self.pool.allocate(max(num_to_allocate, 0))
+        table.extend(new_blocks)
+        if self.enable_prefix_caching:
+            self._register_full_blocks(request, num_computed + num_new_tokens)
+        return new_blocks
+
+    def free(self, request: CachedRequest | str) -> None:
+        request_id = request if isinstance(request, str) else request.request_id
+        table = self._tables.pop(request_id, [])
+        # Tail blocks first, so under pressure a prefix's tail is evicted before its head.
+        self.pool.release(list(reversed(table)))
+        self._hashes.pop(request_id, None)
+        self._num_registered.pop(request_id, None)
+
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset_prefix_cache()
+        self._num_registered.clear()
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    def stats(self) -> KVCacheStats:
+        return KVCacheStats(
+            num_blocks=self.pool.num_blocks,
+            num_free_blocks=self.pool.num_free_blocks,
+            usage=self.usage,
+            prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
+        )
+
+    def _block_hashes(self, request: CachedRequest) -> list[bytes]:
+        hashes = self._hashes.setdefault(request.request_id, [])
+        extend_block_hashes(hashes, request.all_token_ids, self.block_size)
+        return hashes
+
+    def _register_full_blocks(self, request: CachedRequest, num_tokens_after_step: int) -> None:
+        # Blocks are indexed as soon as they are scheduled to be filled: a request that
+        # hits one in the same step reads it after this step's keys are written (the
+        # engine writes all new keys of a layer before any attention reads).
+        num_known = min(num_tokens_after_step, len(request.all_token_ids))
+        num_full = num_known // self.block_size
+        start = self._num_registered.get(request.request_id, 0)
+        if num_full <= start:
+            return
+        hashes = self._block_hashes(request)
+        table = self._tables[request.request_id]
+        for index in range(start, num_full):
+            self.pool.register(table[index], hashes[index])
+        self._num_registered[request.request_id] = num_full

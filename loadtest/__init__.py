@@ -1,0 +1,1 @@
+"""Load generation and reports against OpenAI-compatible servers, over HTTP only."""

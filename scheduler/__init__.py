@@ -1,0 +1,23 @@
+"""The request state machine and the per-step plan.
+
+Owns request state (waiting, running, preempted, finished), the waiting-queue
+policy, and `Scheduler.schedule()`, which decides each step who runs with how
+many tokens within the token budget, seat limit and free KV blocks. Block
+accounting is delegated to `kvcache/`. Pure Python: must not import torch or
+fastapi, so it is deterministic under a virtual clock and a fake model runner.
+"""
+
+from scheduler.config import SchedulerConfig
+from scheduler.request import InvalidRequestError, Request, RequestStatus, SamplingParams
+from scheduler.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+
+__all__ = [
+    "InvalidRequestError",
+    "Request",
+    "RequestStatus",
+    "SamplingParams",
+    "ScheduledRequest",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+]

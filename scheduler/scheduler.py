@@ -1,0 +1,214 @@
+"""Iteration-level scheduling: every step decides who runs and with how many tokens.
+
+One rule covers prefill, chunked prefill, prefix-cache hits, recompute and decode
+(as in vLLM v1): a request's `num_computed_tokens` catches up with its token count,
+and each step hands out a token budget to make that happen.
+"""
+
+from dataclasses import dataclass, field
+import time
+from typing import Callable
+
+from kvcache import KVCacheManager
+from scheduler.config import SchedulerConfig
+from scheduler.policy import make_waiting_queue
+from scheduler.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    block_ids: list[int]
+
+    @property
+    def start_position(self) -> int:
+        return self.request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the request's last known token, so a new one is sampled."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache: KVCacheManager,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.config = config
+        self.kv_cache = kv_cache
+        self.clock = clock
+        self.waiting = make_waiting_queue(config.policy)
+        self.running: list[Request] = []  # in admission order: the last is preempted first
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- intake -------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- one step -----------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        output = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = self._num_tokens_to_schedule(request, budget)
+            if num_new == 0:
+                index += 1
+                continue
+            if not self._allocate_or_preempt(request, num_new, output):
+                break  # the request itself was preempted; everyone after it already was
+            output.scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+            index += 1
+
+        # Admitting while preempting would just swap one victim for another.
+        if not output.preempted_ids:
+            budget = self._admit_waiting(budget, output)
+        return output
+
+    def _num_tokens_to_schedule(self, request: Request, budget: int) -> int:
+        num_new = request.num_tokens - request.num_computed_tokens
+        if num_new > budget:
+            return budget if self.config.enable_chunked_prefill else 0
+        return num_new
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, output: SchedulerOutput) -> bool:
+        while self.kv_cache.allocate_slots(request, num_new) is None:
+            victim = self.running.pop()
+            self._preempt(victim)
+            output.preempted_ids.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        # Recompute, not swap: on CPU copying KV out costs as much as recomputing it.
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.prepend(request)
+
+    def _admit_waiting(self, budget: int, output: SchedulerOutput) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
+            num_new = request.num_tokens - num_cached
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if self.kv_cache.allocate_slots(request, num_new, computed_blocks) is None:
+                break
+            self.waiting.pop()
+            if request.status is RequestStatus.WAITING:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_cached
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = self.clock()
+            self.running.append(request)
+            output.scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+        return budget
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        return ScheduledRequest(request, num_new, self.kv_cache.block_ids(request.request_id))
+
+    # -- after the model ran ------------------------------------------------------------
+
+    def update(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
+        """Apply one step's results; returns the requests that got a token, in step order."""
+        now = self.clock()
+        updated = []
+        for scheduled in output.scheduled:
+            request = scheduled.request
+            if request.is_finished:  # aborted while the step ran
+                continue
+            samples = scheduled.samples
+            request.num_computed_tokens += scheduled.num_new_tokens
+            if not samples:
+                continue
+            token_id = sampled_token_ids[request.request_id]
+            request.append_output_token(token_id)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            request.last_token_time = now
+            status = self._stop_status(request, token_id)
+            if status is not None:
+                self._finish(request, status)
+            updated.append(request)
+        return updated
+
+    def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        num_output = len(request.output_token_ids)
+        if num_output >= params.min_tokens:
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+        if num_output >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    # -- endings from outside -------------------------------------------------------------
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """End a request in any state (abort, error, a stop string found by the engine)."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self._finish(request, status)
+        return request
+
+    def abort(self, request_id: str) -> Request | None:
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = status
+        request.finished_time = self.clock()
+        self.kv_cache.free(request)
+        del self.requests[request.request_id]

@@ -1,0 +1,91 @@
+"""`iterserve`: one command, with subcommands."""
+
+import argparse
+import dataclasses
+import json
+import sys
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="Hugging Face model folder (default: embedded SmolLM2-135M)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--kv-cache-memory", default="2GiB", help="bytes for the KV cache, e.g. 2GiB")
+    parser.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-memory")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--cuda-graphs", action="store_true", help="capture decode steps as CUDA graphs")
+
+
+def engine_config(args: argparse.Namespace):
+    from engine.config import EngineConfig, parse_size
+
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        kv_cache_memory=parse_size(args.kv_cache_memory),
+        num_kv_blocks=args.num_kv_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        enable_prefix_caching=args.enable_prefix_caching,
+        seed=getattr(args, "seed", None) or 0,
+        cuda_graphs=args.cuda_graphs,
+    )
+
+
+def generate(args: argparse.Namespace) -> int:
+    from engine import LLM
+    from scheduler import InvalidRequestError, SamplingParams
+
+    llm = LLM(**dataclasses.asdict(engine_config(args)))
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+        if args.chat:
+            outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params)
+        else:
+            outputs = llm.generate(list(args.prompts), params)
+    except InvalidRequestError as error:
+        print(f"iterserve: {error}", file=sys.stderr)
+        return 2
+    for output in outputs:
+        if args.json:
+            print(json.dumps({"text": output.text, "token_ids": output.token_ids,
+                              "finish_reason": output.finish_reason}))
+        else:
+            print(output.text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="iterserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="complete prompts offline and print the completions")
+    add_engine_arguments(gen)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    gen.add_argument("--json", action="store_true", help="one JSON line per prompt with text and token_ids")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT")
+    gen.set_defaults(run=generate)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in commands.choices:
+        # Intermixed, so flags may follow prompts: `iterserve generate "hi" --chat "there"`.
+        args = commands.choices[argv[0]].parse_intermixed_args(argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
