@@ -1,0 +1,116 @@
+"""Our engine's greedy output equals transformers' `generate`, token for token.
+
+The reference runs each prompt alone (no padding), so any difference comes from our
+batching, paging, chunking, prefix caching or preemption.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen2Config
+
+from engine import LLM
+from scheduler import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived a",
+    "def fibonacci(n):",
+    "List three colors:",
+    "Q: What is the boiling point of water?\nA:",
+    "1, 2, 3, 4,",
+    "The quick brown fox jumps over the lazy dog. " * 12,
+    "Hello",
+    "Translate to French: I would like a cup of coffee, please.",
+]
+SHARED_PREFIX = "You are a careful assistant. Answer in one short sentence, and never use lists. " * 3
+
+
+def reference_tokens(path, prompts, max_tokens):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # Our ignore_eos keeps generating past EOS; min_new_tokens would instead forbid EOS and
+    # change the tokens, so the reference is told there is no EOS at all.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    expected = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_tokens, do_sample=False)
+        expected.append(out[0, len(ids):].tolist())
+    return expected
+
+
+def run_ours(path, prompts, max_tokens, **config):
+    config.setdefault("num_kv_blocks", 256)  # a small pool: allocating 2 GiB per test is slow
+    llm = LLM(str(path), dtype="float32", **config)
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    pool = llm.engine.kv_cache.pool
+    assert pool.num_free_blocks == pool.num_blocks, "every block is free or cached after the run"
+    return [o.token_ids for o in outputs], llm
+
+
+@pytest.fixture(scope="module")
+def smollm2_expected(smollm2_path):
+    prompts = PROMPTS + [SHARED_PREFIX + q for q in ("Why is the sky blue?", "What is rain?", "Name a planet.")]
+    return prompts, reference_tokens(smollm2_path, prompts, 20)
+
+
+def test_tiny_llama_matches_transformers(tiny_model_path):
+    expected = reference_tokens(tiny_model_path, PROMPTS, 24)
+    got, _ = run_ours(tiny_model_path, PROMPTS, 24)
+    assert got == expected
+
+
+@pytest.mark.parametrize("config_class", [Qwen2Config, MistralConfig])
+def test_other_llama_family_architectures(tmp_path, smollm2_path, config_class):
+    # Qwen2 adds a bias to q/k/v; Mistral is Llama under another name.
+    config = config_class(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(config)
+    if config_class is Qwen2Config:
+        with torch.no_grad():  # random init leaves biases at zero, which would hide a missing bias
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.bias.normal_(std=0.5)
+                layer.self_attn.k_proj.bias.normal_(std=0.5)
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(tmp_path)
+    prompts = PROMPTS[:4]
+    assert run_ours(tmp_path, prompts, 12)[0] == reference_tokens(tmp_path, prompts, 12)
+
+
+def test_smollm2_batched(smollm2_path, smollm2_expected):
+    prompts, expected = smollm2_expected
+    got, llm = run_ours(smollm2_path, prompts, 20)
+    assert got == expected
+    stats = llm.engine.kv_cache.stats()
+    assert stats.prefix_cache_hits > 0, "the shared-prefix prompts hit the prefix cache"
+
+
+def test_smollm2_small_chunks(smollm2_path, smollm2_expected):
+    prompts, expected = smollm2_expected
+    got, _ = run_ours(smollm2_path, prompts, 20, max_num_batched_tokens=16)
+    assert got == expected
+
+
+def test_smollm2_prefix_cache_reused_across_calls(smollm2_path, smollm2_expected):
+    prompts, expected = smollm2_expected
+    llm = LLM(str(smollm2_path), dtype="float32", num_kv_blocks=256)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[-3:], params)
+    hits_before = llm.engine.kv_cache.prefix_cache_hits
+    second = llm.generate(prompts[-3:], params)
+    assert llm.engine.kv_cache.prefix_cache_hits > hits_before
+    assert [o.token_ids for o in second] == expected[-3:]
+    assert all(o.num_cached_tokens > 0 for o in second)
+
+
+def test_smollm2_preemption_with_tiny_pool(smollm2_path, smollm2_expected):
+    prompts, expected = smollm2_expected
+    got, llm = run_ours(smollm2_path, prompts, 20, num_kv_blocks=16, max_model_len=256, block_size=16)
+    assert llm.engine.scheduler.num_preemptions > 0, "the pool was small enough to force preemption"
+    assert got == expected
