@@ -1,0 +1,92 @@
+"""The sampler on hand-made logits: each parameter does what its name says."""
+
+import math
+
+import torch
+
+from engine.sampler import Sampler
+from scheduler import Request, SamplingParams
+
+VOCAB = 50
+
+
+def make_request(request_id="r", prompt=(1, 2, 3), output=(), **params):
+    request = Request(request_id, list(prompt), SamplingParams(max_tokens=100, **params))
+    for token in output:
+        request.append_output_token(token)
+    return request
+
+
+def peaked_logits(rows=1, best=7, runner_up=9):
+    logits = torch.linspace(-3.0, 0.0, VOCAB).repeat(rows, 1)
+    logits[:, best] = 5.0
+    logits[:, runner_up] = 4.5
+    return logits
+
+
+def test_greedy_takes_the_argmax():
+    tokens, logprobs = Sampler().sample(peaked_logits(2), [make_request("a", temperature=0.0),
+                                                           make_request("b", temperature=0.0)])
+    assert tokens == [7, 7]
+    assert logprobs == [None, None]
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = peaked_logits(2)
+    requests = [make_request("a", temperature=1.5, top_k=1), make_request("b", temperature=1.5, top_p=1e-6)]
+    for _ in range(20):
+        assert Sampler().sample(logits, requests)[0] == [7, 7]
+
+
+def test_top_k_restricts_to_the_k_best():
+    logits = peaked_logits()
+    sampler = Sampler()
+    seen = {sampler.sample(logits, [make_request(temperature=5.0, top_k=2)])[0][0] for _ in range(200)}
+    assert seen == {7, 9}
+
+
+def test_min_p_drops_unlikely_tokens():
+    logits = peaked_logits()
+    sampler = Sampler()
+    # min_p 0.5: only tokens at least half as likely as the best survive (7, and 9 at e^-0.5).
+    seen = {sampler.sample(logits, [make_request(temperature=1.0, min_p=0.5)])[0][0] for _ in range(200)}
+    assert seen == {7, 9}
+
+
+def test_seeded_rows_repeat_whatever_the_batch():
+    logits = torch.randn(3, VOCAB)
+    alone = Sampler().sample(logits[1:2], [make_request("x", temperature=1.0, seed=42)])[0]
+    with_others = Sampler().sample(logits, [make_request("a", temperature=1.0), make_request("x", temperature=1.0, seed=42),
+                                            make_request("b", temperature=1.0, seed=1)])[0]
+    assert with_others[1] == alone[0]
+
+
+def test_a_seeded_request_continues_its_own_stream():
+    logits = torch.zeros(1, VOCAB)  # uniform: every draw depends only on the generator
+    first = Sampler()
+    second = Sampler()
+    draws_a = [first.sample(logits, [make_request("x", temperature=1.0, seed=3)])[0][0] for _ in range(8)]
+    draws_b = [second.sample(logits, [make_request("x", temperature=1.0, seed=3)])[0][0] for _ in range(8)]
+    assert draws_a == draws_b
+    assert len(set(draws_a)) > 1, "the stream advances instead of repeating one draw"
+
+
+def test_penalties_move_away_from_repeated_tokens():
+    logits = peaked_logits()
+    sampler = Sampler()
+    assert sampler.sample(logits, [make_request(temperature=0.0, output=[7], presence_penalty=1.0)])[0] == [9]
+    assert sampler.sample(logits, [make_request(temperature=0.0, output=[7], frequency_penalty=1.0)])[0] == [9]
+    # Repetition penalty covers the prompt too: 7 in the prompt, 5.0 / 2 < 4.5.
+    assert sampler.sample(logits, [make_request(temperature=0.0, prompt=[7], repetition_penalty=2.0)])[0] == [9]
+    assert sampler.sample(logits, [make_request(temperature=0.0, output=[7])])[0] == [7]
+
+
+def test_logprobs_are_the_model_distribution():
+    logits = peaked_logits()
+    tokens, logprobs = Sampler().sample(logits, [make_request(temperature=0.0, logprobs=3)])
+    expected = torch.log_softmax(logits[0], dim=-1)
+    entry = logprobs[0]
+    assert entry.token_id == tokens[0] == 7
+    assert math.isclose(entry.logprob, expected[7].item(), rel_tol=1e-6)
+    assert [token for token, _ in entry.top] == expected.topk(3).indices.tolist()
+    assert all(a >= b for (_, a), (_, b) in zip(entry.top, entry.top[1:]))
