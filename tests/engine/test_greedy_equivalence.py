@@ -44,9 +44,8 @@ def reference_tokens(path, prompts, max_tokens):
 
 
 def run_ours(path, prompts, max_tokens, **config):
-    # A small pool: allocating the default 2 GiB in every test is slow.
-    config.setdefault("num_kv_blocks", 256)
-    config.setdefault("max_model_len", 1024)
+    # Just enough for one request of SmolLM2's full 8192 positions: the default 2 GiB is slow to allocate.
+    config.setdefault("num_kv_blocks", 512)
     llm = LLM(str(path), dtype="float32", **config)
     outputs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     pool = llm.engine.kv_cache.pool
@@ -101,7 +100,7 @@ def test_smollm2_small_chunks(smollm2_path, smollm2_expected):
 
 def test_smollm2_prefix_cache_reused_across_calls(smollm2_path, smollm2_expected):
     prompts, expected = smollm2_expected
-    llm = LLM(str(smollm2_path), dtype="float32", num_kv_blocks=256, max_model_len=1024)
+    llm = LLM(str(smollm2_path), dtype="float32", num_kv_blocks=512)
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[-3:], params)
     hits_before = llm.engine.kv_cache.prefix_cache_hits
