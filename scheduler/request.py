@@ -80,7 +80,9 @@ class SamplingParams:
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 2.0, "must be in (0, 2]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS,
              f"must be between 0 and {self.MAX_LOGPROBS}"),
-            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "must be between 0 and max_tokens"),
+            # Guarded so a max_tokens that is not an int is reported as such, not as a TypeError here.
+            ("min_tokens", isinstance(self.max_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+             "must be between 0 and max_tokens"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "must be non-negative integers"),

@@ -1,0 +1,108 @@
+"""A virtual clock, a fake model runner and the engine's step loop, for driving Scheduler in tests.
+
+`step` checks the plan's invariants every time, so every scenario that runs through it
+also checks the token budget, the seat limit and the block tables.
+"""
+
+from typing import Callable
+
+from kvcache import KVCacheManager
+from scheduler import Request, SamplingParams, Scheduler, SchedulerConfig, SchedulerOutput
+
+VOCAB = 50
+Model = Callable[[Request], int]
+
+
+class VirtualClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def next_token(token_ids: list[int]) -> int:
+    """The fake model: a deterministic function of the whole sequence, like greedy decoding."""
+    return (sum((position + 1) * token for position, token in enumerate(token_ids)) * 7 + len(token_ids)) % VOCAB
+
+
+def fake_model(request: Request) -> int:
+    return next_token(request.all_token_ids)
+
+
+def reference_output(prompt: list[int], max_tokens: int) -> list[int]:
+    """What one request generates alone, with no scheduler in the way."""
+    token_ids = list(prompt)
+    for _ in range(max_tokens):
+        token_ids.append(next_token(token_ids))
+    return token_ids[len(prompt):]
+
+
+def make_scheduler(
+    max_model_len: int = 64, max_num_seqs: int = 8, max_num_batched_tokens: int = 64,
+    enable_chunked_prefill: bool = True, num_blocks: int = 64, block_size: int = 4,
+    enable_prefix_caching: bool = True,
+) -> Scheduler:
+    config = SchedulerConfig(max_model_len, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+    kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+    return Scheduler(config, kv_cache, clock=VirtualClock())
+
+
+def make_request(request_id: str, prompt: list[int], max_tokens: int = 8, eos: frozenset[int] = frozenset(),
+                 **params) -> Request:
+    return Request(request_id, list(prompt), SamplingParams(max_tokens=max_tokens, **params), eos_token_ids=eos)
+
+
+def step(scheduler: Scheduler, model: Model = fake_model) -> SchedulerOutput:
+    """One engine step: schedule, check the plan, run the fake model, apply its tokens."""
+    needs_before = {r.request_id: r.num_tokens - r.num_computed_tokens for r in scheduler.running}
+    plan = scheduler.schedule()
+    check_plan(scheduler, plan, needs_before)
+    sampled = {s.request.request_id: model(s.request) for s in plan.scheduled if s.samples}
+    scheduler.update(plan, sampled)
+    scheduler.clock.now += 1.0
+    return plan
+
+
+def run(scheduler: Scheduler, model: Model = fake_model, max_steps: int = 2000) -> list[SchedulerOutput]:
+    """Step until every request is finished; the pool must then be fully free."""
+    plans = []
+    while scheduler.has_unfinished_requests():
+        assert len(plans) < max_steps, "the scheduler stopped making progress"
+        plans.append(step(scheduler, model))
+    assert_pool_free(scheduler)
+    return plans
+
+
+def assert_pool_free(scheduler: Scheduler) -> None:
+    pool = scheduler.kv_cache.pool
+    assert pool.num_free_blocks == pool.num_blocks
+    assert all(block.ref_count == 0 for block in pool.blocks)
+
+
+def check_plan(scheduler: Scheduler, plan: SchedulerOutput, needs_before: dict[str, int]) -> None:
+    config, block_size = scheduler.config, scheduler.kv_cache.block_size
+    assert plan.num_batched_tokens <= config.max_num_batched_tokens
+    assert len(plan.scheduled) <= config.max_num_seqs
+    assert scheduler.num_running <= config.max_num_seqs
+    scheduled_ids = [s.request.request_id for s in plan.scheduled]
+    assert len(set(scheduled_ids)) == len(scheduled_ids)
+    assert not set(scheduled_ids) & set(plan.preempted_ids)
+    written = set()
+    for s in plan.scheduled:
+        request = s.request
+        assert request in scheduler.running
+        assert 1 <= s.num_new_tokens <= request.num_tokens - request.num_computed_tokens
+        assert len(s.block_ids) * block_size >= request.num_computed_tokens + s.num_new_tokens
+        if not config.enable_chunked_prefill:
+            assert s.samples, "a prompt was chunked with chunked prefill off"
+        # No two requests write the same block in one step.
+        first = request.num_computed_tokens // block_size
+        last = (request.num_computed_tokens + s.num_new_tokens - 1) // block_size
+        blocks_written = set(s.block_ids[first:last + 1])
+        assert not written & blocks_written
+        written |= blocks_written
+    # Running requests are served first: if all of them fit the budget and the pool, all run.
+    if not plan.preempted_ids and sum(needs_before.values()) <= config.max_num_batched_tokens:
+        served = {s.request.request_id: s.num_new_tokens for s in plan.scheduled}
+        assert all(served.get(request_id) == need for request_id, need in needs_before.items())

@@ -1,0 +1,79 @@
+"""Random workloads, configurations and aborts: every plan keeps the limits, every output is exact.
+
+Prompts use three token ids so prefix-cache hits are common, and pools are often just
+big enough for one request at full length, so preemption is common too.
+"""
+
+from hypothesis import event, given, settings, strategies as st
+
+from scheduler import RequestStatus
+from scheduler_sim import make_request, make_scheduler, reference_output, step
+
+
+@st.composite
+def configs(draw):
+    block_size = draw(st.sampled_from([1, 2, 4]))
+    max_model_len = draw(st.integers(4, 32))
+    chunked = draw(st.booleans())
+    # Tiny budgets are where off-by-one errors live, so they are drawn often.
+    budgets = st.integers(1, 3) | st.integers(1, 40) if chunked else st.integers(max_model_len, max_model_len + 8)
+    budget = draw(budgets)
+    return dict(
+        max_model_len=max_model_len,
+        max_num_seqs=draw(st.integers(1, 5)),
+        max_num_batched_tokens=budget,
+        enable_chunked_prefill=chunked,
+        # The engine refuses a pool smaller than one request at max_model_len.
+        num_blocks=-(-max_model_len // block_size) + draw(st.integers(0, 3)),
+        block_size=block_size,
+        enable_prefix_caching=draw(st.booleans()),
+    )
+
+
+@st.composite
+def workloads(draw, max_model_len):
+    num_requests = draw(st.integers(2, 6))
+    shared_prefix = draw(st.lists(st.integers(0, 2), min_size=max_model_len // 2, max_size=max_model_len))
+    requests = []
+    for _ in range(num_requests):
+        # Most prompts start with much of the shared prefix; a tail makes them differ.
+        prefix = shared_prefix[:len(shared_prefix) - draw(st.integers(0, len(shared_prefix)))]
+        prompt = (prefix + draw(st.lists(st.integers(0, 2), min_size=1, max_size=4)))[:max_model_len - 1]
+        requests.append(dict(prompt=prompt, max_tokens=draw(st.integers(1, 12)), arrival_step=draw(st.integers(0, 6))))
+    aborts = draw(st.lists(st.tuples(st.integers(0, 30), st.integers(0, num_requests - 1)), max_size=2))
+    return requests, dict(aborts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_random_workloads_keep_limits_and_give_exact_outputs(data):
+    config = data.draw(configs(), label="config")
+    specs, aborts = data.draw(workloads(config["max_model_len"]), label="workload")
+    scheduler = make_scheduler(**config)
+    requests = [make_request(f"r{i}", spec["prompt"], spec["max_tokens"]) for i, spec in enumerate(specs)]
+    aborted: set[str] = set()
+    step_index = 0
+    while scheduler.has_unfinished_requests() or step_index <= max(s["arrival_step"] for s in specs):
+        assert step_index < 3000, "the scheduler stopped making progress"
+        for request, spec in zip(requests, specs):
+            if spec["arrival_step"] == step_index:
+                scheduler.add_request(request)
+        victim = requests[aborts[step_index]] if step_index in aborts else None
+        if victim is not None and scheduler.abort(victim.request_id):  # in whatever state it is
+            aborted.add(victim.request_id)
+            assert scheduler.kv_cache.block_ids(victim.request_id) == []
+        plan = step(scheduler)  # checks budget, seats and block tables
+        assert not aborted & {s.request.request_id for s in plan.scheduled}
+        step_index += 1
+
+    pool = scheduler.kv_cache.pool
+    assert pool.num_free_blocks == pool.num_blocks
+    event(f"preempted: {scheduler.num_preemptions > 0}")
+    event(f"prefix hit: {any(r.num_cached_tokens for r in requests)}")
+    for request, spec in zip(requests, specs):
+        if request.request_id in aborted:
+            assert request.status is RequestStatus.FINISHED_ABORTED
+            continue
+        num_generated = min(spec["max_tokens"], config["max_model_len"] - len(spec["prompt"]))
+        assert request.output_token_ids == reference_output(spec["prompt"], num_generated)
+        assert request.status is RequestStatus.FINISHED_LENGTH
