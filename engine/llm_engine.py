@@ -26,14 +26,15 @@ class RequestOutput:
     prompt_token_ids: list[int]
     new_token_ids: list[int]
     new_text: str
-    token_ids: list[int]  # every output token so far
+    token_ids: list[int]  # every output token so far (a copy: outputs cross to other threads)
     text: str  # every output character released so far
     finished: bool
     finish_reason: str | None = None
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_cached_tokens: int = 0
     error: str | None = None
-    request: Request | None = None  # timestamps and counters, read-only for consumers
+    # Timestamps and counters; the engine thread keeps writing to it until the request finishes.
+    request: Request | None = None
 
 
 @dataclass(slots=True)
@@ -194,7 +195,7 @@ class LLMEngine:
             prompt_token_ids=request.prompt_token_ids,
             new_token_ids=[token_id],
             new_text=new_text,
-            token_ids=request.output_token_ids,
+            token_ids=list(request.output_token_ids),
             text=state.text[:released],
             finished=request.is_finished,
             finish_reason=request.status.finish_reason,
@@ -227,7 +228,7 @@ class LLMEngine:
             prompt_token_ids=request.prompt_token_ids,
             new_token_ids=[],
             new_text="",
-            token_ids=request.output_token_ids,
+            token_ids=list(request.output_token_ids),
             text=text,
             finished=True,
             finish_reason=request.status.finish_reason,

@@ -57,10 +57,7 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        num_hit_tokens = len(hits) * self.block_size
-        self.prefix_cache_queries += len(token_ids)
-        self.prefix_cache_hits += num_hit_tokens
-        return hits, num_hit_tokens
+        return hits, len(hits) * self.block_size
 
     def allocate_slots(
         self,
@@ -75,15 +72,20 @@ class KVCacheManager:
         cannot serve them.
         """
         table = self._tables.setdefault(request.request_id, [])
+        is_admission = not table
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
         num_to_allocate = num_needed - len(table) - len(computed_blocks)
         # Hits sitting in the free queue stop being free once taken.
         num_evictable_hits = sum(1 for block in computed_blocks if self.pool.is_free(block))
         if num_to_allocate > self.pool.num_free_blocks - num_evictable_hits:
-            if not table:
+            if is_admission:
                 del self._tables[request.request_id]
             return None
+        if is_admission and self.enable_prefix_caching:
+            # Counted once a request is admitted, not at every attempt while it waits for room.
+            self.prefix_cache_queries += len(request.all_token_ids)
+            self.prefix_cache_hits += len(computed_blocks) * self.block_size
         self.pool.touch(list(computed_blocks))
         table.extend(computed_blocks)
         new_blocks = self.pool.allocate(max(num_to_allocate, 0))

@@ -186,6 +186,14 @@ def test_usage_and_prefix_cache_stats_count_tokens():
     assert kv.usage == 0.0
 
 
+def test_a_refused_admission_is_not_counted_as_a_query():
+    kv = KVCacheManager(num_blocks=2, block_size=2)
+    admit(kv, "a", [0, 1, 2])
+    blocks, _ = kv.get_computed_blocks(FakeRequest("b", [0, 1, 2, 3, 4, 5]))
+    assert kv.allocate_slots(FakeRequest("b", [0, 1, 2, 3, 4, 5]), 4, blocks) is None
+    assert (kv.prefix_cache_queries, kv.prefix_cache_hits) == (3, 0)
+
+
 def test_disabled_prefix_cache_never_hits_nor_counts():
     kv = KVCacheManager(num_blocks=4, block_size=2, enable_prefix_caching=False)
     kv.free(admit(kv, "a", [0, 1, 2, 3, 4]))
