@@ -3,6 +3,9 @@
 import argparse
 import dataclasses
 import json
+import logging
+import os
+from pathlib import Path
 import sys
 
 
@@ -19,6 +22,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--cuda-graphs", action="store_true", help="capture decode steps as CUDA graphs")
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch threads on CPU (default: torch's choice; 1 helps on a busy machine)")
 
 
 def engine_config(args: argparse.Namespace):
@@ -38,6 +43,7 @@ def engine_config(args: argparse.Namespace):
         enable_prefix_caching=args.enable_prefix_caching,
         seed=getattr(args, "seed", None) or 0,
         cuda_graphs=args.cuda_graphs,
+        num_threads=args.num_threads,
     )
 
 
@@ -64,6 +70,56 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--served-model-name", default=None,
+                        help="the name clients pass as `model` (default: smollm2, or the model folder's name)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("ITERSERVE_API_KEY"),
+                        help="require `Authorization: Bearer KEY` (default: $ITERSERVE_API_KEY)")
+    parser.add_argument("--max-queued-requests", type=int, default=1024,
+                        help="answer 429 once this many requests wait for a seat (0: no limit)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds in-flight requests get to finish after SIGTERM")
+    parser.add_argument("--max-body-size", default="2MiB", help="larger request bodies get 413")
+    parser.add_argument("--metrics-compat", choices=["vllm"], default=None,
+                        help="also export metrics under vLLM's names")
+    parser.add_argument("--seed", type=int, default=0, help="the engine's seed for unseeded requests")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    return "smollm2" if args.model is None else Path(args.model).expanduser().resolve().name
+
+
+def serve(args: argparse.Namespace) -> int:
+    from engine import LLMEngine
+    from engine.config import parse_size
+    from server.app import build_app
+    from server.runner import run_server
+    from server.serving import ServerSettings
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(
+        served_model_name=served_model_name(args),
+        api_key=args.api_key or None,
+        max_queued_requests=args.max_queued_requests or None,
+        max_body_bytes=parse_size(args.max_body_size),
+        metrics_compat=args.metrics_compat,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )
+    try:
+        llm_engine = LLMEngine(engine_config(args))
+    except (FileNotFoundError, ValueError) as error:  # a bad --model or cache size: say so, no traceback
+        print(f"iterserve: {error}", file=sys.stderr)
+        return 2
+    app = build_app(llm_engine, settings)
+    run_server(app, args.host, args.port, settings.shutdown_timeout_s, args.log_level)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="iterserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--json", action="store_true", help="one JSON line per prompt with text and token_ids")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
     gen.set_defaults(run=generate)
+
+    srv = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_engine_arguments(srv)
+    add_server_arguments(srv)
+    srv.set_defaults(run=serve)
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in commands.choices:

@@ -1,0 +1,117 @@
+"""The FastAPI application: state built in the lifespan, thin routes, one error envelope."""
+
+import asyncio
+from contextlib import asynccontextmanager
+from importlib import metadata
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from engine import LLMEngine
+from server.async_engine import AsyncEngine
+from server.chat import apply_chat_template, create_chat_completion
+from server.completions import create_completion
+from server.errors import BadRequestError, ServiceUnavailableError, install_error_handlers
+from server.metrics import EngineMetrics
+from server.middleware import RequestGate
+from server.protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
+from server.serving import ClientDisconnected, ServerSettings, ServingState
+
+logger = logging.getLogger(__name__)
+
+
+def build_serving(llm_engine: LLMEngine, settings: ServerSettings) -> ServingState:
+    from prometheus_client import disable_created_metrics
+    from transformers import AutoTokenizer
+
+    # The `_created` twin of every series only doubles the scrape (vLLM turns it off too).
+    disable_created_metrics()
+
+    metrics = EngineMetrics(settings.served_model_name, llm_engine.max_model_len, settings.metrics_compat)
+    engine = AsyncEngine(llm_engine, observer=metrics.record_step, max_queued_requests=settings.max_queued_requests)
+    tokenizer = AutoTokenizer.from_pretrained(llm_engine.model_path)
+    return ServingState(settings, llm_engine, engine, metrics, tokenizer)
+
+
+def build_app(llm_engine: LLMEngine, settings: ServerSettings) -> FastAPI:
+    serving = build_serving(llm_engine, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        serving.engine.start()
+        logger.info("serving %s as %r", llm_engine.model_path, settings.served_model_name)
+        yield
+        await asyncio.to_thread(serving.engine.stop)
+
+    app = FastAPI(title="iterserve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.serving = serving
+    app.add_middleware(RequestGate, serving=serving)
+    install_error_handlers(app)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, __: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
+    app.post("/v1/completions")(create_completion)
+    app.post("/v1/chat/completions")(create_chat_completion)
+    app.get("/v1/models")(list_models)
+    app.get("/health")(health)
+    app.get("/metrics")(metrics_endpoint)
+    app.get("/version")(version)
+    app.post("/tokenize")(tokenize)
+    app.post("/detokenize")(detokenize)
+    return app
+
+
+async def list_models(request: Request) -> JSONResponse:
+    serving: ServingState = request.app.state.serving
+    card = ModelCard(id=serving.model_name, root=str(serving.llm_engine.model_path),
+                     max_model_len=serving.max_model_len)
+    return JSONResponse(ModelList(data=[card]).model_dump())
+
+
+async def health(request: Request) -> Response:
+    serving: ServingState = request.app.state.serving
+    if not serving.engine.is_healthy:
+        return ServiceUnavailableError("the engine is not running", code="engine_dead").response()
+    if serving.engine.draining:
+        return ServiceUnavailableError("the server is shutting down", code="draining").response()
+    return Response(status_code=200)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    body, content_type = request.app.state.serving.metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
+async def version() -> JSONResponse:
+    return JSONResponse({"version": _version()})
+
+
+async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
+    serving: ServingState = request.app.state.serving
+    serving.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise BadRequestError("give exactly one of prompt and messages", param="prompt")
+    if body.messages is not None:
+        tokens = apply_chat_template(serving, body.messages)
+    else:
+        tokens = serving.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return JSONResponse({"count": len(tokens), "max_model_len": serving.max_model_len, "tokens": tokens})
+
+
+async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
+    serving: ServingState = request.app.state.serving
+    serving.check_model(body.model)
+    vocab_size = serving.llm_engine.vocab_size
+    if any(token < 0 or token >= vocab_size for token in body.tokens):
+        raise BadRequestError(f"token ids must be in [0, {vocab_size})", param="tokens")
+    return JSONResponse({"prompt": serving.tokenizer.decode(body.tokens)})
+
+
+def _version() -> str:
+    try:
+        return metadata.version("iterserve")
+    except metadata.PackageNotFoundError:
+        return "0.1.0+local"

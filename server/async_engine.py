@@ -1,0 +1,274 @@
+"""The engine loop on its own thread, and each HTTP request's output stream on the event loop.
+
+`LLMEngine` is not thread-safe, so only the engine thread touches it: the event
+loop sends it commands (add, abort, stop) through a thread-safe inbox, and the
+thread hands each step's outputs back with `loop.call_soon_threadsafe`. When no
+request is unfinished the thread blocks on the inbox, so an idle server burns no CPU.
+A long step never stalls HTTP: the event loop only parses, streams and detokenizes
+logprob tokens.
+"""
+
+import asyncio
+from dataclasses import dataclass
+import logging
+import queue
+import threading
+from typing import Callable
+
+from engine import LLMEngine, RequestOutput
+from scheduler import InvalidRequestError, SamplingParams
+from server.errors import APIError, EngineError, QueueFullError, ServiceUnavailableError, from_invalid_request
+
+logger = logging.getLogger(__name__)
+
+StepObserver = Callable[[list[RequestOutput], LLMEngine], None]
+
+_ADD, _ABORT, _STOP = "add", "abort", "stop"
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    """One engine request, as it crosses from the event loop to the engine thread."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float
+    priority: int = 0
+    tenant: str = ""
+
+
+class OutputStream:
+    """The outputs of one HTTP request's engine requests (several for n > 1 or a list of prompts).
+
+    Iterate it for `RequestOutput`s in arrival order; it ends once every engine
+    request has finished. Closing it (leaving its `with` block, however) aborts
+    whatever is still running, which is how a client disconnect frees KV blocks.
+    """
+
+    def __init__(self, engine: "AsyncEngine", request_ids: list[str]):
+        self.request_ids = request_ids
+        self.unfinished = set(request_ids)  # as the engine sees them
+        self._engine = engine
+        self._queue: asyncio.Queue[RequestOutput | APIError] = asyncio.Queue()
+        self._num_finished_read = 0
+        self._closed = False
+
+    def push(self, item: RequestOutput | APIError) -> None:
+        if isinstance(item, RequestOutput) and item.finished:
+            self.unfinished.discard(item.request_id)
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> "OutputStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._num_finished_read == len(self.request_ids):
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, APIError):
+            raise item
+        if item.finished:
+            self._num_finished_read += 1
+        return item
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._engine._release(self)
+
+    def __enter__(self) -> "OutputStream":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, observer: StepObserver | None = None,
+                 max_queued_requests: int | None = None):
+        self.engine = engine
+        self.observer = observer
+        self.max_queued_requests = max_queued_requests
+        self.draining = False
+        self.error: BaseException | None = None
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[str, OutputStream] = {}  # engine request id -> stream, event loop only
+        self._idle: asyncio.Event | None = None
+        # Read by the event loop for admission, written by the engine thread.
+        self._lock = threading.Lock()
+        self._num_waiting = 0  # the scheduler's waiting queue, as of the last iteration
+        self._num_in_inbox = 0  # submitted requests the engine thread has not picked up yet
+        self._live: set[str] = set()  # engine thread only: added and not yet finished
+
+    # -- event loop side ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="iterserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_waiting(self) -> int:
+        with self._lock:
+            return self._num_waiting + self._num_in_inbox
+
+    @property
+    def num_active_streams(self) -> int:
+        return len(set(map(id, self._streams.values())))
+
+    def submit(self, requests: list[EngineRequest]) -> OutputStream:
+        """Queue requests that were validated already; raises 503 or 429 instead of queueing."""
+        if not self.is_healthy:
+            raise ServiceUnavailableError("the engine is not running", code="engine_dead")
+        if self.draining:
+            raise ServiceUnavailableError("the server is shutting down", code="draining")
+        with self._lock:
+            num_waiting = self._num_waiting + self._num_in_inbox
+            if self.max_queued_requests is not None and num_waiting >= self.max_queued_requests:
+                raise QueueFullError(f"the waiting queue is full ({num_waiting} requests); retry later")
+            self._num_in_inbox += len(requests)
+        stream = OutputStream(self, [request.request_id for request in requests])
+        for request in requests:
+            self._streams[request.request_id] = stream
+        self._idle.clear()
+        self._inbox.put((_ADD, requests))
+        return stream
+
+    def abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self._inbox.put((_ABORT, list(request_ids)))
+
+    def abort_all(self) -> None:
+        self.abort([rid for rid, stream in self._streams.items() if rid in stream.unfinished])
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no stream is open; False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Abort whatever is left and end the thread (blocking: call it off the event loop)."""
+        self._inbox.put((_STOP, None))
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _release(self, stream: OutputStream) -> None:
+        for request_id in stream.request_ids:
+            self._streams.pop(request_id, None)
+        self.abort(sorted(stream.unfinished))
+        if not self._streams:
+            self._idle.set()
+
+    def _deliver(self, outputs: list[RequestOutput], failures: list[tuple[str, APIError]]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.push(output)
+        for request_id, error in failures:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.unfinished.discard(request_id)
+                stream.push(error)
+
+    def _fail_all(self, error: APIError) -> None:
+        for stream in set(self._streams.values()):
+            stream.unfinished.clear()
+            stream.push(error)
+
+    # -- engine thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            stopping = False
+            while not stopping:
+                commands = self._take_commands(block=not self.engine.has_unfinished_requests())
+                outputs, failures, stopping = self._apply(commands)
+                if not stopping and self.engine.has_unfinished_requests():
+                    outputs.extend(self.engine.step())
+                self._publish(outputs, failures)
+        except BaseException as error:  # noqa: BLE001 - reported through /health and to every stream
+            logger.exception("the engine loop died")
+            self.error = error
+            self._call_loop(self._fail_all, EngineError(f"the engine stopped: {type(error).__name__}: {error}"))
+
+    def _take_commands(self, block: bool) -> list[tuple[str, object]]:
+        commands = [self._inbox.get()] if block else []
+        while True:
+            try:
+                commands.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _apply(self, commands) -> tuple[list[RequestOutput], list[tuple[str, APIError]], bool]:
+        outputs: list[RequestOutput] = []
+        failures: list[tuple[str, APIError]] = []
+        num_taken = 0
+        stopping = False
+        for kind, payload in commands:
+            if kind == _ADD:
+                num_taken += len(payload)
+                failures.extend(self._add(payload))
+            elif kind == _ABORT:
+                outputs.extend(self._abort(payload))
+            else:
+                stopping = True
+        if stopping:
+            outputs.extend(self._abort(sorted(self._live)))
+        with self._lock:
+            self._num_in_inbox -= num_taken
+            self._num_waiting = self.engine.scheduler.num_waiting
+        return outputs, failures, stopping
+
+    def _add(self, requests: list[EngineRequest]) -> list[tuple[str, APIError]]:
+        failures = []
+        for request in requests:
+            try:
+                self.engine.add_request(
+                    request.prompt_token_ids, request.sampling_params, request_id=request.request_id,
+                    arrival_time=request.arrival_time, priority=request.priority, tenant=request.tenant)
+                self._live.add(request.request_id)
+            except InvalidRequestError as error:
+                failures.append((request.request_id, from_invalid_request(error)))
+            except Exception as error:  # noqa: BLE001 - e.g. a duplicate id: fail this request only
+                failures.append((request.request_id, EngineError(f"{type(error).__name__}: {error}")))
+        return failures
+
+    def _abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        outputs = []
+        for request_id in request_ids:
+            output = self.engine.abort(request_id)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def _publish(self, outputs: list[RequestOutput], failures: list[tuple[str, APIError]]) -> None:
+        for output in outputs:
+            if output.finished:
+                self._live.discard(output.request_id)
+        with self._lock:
+            self._num_waiting = self.engine.scheduler.num_waiting
+        if self.observer is not None:
+            try:
+                self.observer(outputs, self.engine)
+            except Exception:  # noqa: BLE001 - metrics must never take the engine down
+                logger.exception("the step observer failed")
+        if outputs or failures:
+            self._call_loop(self._deliver, outputs, failures)
+
+    def _call_loop(self, callback, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass

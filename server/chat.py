@@ -1,0 +1,129 @@
+"""POST /v1/chat/completions: messages through the tokenizer's chat template, one assistant turn out."""
+
+import time
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from engine import RequestOutput
+from engine.sampler import TokenLogprobs
+from server.errors import BadRequestError
+from server.protocol import (
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, ChatLogprobs, ChatMessage, TokenLogprob, TopLogprob, Usage,
+)
+from server.serving import ChoiceResult, Generation, ServingState, build_generation, collect, logprob_value, \
+    reject_unsupported
+from server.streaming import EventStreamResponse, stream_events
+
+
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    serving: ServingState = request.app.state.serving
+    serving.check_model(body.model)
+    response_format = (body.response_format or {}).get("type", "text")
+    reject_unsupported(body, tools=body.tools, response_format=response_format != "text")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise BadRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
+    num_top = (body.top_logprobs or 0) if body.logprobs else None
+    prompt = apply_chat_template(serving, body.messages)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    generation = build_generation(serving, body, [prompt], max_tokens, None, num_top, id_prefix="chatcmpl")
+    stream = serving.engine.submit(generation.requests)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        formatter = ChatChunks(serving, generation, num_top)
+        return EventStreamResponse(stream_events(stream, generation, formatter, include_usage), stream)
+    with stream:
+        choices = await collect(stream, generation, request)
+    response = ChatCompletionResponse(
+        id=generation.request_id,
+        model=serving.model_name,
+        choices=[
+            ChatChoice(
+                index=choice.index,
+                message=AssistantMessage(content=choice.text),
+                logprobs=chat_logprobs(serving, choice.logprobs, num_top) if num_top is not None else None,
+                finish_reason=choice.finish_reason,
+            )
+            for choice in choices
+        ],
+        usage=generation.usage(),
+    )
+    return JSONResponse(response.model_dump())
+
+
+def message_text(message: ChatMessage, index: int) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    parts = []
+    for part in message.content:
+        if part.type != "text" or part.text is None:
+            raise BadRequestError(f"content parts of type {part.type!r} are not supported; send text",
+                                  param=f"messages.{index}.content")
+        parts.append(part.text)
+    return "\n".join(parts)  # as vLLM joins text parts
+
+
+def chat_template_input(messages: list[ChatMessage]) -> list[dict]:
+    if not messages:
+        raise BadRequestError("messages must not be empty", param="messages")
+    return [{"role": message.role, "content": message_text(message, index)} for index, message in enumerate(messages)]
+
+
+def apply_chat_template(serving: ServingState, messages: list[ChatMessage], add_generation_prompt: bool = True
+                        ) -> list[int]:
+    try:
+        text = serving.tokenizer.apply_chat_template(
+            chat_template_input(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
+    except BadRequestError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a template that rejects the conversation is the client's 400
+        raise BadRequestError(f"the chat template rejected these messages: {error}", param="messages") from error
+    # The template already wrote any special tokens the model expects.
+    return serving.tokenizer.encode(text, add_special_tokens=False)
+
+
+def chat_logprobs(serving: ServingState, logprobs: list[TokenLogprobs], num_top: int) -> ChatLogprobs:
+    def entry(token_id: int, value: float) -> TopLogprob:
+        token = serving.token_text(token_id)
+        return TopLogprob(token=token, logprob=logprob_value(value), bytes=list(token.encode("utf-8")))
+
+    content = []
+    for item in logprobs:
+        chosen = entry(item.token_id, item.logprob)
+        top = [entry(token_id, value) for token_id, value in item.top[:num_top]]
+        content.append(TokenLogprob(**chosen.model_dump(), top_logprobs=top))
+    return ChatLogprobs(content=content)
+
+
+class ChatChunks:
+    """Streaming chunks of /v1/chat/completions: the role first, then content deltas, then the end."""
+
+    def __init__(self, serving: ServingState, generation: Generation, num_top: int | None):
+        self.serving = serving
+        self.generation = generation
+        self.num_top = num_top
+        self.created = int(time.time())
+
+    def first_chunks(self) -> list[str]:
+        indices = sorted(choice.index for choice in self.generation.choices.values())
+        return [self._chunk([ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
+                for index in indices]
+
+    def chunk(self, output: RequestOutput, choice: ChoiceResult) -> str | None:
+        logprobs = None
+        if self.num_top is not None and output.new_logprobs:
+            logprobs = chat_logprobs(self.serving, output.new_logprobs, self.num_top)
+        if not output.new_text and logprobs is None and not output.finished:
+            return None
+        delta = {"content": output.new_text} if output.new_text else {}
+        finish_reason = output.finish_reason if output.finished else None
+        return self._chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs,
+                                            finish_reason=finish_reason)])
+
+    def usage_chunk(self, usage: Usage) -> str:
+        return self._chunk([], usage)
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return ChatCompletionChunk(id=self.generation.request_id, created=self.created,
+                                   model=self.serving.model_name, choices=choices, usage=usage).model_dump_json()

@@ -1,0 +1,180 @@
+"""Prometheus metrics, observed on the engine thread from the timestamps each request carries.
+
+Every value is derived from a `Request`'s own clock readings (arrival, first
+scheduled, first token, each token, finish) and from the scheduler's and KV
+cache's counters, never from a side channel. Every series carries `model_name`.
+With `compat="vllm"` each value is exported a second time under vLLM's name
+(`vllm:time_to_first_token_seconds`, ...), so dashboards and routers built for
+vLLM read iterserve unchanged.
+"""
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from engine import LLMEngine, RequestOutput
+
+# A millisecond to ten minutes: decode steps on a fast GPU up to long CPU prompts.
+TIME_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 240.0, 480.0, 600.0,
+)
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    key: str
+    kind: type
+    name: str  # after "iterserve_"
+    vllm_names: tuple[str, ...]  # after "vllm:"
+    documentation: str
+    by_finish_reason: bool = False
+
+
+SPECS = (
+    MetricSpec("ttft", Histogram, "time_to_first_token_seconds", ("time_to_first_token_seconds",),
+               "Time from arrival to the first output token."),
+    MetricSpec("itl", Histogram, "inter_token_latency_seconds",
+               ("inter_token_latency_seconds", "time_per_output_token_seconds"),
+               "Time between consecutive output tokens of a request (TPOT)."),
+    MetricSpec("e2e", Histogram, "e2e_request_latency_seconds", ("e2e_request_latency_seconds",),
+               "Time from arrival to finish."),
+    MetricSpec("queue", Histogram, "request_queue_time_seconds", ("request_queue_time_seconds",),
+               "Time from arrival to first being scheduled."),
+    MetricSpec("prefill", Histogram, "request_prefill_time_seconds", ("request_prefill_time_seconds",),
+               "Time from first being scheduled to the first token."),
+    MetricSpec("decode", Histogram, "request_decode_time_seconds", ("request_decode_time_seconds",),
+               "Time from the first token to the last."),
+    MetricSpec("prompt_length", Histogram, "request_prompt_tokens", ("request_prompt_tokens",),
+               "Prompt length of finished requests, in tokens."),
+    MetricSpec("generation_length", Histogram, "request_generation_tokens", ("request_generation_tokens",),
+               "Output length of finished requests, in tokens."),
+    MetricSpec("waiting", Gauge, "num_requests_waiting", ("num_requests_waiting",),
+               "Requests in the waiting queue (new and preempted)."),
+    MetricSpec("running", Gauge, "num_requests_running", ("num_requests_running",),
+               "Requests holding a seat in the running batch."),
+    MetricSpec("kv_usage", Gauge, "kv_cache_usage_perc", ("kv_cache_usage_perc", "gpu_cache_usage_perc"),
+               "Share of KV blocks in use; 1 means all of them."),
+    MetricSpec("prompt_tokens", Counter, "prompt_tokens", ("prompt_tokens",),
+               "Prompt tokens of requests that produced a first token."),
+    MetricSpec("generation_tokens", Counter, "generation_tokens", ("generation_tokens",),
+               "Output tokens generated."),
+    MetricSpec("preemptions", Counter, "num_preemptions", ("num_preemptions",),
+               "Requests preempted to free KV blocks (recomputed later)."),
+    MetricSpec("prefix_queries", Counter, "prefix_cache_queries", ("prefix_cache_queries",),
+               "Prompt tokens looked up in the prefix cache."),
+    MetricSpec("prefix_hits", Counter, "prefix_cache_hits", ("prefix_cache_hits",),
+               "Prompt tokens found in the prefix cache."),
+    MetricSpec("finished", Counter, "requests_finished", ("request_success",),
+               "Finished requests by finish reason.", by_finish_reason=True),
+)
+
+
+def length_buckets(max_model_len: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to max_model_len (as vLLM does)."""
+    buckets, magnitude = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * magnitude
+            if value > max_model_len:
+                return buckets
+            buckets.append(value)
+        magnitude *= 10
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str, max_model_len: int, compat: str | None = None):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[str, list] = {}
+        namespaces = [("iterserve_", "finish_reason", lambda spec: (spec.name,))]
+        if compat == "vllm":
+            namespaces.append(("vllm:", "finished_reason", lambda spec: spec.vllm_names))
+        elif compat is not None:
+            raise ValueError(f"unknown metrics compatibility {compat!r}; known: vllm")
+        for spec in SPECS:
+            children = []
+            for prefix, reason_label, names in namespaces:
+                for name in names(spec):
+                    children.append(self._family(spec, prefix + name, reason_label, model_name, max_model_len))
+            self._children[spec.key] = children
+        self._last_token_time: dict[str, float] = {}  # engine thread only
+        self._seen = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0}
+
+    def _family(self, spec: MetricSpec, name: str, reason_label: str, model_name: str, max_model_len: int):
+        labels = ["model_name"] + ([reason_label] if spec.by_finish_reason else [])
+        extra = {}
+        if spec.kind is Histogram:
+            extra["buckets"] = TIME_BUCKETS_S if name.endswith("_seconds") else length_buckets(max_model_len)
+        family = spec.kind(name, spec.documentation, labels, registry=self.registry, **extra)
+        if spec.by_finish_reason:
+            # Every reason is exported from the start, so rate() sees the first one.
+            return {reason: family.labels(model_name, reason) for reason in FINISH_REASONS}
+        return family.labels(model_name)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    # -- observations (engine thread) ---------------------------------------------------
+
+    def _observe(self, key: str, value: float) -> None:
+        for child in self._children[key]:
+            child.observe(value)
+
+    def _inc(self, key: str, amount: float = 1.0) -> None:
+        if amount:
+            for child in self._children[key]:
+                child.inc(amount)
+
+    def _set(self, key: str, value: float) -> None:
+        for child in self._children[key]:
+            child.set(value)
+
+    def record_step(self, outputs: list[RequestOutput], engine: LLMEngine) -> None:
+        """Called by the engine loop after every iteration, with that iteration's outputs."""
+        for output in outputs:
+            if output.request is not None:
+                self._record_output(output)
+        self._set("waiting", engine.scheduler.num_waiting)
+        self._set("running", engine.scheduler.num_running)
+        stats = engine.kv_cache.stats()
+        self._set("kv_usage", stats.usage)
+        self._inc_to("preemptions", engine.scheduler.num_preemptions)
+        self._inc_to("prefix_queries", stats.prefix_cache_queries)
+        self._inc_to("prefix_hits", stats.prefix_cache_hits)
+
+    def _inc_to(self, key: str, total: int) -> None:
+        """Counters the engine keeps as running totals: add what is new since last time."""
+        self._inc(key, total - self._seen[key])
+        self._seen[key] = total
+
+    def _record_output(self, output: RequestOutput) -> None:
+        request = output.request
+        if output.new_token_ids:
+            previous = self._last_token_time.get(request.request_id)
+            if previous is None:
+                self._observe("ttft", request.first_token_time - request.arrival_time)
+                self._inc("prompt_tokens", request.num_prompt_tokens)
+            else:
+                # One observation per token after the first: the engine emits a token per step.
+                self._observe("itl", request.last_token_time - previous)
+            self._last_token_time[request.request_id] = request.last_token_time
+            self._inc("generation_tokens", len(output.new_token_ids))
+        if output.finished:
+            self._record_finished(output)
+
+    def _record_finished(self, output: RequestOutput) -> None:
+        request = output.request
+        self._last_token_time.pop(request.request_id, None)
+        for child in self._children["finished"]:
+            child[output.finish_reason or "error"].inc()
+        finished = request.finished_time if request.finished_time is not None else request.last_token_time
+        self._observe("e2e", finished - request.arrival_time)
+        self._observe("prompt_length", request.num_prompt_tokens)
+        self._observe("generation_length", len(request.output_token_ids))
+        if request.first_scheduled_time is not None:
+            self._observe("queue", request.first_scheduled_time - request.arrival_time)
+            if request.first_token_time is not None:
+                self._observe("prefill", request.first_token_time - request.first_scheduled_time)
+                self._observe("decode", request.last_token_time - request.first_token_time)

@@ -1,0 +1,79 @@
+"""The gate every request passes before a handler: draining, API key, body size.
+
+Plain ASGI rather than Starlette's BaseHTTPMiddleware, which would buffer streamed
+responses and hide the client's disconnect from the handlers.
+"""
+
+import hashlib
+import hmac
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import APIError, AuthenticationError, RequestTooLargeError, ServiceUnavailableError
+
+# Probes and scrapers must reach these without a key, and /health must answer while draining.
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+
+class RequestGate:
+    def __init__(self, app: ASGIApp, serving):
+        self.app = app
+        self.serving = serving
+        key = serving.settings.api_key
+        self._key_digest = hashlib.sha256(f"Bearer {key}".encode()).digest() if key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        error = self._refuse(scope)
+        if error is None:
+            body, error = await self._read_body(scope, receive)
+        if error is not None:
+            await error.response()(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    def _refuse(self, scope: Scope) -> APIError | None:
+        if self.serving.engine.draining:
+            return ServiceUnavailableError("the server is shutting down", code="draining")
+        if self._key_digest is not None:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            # Digests of equal length, compared in constant time: neither the key nor its
+            # length leaks through response timing.
+            if not hmac.compare_digest(hashlib.sha256(given).digest(), self._key_digest):
+                return AuthenticationError("a valid API key is required: Authorization: Bearer <key>")
+        return None
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, APIError | None]:
+        limit = self.serving.settings.max_body_bytes
+        too_large = RequestTooLargeError(f"the request body is larger than {limit} bytes")
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return b"", too_large
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"", None  # disconnected before the body arrived: the handler finds out
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return b"", too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """Hand the already-read body to the app once, then pass through (to see the disconnect)."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed

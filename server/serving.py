@@ -1,0 +1,207 @@
+"""What completions and chat share: the served model, request translation, result collection.
+
+A handler validates its body, turns it into `EngineRequest`s (one per prompt and
+choice), submits them, and then either streams (server/streaming.py) or collects
+the outputs here into one `ChoiceResult` per choice.
+"""
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass, field
+import time
+import uuid
+
+from fastapi import Request
+
+from engine import LLMEngine, RequestOutput
+from engine.sampler import TokenLogprobs
+from scheduler import InvalidRequestError, SamplingParams
+from server.async_engine import AsyncEngine, EngineRequest, OutputStream
+from server.errors import BadRequestError, EngineError, ModelNotFoundError
+from server.metrics import EngineMetrics
+from server.protocol import GenerationRequest, Usage
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+# JSON has no -inf; vLLM reports this floor instead.
+MIN_LOGPROB = -9999.0
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    served_model_name: str
+    api_key: str | None = None
+    max_queued_requests: int | None = 1024
+    max_body_bytes: int = 2 * 1024 * 1024
+    metrics_compat: str | None = None  # "vllm" also exports vLLM's metric names
+    shutdown_timeout_s: float = 30.0
+
+
+@dataclass(slots=True)
+class ServingState:
+    """Everything a handler needs, built once at start-up and kept on `app.state.serving`."""
+
+    settings: ServerSettings
+    llm_engine: LLMEngine  # read-only here: max_model_len, check_prompt, model_path
+    engine: AsyncEngine
+    metrics: EngineMetrics
+    # The server's own tokenizer: the engine thread detokenizes with the engine's, and a
+    # Hugging Face tokenizer is not safe to share between threads.
+    tokenizer: object
+    token_texts: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm_engine.max_model_len
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ModelNotFoundError(f"the model `{model}` does not exist; this server serves `{self.model_name}`",
+                                     param="model")
+
+    def token_text(self, token_id: int) -> str:
+        text = self.token_texts.get(token_id)
+        if text is None:
+            text = self.token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+
+@dataclass(slots=True)
+class ChoiceResult:
+    """One choice, accumulated from its engine request's outputs."""
+
+    index: int
+    text: str = ""
+    num_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+    def add(self, output: RequestOutput) -> None:
+        self.text = output.text
+        self.num_tokens += len(output.new_token_ids)
+        self.logprobs.extend(output.new_logprobs)
+        if output.finished:
+            self.finish_reason = output.finish_reason
+            self.error = output.error
+
+
+@dataclass(slots=True)
+class Generation:
+    """One HTTP request's engine requests, and which choice each one fills."""
+
+    request_id: str
+    prompts: list[list[int]]
+    requests: list[EngineRequest]
+    choices: dict[str, ChoiceResult]  # by engine request id
+
+    def usage(self) -> Usage:
+        prompt_tokens = sum(len(prompt) for prompt in self.prompts)
+        completion_tokens = sum(choice.num_tokens for choice in self.choices.values())
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+def reject_unsupported(body: GenerationRequest, **fields) -> None:
+    """400 for fields a client set that this server cannot honour (rather than ignoring them)."""
+    for name, unsupported in fields.items():
+        if unsupported:
+            raise BadRequestError(f"{name} is not supported by this server", param=name)
+    if body.logit_bias:
+        raise BadRequestError("logit_bias is not supported by this server", param="logit_bias")
+    if body.stream_options is not None and not body.stream:
+        raise BadRequestError("stream_options is only allowed when stream is true", param="stream_options")
+
+
+def sampling_params(body: GenerationRequest, max_tokens: int | None, num_prompt_tokens: int,
+                    max_model_len: int, default_max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """The engine's parameters for one prompt; raises InvalidRequestError (a 400) on bad values."""
+    remaining = max_model_len - num_prompt_tokens
+    if max_tokens is None:
+        max_tokens = remaining if default_max_tokens is None else min(default_max_tokens, remaining)
+        if max_tokens < 1:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+                f"{num_prompt_tokens}, which leaves no room for output", param="prompt", code="context_length_exceeded")
+    elif num_prompt_tokens + max_tokens > max_model_len:
+        raise InvalidRequestError(
+            f"this model's maximum context length is {max_model_len} tokens; you requested "
+            f"{num_prompt_tokens + max_tokens} ({num_prompt_tokens} in the prompt, {max_tokens} for the "
+            "completion): shorten the prompt or lower max_tokens", param="max_tokens", code="context_length_exceeded")
+    given = {name: getattr(body, name) for name in (
+        "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")}
+    return SamplingParams(
+        max_tokens=max_tokens,
+        seed=body.seed,
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens,
+        skip_special_tokens=body.skip_special_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output,
+        logprobs=logprobs,
+        **{name: value for name, value in given.items() if value is not None},
+    )
+
+
+def build_generation(serving: ServingState, body: GenerationRequest, prompts: list[list[int]],
+                     max_tokens: int | None, default_max_tokens: int | None, logprobs: int | None,
+                     id_prefix: str) -> Generation:
+    """Validate every prompt and choice before any is queued, so a bad one leaves nothing behind."""
+    arrival_time = time.monotonic()
+    request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    requests, choices = [], {}
+    for prompt_index, prompt in enumerate(prompts):
+        serving.llm_engine.check_prompt(prompt)
+        params = sampling_params(body, max_tokens, len(prompt), serving.max_model_len, default_max_tokens, logprobs)
+        for sample_index in range(body.n):
+            # As vLLM does for n > 1: choice i samples with seed + i, so the choices differ
+            # and the whole response is still reproducible.
+            if params.seed is not None:
+                params = dataclasses.replace(params, seed=body.seed + sample_index)
+            engine_id = f"{request_id}-{prompt_index}-{sample_index}"
+            requests.append(EngineRequest(engine_id, prompt, params, arrival_time, body.priority, body.user or ""))
+            choices[engine_id] = ChoiceResult(index=prompt_index * body.n + sample_index)
+    return Generation(request_id, prompts, requests, choices)
+
+
+async def collect(stream: OutputStream, generation: Generation, request: Request) -> list[ChoiceResult]:
+    """Every choice's final result; aborts (through the stream's owner) if the client goes away."""
+    consumer = asyncio.ensure_future(_consume(stream, generation))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not consumer.done():
+            consumer.cancel()
+    if not consumer.done() or consumer.cancelled():
+        raise ClientDisconnected()
+    choices = consumer.result()
+    failed = [choice for choice in choices if choice.finish_reason == "error"]
+    if failed:
+        raise EngineError(failed[0].error or "the engine failed this request")
+    return choices
+
+
+async def _consume(stream: OutputStream, generation: Generation) -> list[ChoiceResult]:
+    async for output in stream:
+        generation.choices[output.request_id].add(output)
+    return sorted(generation.choices.values(), key=lambda choice: choice.index)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read, so the next ASGI message is the disconnect (or never comes).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response was ready; its requests were aborted."""
+
+
+def logprob_value(value: float) -> float:
+    return max(value, MIN_LOGPROB)

@@ -1,0 +1,77 @@
+"""Server-sent events exactly as OpenAI clients read them.
+
+Each chunk is one `data: {json}` event; with `stream_options.include_usage` a last
+chunk with `choices: []` carries the usage; `data: [DONE]` ends every stream. An
+error after the stream has started cannot change the status code any more, so it
+is sent as a `data:` event carrying the error envelope, then `[DONE]` (the openai
+client raises it as an `APIError`).
+"""
+
+import json
+import logging
+from typing import AsyncIterator, Protocol
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from engine import RequestOutput
+from server.async_engine import OutputStream
+from server.errors import APIError, EngineError
+from server.protocol import Usage
+from server.serving import ChoiceResult, Generation
+
+logger = logging.getLogger(__name__)
+
+DONE_EVENT = "data: [DONE]\n\n"
+
+
+def event(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+class ChunkFormatter(Protocol):
+    def first_chunks(self) -> list[str]: ...
+    def chunk(self, output: RequestOutput, choice: ChoiceResult) -> str | None: ...
+    def usage_chunk(self, usage: Usage) -> str: ...
+
+
+async def stream_events(stream: OutputStream, generation: Generation, formatter: ChunkFormatter,
+                        include_usage: bool) -> AsyncIterator[str]:
+    try:
+        for chunk in formatter.first_chunks():
+            yield event(chunk)
+        async for output in stream:
+            choice = generation.choices[output.request_id]
+            choice.add(output)
+            if output.finish_reason == "error":
+                raise EngineError(output.error or "the engine failed this request")
+            chunk = formatter.chunk(output, choice)
+            if chunk is not None:
+                yield event(chunk)
+        if include_usage:
+            yield event(formatter.usage_chunk(generation.usage()))
+    except APIError as error:
+        yield event(json.dumps(error.envelope()))
+    except Exception as error:  # noqa: BLE001 - the client still deserves an envelope and [DONE]
+        logger.exception("streaming %s failed", generation.request_id)
+        yield event(json.dumps(EngineError(f"internal error: {type(error).__name__}").envelope()))
+    yield DONE_EVENT
+
+
+class EventStreamResponse(StreamingResponse):
+    """An SSE response that always closes its output stream, even if the body never started.
+
+    Closing aborts unfinished engine requests, so a client that disconnects (Starlette
+    then cancels the body iterator) frees its KV blocks within one engine step.
+    """
+
+    def __init__(self, content: AsyncIterator[str], output_stream: OutputStream):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.output_stream = output_stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.output_stream.close()

@@ -1,0 +1,123 @@
+"""Every failure answers with the one envelope and the right status: 400 (never 422), 401, 404, 413."""
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+COMPLETION = {"model": "tiny", "prompt": "Hello", "max_tokens": 4}
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+def assert_envelope(response: httpx.Response, status: int, code: str | None = None, param: str | None = None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+BAD_COMPLETIONS = [
+    ({"prompt": ""}, "prompt", None),
+    ({"prompt": []}, "prompt", None),
+    ({"prompt": [[]]}, "prompt", None),
+    ({"prompt": [49152]}, "prompt", None),  # outside the vocabulary
+    ({"prompt": "Hello " * 300, "max_tokens": 300}, "max_tokens", "context_length_exceeded"),
+    ({"prompt": "Hello", "max_tokens": 512}, "max_tokens", "context_length_exceeded"),
+    ({"prompt": "Hello " * 600}, "prompt", "context_length_exceeded"),
+    ({"temperature": -0.5}, "temperature", None),
+    ({"temperature": "hot"}, "temperature", None),
+    ({"top_p": 0}, "top_p", None),
+    ({"top_k": -2}, "top_k", None),
+    ({"top_k": 10**30}, "top_k", None),
+    ({"seed": 2**64}, "seed", None),
+    ({"best_of": 3}, "best_of", None),
+    ({"min_p": 1.5}, "min_p", None),
+    ({"max_tokens": 0}, "max_tokens", None),
+    ({"n": 0}, "n", None),
+    ({"n": 1000}, "n", None),
+    ({"logprobs": 99}, "logprobs", None),
+    ({"presence_penalty": 3}, "presence_penalty", None),
+    ({"repetition_penalty": 0}, "repetition_penalty", None),
+    ({"stop": [""]}, "stop", None),
+    ({"stop": 5}, "stop", None),
+    ({"stop_token_ids": [-1]}, "stop_token_ids", None),
+    ({"echo": True}, "echo", None),
+    ({"stream_options": {"include_usage": True}}, "stream_options", None),
+    ({"prompt": None}, "prompt", None),
+]
+
+
+@pytest.mark.parametrize("change,param,code", BAD_COMPLETIONS, ids=[str(case[0])[:40] for case in BAD_COMPLETIONS])
+def test_bad_completion_is_400(http, change, param, code):
+    assert_envelope(http.post("/v1/completions", json={**COMPLETION, **change}), 400, code, param)
+
+
+BAD_CHATS = [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"content": "no role"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+    ({"max_completion_tokens": 10_000}, "max_tokens"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+]
+
+
+@pytest.mark.parametrize("change,param", BAD_CHATS, ids=[str(case[0])[:40] for case in BAD_CHATS])
+def test_bad_chat_is_400(http, change, param):
+    assert_envelope(http.post("/v1/chat/completions", json={**CHAT, **change}), 400, param=param)
+
+
+def test_invalid_json_is_400(http):
+    response = http.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert_envelope(response, 400, "invalid_json")
+
+
+def test_openai_client_sees_a_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="tiny", prompt="Hello", max_tokens=100_000)
+    assert raised.value.code == "context_length_exceeded"
+
+
+def test_unknown_model_is_404(http):
+    assert_envelope(http.post("/v1/completions", json={**COMPLETION, "model": "gpt-9"}), 404, "model_not_found")
+    assert_envelope(http.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"}), 404, "model_not_found")
+
+
+def test_unknown_route_keeps_its_status_in_the_envelope(http):
+    assert_envelope(http.get("/v1/nothing-here"), 404)
+    assert_envelope(http.get("/v1/completions"), 405)
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "test-key"}])
+def test_missing_or_wrong_key_is_401(tiny_server, headers):
+    for path in ("/v1/completions", "/v1/models", "/tokenize"):
+        response = httpx.request("POST" if path != "/v1/models" else "GET", f"{tiny_server.url}{path}",
+                                 json=COMPLETION, headers=headers)
+        assert_envelope(response, 401, "invalid_api_key")
+
+
+def test_openai_client_with_a_wrong_key(tiny_server):
+    with openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="wrong", max_retries=0) as client:
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()
+
+
+def test_body_over_the_limit_is_413(http, tiny_server):
+    limit = tiny_server.serving.settings.max_body_bytes
+    response = http.post("/v1/completions", json={**COMPLETION, "prompt": "x" * (limit + 1)})
+    assert_envelope(response, 413, "request_too_large")
+
+    def chunked():  # no Content-Length: the limit is enforced while reading
+        for _ in range(limit // 65536 + 2):
+            yield b" " * 65536
+
+    response = http.post("/v1/completions", content=chunked(), headers={"Content-Type": "application/json"})
+    assert_envelope(response, 413, "request_too_large")

@@ -1,0 +1,157 @@
+"""The official `openai` client against a real server on the tiny random Llama (the text is noise)."""
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The quick brown fox"  # under one KV block, so repeats never hit the prefix cache
+
+
+def test_models_lists_the_served_model(client, tiny_server):
+    models = client.models.list()
+    assert [model.id for model in models.data] == ["tiny"]
+
+
+def test_completion_reports_usage_and_length(client):
+    completion = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=7, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    choice = completion.choices[0]
+    assert completion.object == "text_completion"
+    assert completion.id.startswith("cmpl-")
+    assert choice.finish_reason == "length"
+    assert choice.text
+    assert completion.usage.completion_tokens == 7
+    assert completion.usage.prompt_tokens == 4
+    assert completion.usage.total_tokens == 11
+
+
+def test_completion_takes_token_ids_and_lists_of_prompts(client, http):
+    token_ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    by_text = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0)
+    by_ids = client.completions.create(model="tiny", prompt=token_ids, max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+
+    batch = client.completions.create(model="tiny", prompt=[PROMPT, "Hello"], n=2, max_tokens=3, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert [choice.index for choice in batch.choices] == [0, 1, 2, 3]  # prompt-major, as OpenAI orders them
+    assert batch.choices[0].text == batch.choices[1].text
+    assert batch.choices[2].text == batch.choices[3].text
+    assert batch.usage.prompt_tokens == 4 + 1  # each prompt counted once, whatever n is
+    assert batch.usage.completion_tokens == 4 * 3
+
+
+def test_chat_completion(client):
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=6, temperature=0,
+        extra_body={"ignore_eos": True})
+    choice = chat.choices[0]
+    assert chat.object == "chat.completion"
+    assert choice.message.role == "assistant"
+    assert choice.message.content
+    assert choice.finish_reason == "length"
+    assert chat.usage.completion_tokens == 6
+
+
+def test_streamed_completion_matches_and_counts_its_tokens(client):
+    expected = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    chunks = list(client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stream=True, logprobs=0,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    usage_chunk, content_chunks = chunks[-1], chunks[:-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    assert all(chunk.usage is None for chunk in content_chunks)
+    # Every streamed token carries its logprob, even one whose text is still held back.
+    num_streamed_tokens = sum(len(chunk.choices[0].logprobs.tokens) for chunk in content_chunks)
+    assert usage_chunk.usage.completion_tokens == num_streamed_tokens == 12
+    assert "".join(chunk.choices[0].text for chunk in content_chunks) == expected.choices[0].text
+    assert [chunk.choices[0].finish_reason for chunk in content_chunks][-1] == "length"
+    assert all(chunk.choices[0].finish_reason is None for chunk in content_chunks[:-1])
+
+
+def test_streamed_chat_sends_role_first_and_usage_last(client):
+    messages = [{"role": "user", "content": "Hi"}]
+    expected = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                              extra_body={"ignore_eos": True})
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True, logprobs=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    first, usage_chunk, middle = chunks[0], chunks[-1], chunks[1:-1]
+    assert first.object == "chat.completion.chunk"
+    assert first.choices[0].delta.role == "assistant"
+    assert usage_chunk.choices == []
+    num_streamed_tokens = sum(len(chunk.choices[0].logprobs.content) for chunk in middle)
+    assert usage_chunk.usage.completion_tokens == num_streamed_tokens == 8
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in middle) == expected.choices[0].message.content
+    assert middle[-1].choices[0].finish_reason == "length"
+    assert len({chunk.id for chunk in chunks}) == 1
+
+
+def _stop_string(text: str) -> tuple[str, int]:
+    """A short piece of `text`, from past its start, that first occurs where it is taken from."""
+    for start in range(3, len(text) - 2):
+        stop = text[start:start + 2]
+        if stop.strip() and text.find(stop) == start:
+            return stop, start
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_ends_the_text_before_it(client, stream):
+    full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop, start = _stop_string(full)
+    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0, stop=[stop],
+                  extra_body={"ignore_eos": True})
+    if stream:
+        chunks = list(client.completions.create(stream=True, **kwargs))
+        text = "".join(chunk.choices[0].text for chunk in chunks)
+        finish_reason = chunks[-1].choices[0].finish_reason
+    else:
+        choice = client.completions.create(**kwargs).choices[0]
+        text, finish_reason = choice.text, choice.finish_reason
+    assert text == full[:start]
+    assert finish_reason == "stop"
+
+
+def test_n_choices_differ_and_a_seed_reproduces_them(client):
+    def sample(seed):
+        completion = client.completions.create(model="tiny", prompt=PROMPT, n=3, max_tokens=8, temperature=1.0,
+                                               seed=seed, extra_body={"ignore_eos": True})
+        assert [choice.index for choice in completion.choices] == [0, 1, 2]
+        return [choice.text for choice in completion.choices]
+
+    first = sample(1234)
+    assert len(set(first)) == 3  # seed + i per choice, as vLLM does
+    assert sample(1234) == first
+    assert sample(4321) != first
+
+
+def test_chat_top_logprobs(client):
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=2,
+                                          extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        # Greedy: the chosen token is the most likely one.
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+
+
+def test_tokenize_and_detokenize_round_trip(http):
+    tokens = http.post("/tokenize", json={"prompt": PROMPT}).json()
+    assert tokens["count"] == len(tokens["tokens"]) == 4
+    assert http.post("/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": PROMPT}
+    chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["count"] > 2
+
+
+def test_health_and_metrics_need_no_key(tiny_server):
+    import httpx
+
+    assert httpx.get(f"{tiny_server.url}/health").status_code == 200
+    assert httpx.get(f"{tiny_server.url}/metrics").status_code == 200
+    version = httpx.get(f"{tiny_server.url}/version", headers=tiny_server.headers())
+    assert version.status_code == 200 and version.json()["version"]
