@@ -19,6 +19,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     policy: str = "fcfs"
+    batching: str = "continuous"  # "static" or "dynamic": padded batches run to completion (for comparison)
+    static_batch_size: int | None = None  # requests per static or dynamic batch; None: max_num_seqs
+    batch_timeout_s: float = 0.5  # how long a static or dynamic batch waits to fill
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None keeps torch's choice
     cuda_graphs: bool = False  # capture decode steps as CUDA graphs (CUDA only; unverified here)

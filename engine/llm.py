@@ -1,5 +1,6 @@
 """Offline API: `LLM(...).generate(prompts, sampling_params)` runs a batch to completion."""
 
+import time
 from typing import Sequence
 
 from engine.config import EngineConfig
@@ -36,7 +37,11 @@ class LLM:
         order = [self.engine.add_request(ids, params) for ids, params in zip(token_ids, sampling_params)]
         finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
+            outputs = self.engine.step()
+            if not outputs:
+                # A static or dynamic batch may be filling up: wait for it instead of spinning.
+                time.sleep(self.engine.scheduler.seconds_until_launch())
+            for output in outputs:
                 if output.finished:
                     finished[output.request_id] = output
         return [finished[request_id] for request_id in order]

@@ -78,6 +78,9 @@ class LLMEngine:
                 max_num_batched_tokens=max_batched,
                 enable_chunked_prefill=config.enable_chunked_prefill,
                 policy=config.policy,
+                batching=config.batching,
+                static_batch_size=config.static_batch_size,
+                batch_timeout_s=config.batch_timeout_s,
             ),
             self.kv_cache,
         )

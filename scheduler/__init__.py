@@ -1,7 +1,8 @@
 """The request state machine and the per-step plan.
 
 Owns request state (waiting, running, preempted, finished), the waiting-queue
-policy, and `Scheduler.schedule()`, which decides each step who runs with how
+policy, the batching mode (continuous, or static / dynamic batches run to
+completion, with their padding counted), and `Scheduler.schedule()`, which decides each step who runs with how
 many tokens within the token budget, seat limit and free KV blocks. Block
 accounting is delegated to `kvcache/`. Pure Python: must not import torch or
 fastapi, so it is deterministic under a virtual clock and a fake model runner.

@@ -10,6 +10,13 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"
+    batching: str = "continuous"  # or "static" / "dynamic": see scheduler/batching.py
+    static_batch_size: int | None = None  # requests per static or dynamic batch; None: max_num_seqs
+    batch_timeout_s: float = 0.5  # longest the oldest waiting request waits for its batch to fill
+
+    @property
+    def batch_size(self) -> int:
+        return self.static_batch_size or self.max_num_seqs
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
@@ -22,3 +29,9 @@ class SchedulerConfig:
                 f"with chunked prefill off, max_num_batched_tokens ({self.max_num_batched_tokens}) "
                 f"must be at least max_model_len ({self.max_model_len})"
             )
+        if self.static_batch_size is not None and not 1 <= self.static_batch_size <= self.max_num_seqs:
+            # A batch holds a seat per member until all finish, so it must fit the seats.
+            raise ValueError(
+                f"static_batch_size ({self.static_batch_size}) must be between 1 and max_num_seqs ({self.max_num_seqs})")
+        if self.batch_timeout_s < 0:
+            raise ValueError(f"batch_timeout_s must be at least 0, got {self.batch_timeout_s}")

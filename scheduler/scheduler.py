@@ -10,6 +10,7 @@ import time
 from typing import Callable
 
 from kvcache import KVCacheManager
+from scheduler.batching import make_batching_policy
 from scheduler.config import SchedulerConfig
 from scheduler.policy import make_waiting_queue
 from scheduler.request import Request, RequestStatus
@@ -59,6 +60,7 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order: the last is preempted first
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.batching = make_batching_policy(config)
 
     # -- intake -------------------------------------------------------------------
 
@@ -67,6 +69,7 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.add(request)
+        self.batching.add(request, self.clock())
 
     @property
     def num_waiting(self) -> int:
@@ -78,6 +81,19 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    @property
+    def padding_tokens(self) -> int:
+        """Tokens a padded static or dynamic batch would have computed for nothing; 0 when continuous."""
+        return self.batching.padding_tokens
+
+    def seconds_until_launch(self) -> float:
+        """How long schedule() will plan nothing because a static or dynamic batch is filling up.
+
+        0 when a step can run now (or nothing waits); an engine loop may sleep this long
+        unless a new request comes, instead of spinning on empty plans.
+        """
+        return self.batching.seconds_until_launch(self.waiting, self.clock())
 
     # -- one step -----------------------------------------------------------------
 
@@ -101,6 +117,8 @@ class Scheduler:
         # Admitting while preempting would just swap one victim for another.
         if not output.preempted_ids:
             budget = self._admit_waiting(budget, output)
+        if output.scheduled:
+            self.batching.count_padding()
         return output
 
     def _num_tokens_to_schedule(self, request: Request, budget: int) -> int:
@@ -128,8 +146,11 @@ class Scheduler:
         self.waiting.prepend(request)
 
     def _admit_waiting(self, budget: int, output: SchedulerOutput) -> int:
+        self.batching.launch(self.waiting, self.clock())
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
+            if not self.batching.may_admit(request):
+                break
             computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
             num_new = request.num_tokens - num_cached
             if num_new > budget:
@@ -211,4 +232,5 @@ class Scheduler:
         request.status = status
         request.finished_time = self.clock()
         self.kv_cache.free(request)
+        self.batching.forget(request)
         del self.requests[request.request_id]

@@ -3,7 +3,8 @@
 `LLMEngine` is not thread-safe, so only the engine thread touches it: the event
 loop sends it commands (add, abort, stop) through a thread-safe inbox, and the
 thread hands each step's outputs back with `loop.call_soon_threadsafe`. When no
-request is unfinished the thread blocks on the inbox, so an idle server burns no CPU.
+request is unfinished the thread blocks on the inbox, so an idle server burns no CPU;
+while a static or dynamic batch fills it waits on the inbox until the batch is due.
 A long step never stalls HTTP: the event loop only parses, streams and detokenizes
 logprob tokens.
 """
@@ -193,7 +194,8 @@ class AsyncEngine:
         try:
             stopping = False
             while not stopping:
-                commands = self._take_commands(block=not self.engine.has_unfinished_requests())
+                idle = not self.engine.has_unfinished_requests()
+                commands = self._take_commands(None if idle else self.engine.scheduler.seconds_until_launch())
                 outputs, failures, stopping = self._apply(commands)
                 if not stopping and self.engine.has_unfinished_requests():
                     outputs.extend(self.engine.step())
@@ -203,8 +205,14 @@ class AsyncEngine:
             self.error = error
             self._call_loop(self._fail_all, EngineError(f"the engine stopped: {type(error).__name__}: {error}"))
 
-    def _take_commands(self, block: bool) -> list[tuple[str, object]]:
-        commands = [self._inbox.get()] if block else []
+    def _take_commands(self, timeout_s: float | None) -> list[tuple[str, object]]:
+        """Every queued command, after waiting up to `timeout_s` (None: for ever) for the first."""
+        commands = []
+        if timeout_s is None or timeout_s > 0:
+            try:
+                commands.append(self._inbox.get(timeout=timeout_s))
+            except queue.Empty:
+                pass
         while True:
             try:
                 commands.append(self._inbox.get_nowait())

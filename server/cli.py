@@ -21,6 +21,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--batching", default="continuous", choices=["continuous", "dynamic", "static"],
+                        help="continuous admits every step; static and dynamic run padded batches to completion")
+    parser.add_argument("--static-batch-size", type=int, default=None,
+                        help="requests per static or dynamic batch (default: --max-num-seqs)")
+    parser.add_argument("--batch-timeout-s", type=float, default=0.5,
+                        help="how long a static batch, or a dynamic bucket's oldest request, waits to fill")
     parser.add_argument("--cuda-graphs", action="store_true", help="capture decode steps as CUDA graphs")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads on CPU (default: torch's choice; 1 helps on a busy machine)")
@@ -41,6 +47,9 @@ def engine_config(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill,
         enable_prefix_caching=args.enable_prefix_caching,
+        batching=args.batching,
+        static_batch_size=args.static_batch_size,
+        batch_timeout_s=args.batch_timeout_s,
         seed=getattr(args, "seed", None) or 0,
         cuda_graphs=args.cuda_graphs,
         num_threads=args.num_threads,
@@ -120,6 +129,12 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from loadtest.cli import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="iterserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_arguments(srv)
     add_server_arguments(srv)
     srv.set_defaults(run=serve)
+
+    from loadtest.cli import add_bench_arguments  # stdlib only at import; the run imports the rest
+
+    bench_parser = commands.add_parser("bench", help="load-test an OpenAI-compatible server, or plot results")
+    add_bench_arguments(bench_parser)
+    bench_parser.set_defaults(run=bench)
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in commands.choices:

@@ -67,6 +67,8 @@ SPECS = (
                "Prompt tokens looked up in the prefix cache."),
     MetricSpec("prefix_hits", Counter, "prefix_cache_hits", ("prefix_cache_hits",),
                "Prompt tokens found in the prefix cache."),
+    MetricSpec("padding_tokens", Counter, "padding_tokens", (),  # vLLM never pads, so has no such series
+               "Padding a static or dynamic batch computes for nothing (prompts to the longest, finished rows)."),
     MetricSpec("finished", Counter, "requests_finished", ("request_success",),
                "Finished requests by finish reason.", by_finish_reason=True),
 )
@@ -100,7 +102,7 @@ class EngineMetrics:
                     children.append(self._family(spec, prefix + name, reason_label, model_name, max_model_len))
             self._children[spec.key] = children
         self._last_token_time: dict[str, float] = {}  # engine thread only
-        self._seen = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0}
+        self._seen = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0, "padding_tokens": 0}
 
     def _family(self, spec: MetricSpec, name: str, reason_label: str, model_name: str, max_model_len: int):
         labels = ["model_name"] + ([reason_label] if spec.by_finish_reason else [])
@@ -143,6 +145,7 @@ class EngineMetrics:
         self._inc_to("preemptions", engine.scheduler.num_preemptions)
         self._inc_to("prefix_queries", stats.prefix_cache_queries)
         self._inc_to("prefix_hits", stats.prefix_cache_hits)
+        self._inc_to("padding_tokens", engine.scheduler.padding_tokens)
 
     def _inc_to(self, key: str, total: int) -> None:
         """Counters the engine keeps as running totals: add what is new since last time."""

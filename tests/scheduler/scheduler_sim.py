@@ -41,9 +41,10 @@ def reference_output(prompt: list[int], max_tokens: int) -> list[int]:
 def make_scheduler(
     max_model_len: int = 64, max_num_seqs: int = 8, max_num_batched_tokens: int = 64,
     enable_chunked_prefill: bool = True, num_blocks: int = 64, block_size: int = 4,
-    enable_prefix_caching: bool = True,
+    enable_prefix_caching: bool = True, **batching,
 ) -> Scheduler:
-    config = SchedulerConfig(max_model_len, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+    """`batching` takes SchedulerConfig's batching knobs: batching, static_batch_size, batch_timeout_s."""
+    config = SchedulerConfig(max_model_len, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, **batching)
     kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
     return Scheduler(config, kv_cache, clock=VirtualClock())
 
