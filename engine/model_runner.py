@@ -4,10 +4,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention import AttentionMetadata, PrefillSpan, context_slots
+from engine.attention import AttentionMetadata, DecodeGroup, PrefillSpan, context_slots
 from engine.model import LlamaForCausalLM
 from engine.sampler import Sampler, TokenLogprobs
 from scheduler import ScheduledRequest, SchedulerOutput
+
+
+# Short contexts are grouped together regardless of ratio: an extra attention call per
+# layer costs more than reading a few dozen padded slots.
+MIN_DECODE_GROUP_CONTEXT = 128
 
 
 @dataclass(slots=True)
@@ -63,8 +68,9 @@ class ModelRunner:
         return result
 
     def prepare(self, output: SchedulerOutput) -> ModelInput:
-        # Decodes first, then prompt chunks: decodes are attended together, chunks one by one.
-        decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
+        # Decodes first, shortest context first, so that groups of similar length are
+        # contiguous rows; then prompt chunks, attended one by one.
+        decodes = sorted((s for s in output.scheduled if s.num_new_tokens == 1), key=lambda s: s.start_position)
         chunks = [s for s in output.scheduled if s.num_new_tokens > 1]
         block_size = self.block_size
         input_ids: list[int] = []
@@ -89,13 +95,9 @@ class ModelRunner:
 
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slot_mapping),
-            num_decodes=len(decodes),
-            decode_slots=None,
-            decode_mask=None,
+            decode_groups=self._decode_groups(decodes),
             prefills=prefills,
         )
-        if decodes:
-            meta.decode_slots, meta.decode_mask = self._decode_gather(decodes)
         return ModelInput(
             input_ids=self._tensor(input_ids),
             positions=self._tensor(positions),
@@ -104,7 +106,18 @@ class ModelRunner:
             sampling=sampling,
         )
 
-    def _decode_gather(self, decodes: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_groups(self, decodes: list[ScheduledRequest]) -> list[DecodeGroup]:
+        """Split decodes (sorted by context) where a context is over twice its group's shortest."""
+        groups, start = [], 0
+        for end in range(1, len(decodes) + 1):
+            if end == len(decodes) or decodes[end].start_position + 1 > 2 * max(
+                    decodes[start].start_position + 1, MIN_DECODE_GROUP_CONTEXT):
+                groups.append(self._decode_group(decodes, start, end))
+                start = end
+        return groups
+
+    def _decode_group(self, decodes: list[ScheduledRequest], start: int, end: int) -> DecodeGroup:
+        decodes = decodes[start:end]
         context_lens = torch.tensor([s.start_position + 1 for s in decodes])
         max_context = int(context_lens.max())
         max_blocks = -(-max_context // self.block_size)
@@ -112,7 +125,7 @@ class ModelRunner:
         positions = torch.arange(max_context).unsqueeze(0)
         slots = context_slots(block_table, positions, self.block_size)
         mask = (positions < context_lens.unsqueeze(1)).view(len(decodes), 1, 1, max_context)
-        return self._to_device(slots), self._to_device(mask)
+        return DecodeGroup(start, end, self._to_device(slots), self._to_device(mask))
 
     def _prefill_span(self, scheduled: ScheduledRequest, query_start: int, query_end: int) -> PrefillSpan:
         num_cached = scheduled.start_position

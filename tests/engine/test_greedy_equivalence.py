@@ -60,8 +60,10 @@ def smollm2_expected(smollm2_path):
 
 
 def test_tiny_llama_matches_transformers(tiny_model_path):
-    expected = reference_tokens(tiny_model_path, PROMPTS, 24)
-    got, _ = run_ours(tiny_model_path, PROMPTS, 24)
+    # Contexts from a few tokens to a few hundred: decodes are attended in several length groups.
+    prompts = PROMPTS + ["counting sheep, " * 40, "one more time " * 110]
+    expected = reference_tokens(tiny_model_path, prompts, 24)
+    got, _ = run_ours(tiny_model_path, prompts, 24)
     assert got == expected
 
 
