@@ -68,10 +68,7 @@ def paged_attention(
         rows = slice(group.start, group.end)
         keys = key_cache[group.slots].transpose(1, 2)  # [rows, kv_heads, context, head_dim]
         values = value_cache[group.slots].transpose(1, 2)
-        decoded = F.scaled_dot_product_attention(
-            query[rows].unsqueeze(2), keys, values, attn_mask=group.mask, scale=scale, enable_gqa=True
-        )
-        output[rows] = decoded.squeeze(2)
+        output[rows] = decode_attention(query[rows], keys, values, group.mask, scale)
 
     for span in meta.prefills:
         chunk = slice(span.query_start, span.query_end)
@@ -87,3 +84,18 @@ def paged_attention(
         )
         output[chunk] = attended.squeeze(0).transpose(0, 1)
     return output
+
+
+def decode_attention(query, keys, values, mask, scale: float) -> torch.Tensor:
+    """One query token per row: query [rows, heads, head_dim], keys/values [rows, kv_heads, context, head_dim]."""
+    if query.dtype == torch.float32:
+        return F.scaled_dot_product_attention(
+            query.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True).squeeze(2)
+    # Torch's CPU flash kernel is 4-5x slower than two batched matmuls for a single query
+    # in bfloat16 (measured here; BENCHMARKS.md). Query heads are grouped per KV head.
+    rows, heads, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    grouped = query.view(rows, kv_heads, heads // kv_heads, head_dim)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale  # [rows, kv_heads, group, context]
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).reshape(rows, heads, head_dim)

@@ -1,0 +1,65 @@
+"""Paged attention equals dense causal attention over each request's whole sequence."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.attention import AttentionMetadata, DecodeGroup, PrefillSpan, paged_attention
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 4
+
+
+def dense_reference(q, k, v):
+    """Causal attention of a whole sequence; q [n, heads, d], k/v [n, kv_heads, d]."""
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None].float(), k.transpose(0, 1)[None].float(),
+                                         v.transpose(0, 1)[None].float(), is_causal=True, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_decodes_and_chunks_match_dense_attention(dtype, tolerance):
+    torch.manual_seed(0)
+    # Three decodes (contexts 3, 9, 40: two length groups) and one chunk of 5 after a 6-token prefix.
+    lengths = {"d3": 3, "d9": 9, "d40": 40, "chunk": 11}
+    blocks_per_seq = 12
+    num_slots = len(lengths) * blocks_per_seq * BLOCK
+    key_cache = torch.zeros(num_slots, KV_HEADS, HEAD_DIM, dtype=dtype)
+    value_cache = torch.zeros_like(key_cache)
+    # Scatter each sequence's blocks across the pool in reverse order, as a real pool would.
+    tables = {name: list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))[::-1]
+              for i, name in enumerate(lengths)}
+    full = {name: [torch.randn(n, HEADS, HEAD_DIM, dtype=dtype), torch.randn(n, KV_HEADS, HEAD_DIM, dtype=dtype),
+                   torch.randn(n, KV_HEADS, HEAD_DIM, dtype=dtype)] for name, n in lengths.items()}
+
+    def slot(name, position):
+        return tables[name][position // BLOCK] * BLOCK + position % BLOCK
+
+    new_tokens = {"d3": 1, "d9": 1, "d40": 1, "chunk": 5}
+    for name, n in lengths.items():  # history already in the cache
+        for p in range(n - new_tokens[name]):
+            key_cache[slot(name, p)] = full[name][1][p]
+            value_cache[slot(name, p)] = full[name][2][p]
+
+    order = ["d3", "d9", "d40", "chunk"]
+    q = torch.cat([full[n][0][-new_tokens[n]:] for n in order])
+    k = torch.cat([full[n][1][-new_tokens[n]:] for n in order])
+    v = torch.cat([full[n][2][-new_tokens[n]:] for n in order])
+    slot_mapping = torch.tensor([slot(n, p) for n in order for p in range(lengths[n] - new_tokens[n], lengths[n])])
+
+    def group(start, names):
+        width = max(lengths[n] for n in names)
+        slots = torch.tensor([[slot(n, min(p, lengths[n] - 1)) for p in range(width)] for n in names])
+        mask = torch.tensor([[p < lengths[n] for p in range(width)] for n in names]).view(len(names), 1, 1, width)
+        return DecodeGroup(start, start + len(names), slots, mask)
+
+    chunk_slots = torch.tensor([slot("chunk", p) for p in range(11)])
+    chunk_mask = torch.arange(11)[None] <= torch.arange(6, 11)[:, None]
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping,
+        decode_groups=[group(0, ["d3", "d9"]), group(2, ["d40"])],
+        prefills=[PrefillSpan(3, 8, 6, chunk_slots, chunk_mask)],
+    )
+    out = paged_attention(q, k, v, key_cache, value_cache, meta, HEAD_DIM ** -0.5).float()
+
+    expected = torch.cat([dense_reference(*full[n])[-new_tokens[n]:] for n in order])
+    assert torch.allclose(out, expected, atol=tolerance, rtol=tolerance)
