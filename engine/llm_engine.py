@@ -53,6 +53,8 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
         self.device = resolve_device(config.device)
+        if config.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; this engine runs on {self.device}")
         self.dtype = resolve_dtype(config.dtype, self.device)
         loaded = load_model(resolve_model_path(config.model), self.dtype, self.device, config.max_model_len)
         self.model_path = loaded.path
@@ -85,6 +87,8 @@ class LLMEngine:
             self.kv_cache,
         )
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.device)
+        if config.cuda_graphs:
+            self.runner.use_static_decode(config.max_num_seqs, self.max_model_len, capture=True)
         self._texts: dict[str, _TextState] = {}
         logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens",
                     self.model_path, self.dtype, self.device, num_blocks, config.block_size)

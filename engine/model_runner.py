@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.attention import AttentionMetadata, DecodeGroup, PrefillSpan, context_slots
+from engine.cuda_graphs import StaticDecodeRunner
 from engine.model import LlamaForCausalLM
 from engine.sampler import Sampler, TokenLogprobs
 from scheduler import ScheduledRequest, SchedulerOutput
@@ -45,21 +46,38 @@ class ModelRunner:
         args = model.args
         # One tensor for every layer's keys and values. Zeroed, not empty: padded decode
         # lanes read slots that are masked out, and 0 * NaN from stale memory is still NaN.
+        # One block more than the scheduler's pool: the scratch block that padding rows of
+        # static decode steps write into (engine/cuda_graphs.py), never given to a request.
         self.kv_caches = torch.zeros(
-            args.num_layers, 2, num_blocks * block_size, args.num_kv_heads, args.head_dim,
+            args.num_layers, 2, (num_blocks + 1) * block_size, args.num_kv_heads, args.head_dim,
             dtype=self.dtype, device=device,
         )
         self.sampler = Sampler(device)
+        self.static_decode: StaticDecodeRunner | None = None
+
+    def use_static_decode(self, max_batch: int, max_context: int, capture: bool) -> None:
+        """Pad pure-decode steps to static shapes; with `capture`, replay them as CUDA graphs."""
+        self.static_decode = StaticDecodeRunner(
+            self.model, self.kv_caches, self.block_size, max_batch, max_context, capture)
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> StepResult:
-        batch = self.prepare(output)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        static_key = self.static_decode.bucket(output.scheduled) if self.static_decode is not None else None
+        if static_key is None:
+            batch = self.prepare(output)
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+            logits_indices, sampling = batch.logits_indices, batch.sampling
+        else:
+            # The eager path's row order, so the sampler sees the requests in the same order.
+            decodes = sorted(output.scheduled, key=lambda s: s.start_position)
+            hidden = self.static_decode.run(decodes, static_key)
+            sampling = [s for s in decodes if s.samples]
+            logits_indices = self._tensor([row for row, s in enumerate(decodes) if s.samples])
         result = StepResult()
-        if not batch.sampling:
+        if not sampling:
             return result
-        logits = self.model.compute_logits(hidden[batch.logits_indices]).float()
-        requests = [s.request for s in batch.sampling]
+        logits = self.model.compute_logits(hidden[logits_indices]).float()
+        requests = [s.request for s in sampling]
         tokens, logprobs = self.sampler.sample(logits, requests)
         for request, token, token_logprobs in zip(requests, tokens, logprobs):
             result.sampled_token_ids[request.request_id] = token
