@@ -107,3 +107,22 @@ def check_plan(scheduler: Scheduler, plan: SchedulerOutput, needs_before: dict[s
     if not plan.preempted_ids and sum(needs_before.values()) <= config.max_num_batched_tokens:
         served = {s.request.request_id: s.num_new_tokens for s in plan.scheduled}
         assert all(served.get(request_id) == need for request_id, need in needs_before.items())
+
+
+def replay(scheduler: Scheduler, requests: list[Request], specs: list[dict], aborts: dict[int, int],
+           max_steps: int = 3000):
+    """Drive a generated workload: arrivals and aborts at their steps, then one step.
+
+    Yields (the request aborted before this step, or None; the step's plan).
+    """
+    last_arrival = max(spec["arrival_step"] for spec in specs)
+    step_index = 0
+    while scheduler.has_unfinished_requests() or step_index <= last_arrival:
+        assert step_index < max_steps, "the scheduler stopped making progress"
+        for request, spec in zip(requests, specs):
+            if spec["arrival_step"] == step_index:
+                scheduler.add_request(request)
+        victim = requests[aborts[step_index]] if step_index in aborts else None
+        aborted = victim if victim is not None and scheduler.abort(victim.request_id) else None
+        yield aborted, step(scheduler)
+        step_index += 1

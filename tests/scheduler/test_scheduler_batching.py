@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 import pytest
 
 from scheduler import RequestStatus, SchedulerConfig
-from scheduler_sim import assert_pool_free, make_request, make_scheduler, reference_output, run, step
+from scheduler_sim import assert_pool_free, make_request, make_scheduler, reference_output, replay, run, step
 from test_scheduler_random import configs, workloads
 
 
@@ -215,15 +215,9 @@ def test_random_workloads_run_batches_to_completion_with_exact_outputs(data, bat
     requests = [make_request(f"r{i}", spec["prompt"], spec["max_tokens"]) for i, spec in enumerate(specs)]
     aborted: set[str] = set()
     members = scheduler.batching.members
-    step_index = 0
-    while scheduler.has_unfinished_requests() or step_index <= max(s["arrival_step"] for s in specs):
-        assert step_index < 3000, "the scheduler stopped making progress"
-        for request, spec in zip(requests, specs):
-            if spec["arrival_step"] == step_index:
-                scheduler.add_request(request)
-        if step_index in aborts and scheduler.abort(requests[aborts[step_index]].request_id):
-            aborted.add(requests[aborts[step_index]].request_id)
-        plan = step(scheduler)
+    for victim, plan in replay(scheduler, requests, specs, aborts):
+        if victim is not None:
+            aborted.add(victim.request_id)
         if scheduler.batching.members is not members:
             # A new batch launches only once every member of the last one has finished.
             assert all(member.is_finished for member in members)
@@ -232,7 +226,6 @@ def test_random_workloads_run_batches_to_completion_with_exact_outputs(data, bat
             if batching == "dynamic":
                 assert len({scheduler.batching.bucket(member) for member in members}) == 1
         assert {s.request.request_id for s in plan.scheduled} <= {member.request_id for member in members}
-        step_index += 1
 
     assert_pool_free(scheduler)
     for request, spec in zip(requests, specs):

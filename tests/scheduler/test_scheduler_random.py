@@ -7,7 +7,7 @@ big enough for one request at full length, so preemption is common too.
 from hypothesis import event, given, settings, strategies as st
 
 from scheduler import RequestStatus
-from scheduler_sim import make_request, make_scheduler, reference_output, step
+from scheduler_sim import make_request, make_scheduler, reference_output, replay
 
 
 @st.composite
@@ -52,19 +52,11 @@ def test_random_workloads_keep_limits_and_give_exact_outputs(data):
     scheduler = make_scheduler(**config)
     requests = [make_request(f"r{i}", spec["prompt"], spec["max_tokens"]) for i, spec in enumerate(specs)]
     aborted: set[str] = set()
-    step_index = 0
-    while scheduler.has_unfinished_requests() or step_index <= max(s["arrival_step"] for s in specs):
-        assert step_index < 3000, "the scheduler stopped making progress"
-        for request, spec in zip(requests, specs):
-            if spec["arrival_step"] == step_index:
-                scheduler.add_request(request)
-        victim = requests[aborts[step_index]] if step_index in aborts else None
-        if victim is not None and scheduler.abort(victim.request_id):  # in whatever state it is
+    for victim, plan in replay(scheduler, requests, specs, aborts):  # step() checks budget, seats, tables
+        if victim is not None:  # aborted in whatever state it was
             aborted.add(victim.request_id)
             assert scheduler.kv_cache.block_ids(victim.request_id) == []
-        plan = step(scheduler)  # checks budget, seats and block tables
         assert not aborted & {s.request.request_id for s in plan.scheduled}
-        step_index += 1
 
     pool = scheduler.kv_cache.pool
     assert pool.num_free_blocks == pool.num_blocks
