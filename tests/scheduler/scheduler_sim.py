@@ -7,7 +7,7 @@ also checks the token budget, the seat limit and the block tables.
 from typing import Callable
 
 from kvcache import KVCacheManager
-from scheduler import Request, SamplingParams, Scheduler, SchedulerConfig, SchedulerOutput
+from scheduler import Request, RequestStatus, SamplingParams, Scheduler, SchedulerConfig, SchedulerOutput
 
 VOCAB = 50
 Model = Callable[[Request], int]
@@ -126,3 +126,14 @@ def replay(scheduler: Scheduler, requests: list[Request], specs: list[dict], abo
         aborted = victim if victim is not None and scheduler.abort(victim.request_id) else None
         yield aborted, step(scheduler)
         step_index += 1
+
+
+def assert_replay_outputs(requests: list[Request], specs: list[dict], aborted: set[str], max_model_len: int) -> None:
+    """Aborted requests ended as aborts; every other one generated exactly what it would alone."""
+    for request, spec in zip(requests, specs):
+        if request.request_id in aborted:
+            assert request.status is RequestStatus.FINISHED_ABORTED
+            continue
+        num_generated = min(spec["max_tokens"], max_model_len - len(spec["prompt"]))
+        assert request.output_token_ids == reference_output(spec["prompt"], num_generated)
+        assert request.status is RequestStatus.FINISHED_LENGTH

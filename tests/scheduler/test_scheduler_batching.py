@@ -4,8 +4,8 @@ completion admitting nothing meanwhile, buckets by prompt length, and padding co
 from hypothesis import given, settings, strategies as st
 import pytest
 
-from scheduler import RequestStatus, SchedulerConfig
-from scheduler_sim import assert_pool_free, make_request, make_scheduler, reference_output, replay, run, step
+from scheduler import SchedulerConfig
+from scheduler_sim import assert_pool_free, assert_replay_outputs, make_request, make_scheduler, reference_output, replay, run, step
 from test_scheduler_random import configs, workloads
 
 
@@ -228,9 +228,4 @@ def test_random_workloads_run_batches_to_completion_with_exact_outputs(data, bat
         assert {s.request.request_id for s in plan.scheduled} <= {member.request_id for member in members}
 
     assert_pool_free(scheduler)
-    for request, spec in zip(requests, specs):
-        if request.request_id in aborted:
-            assert request.status is RequestStatus.FINISHED_ABORTED
-            continue
-        num_generated = min(spec["max_tokens"], config["max_model_len"] - len(spec["prompt"]))
-        assert request.output_token_ids == reference_output(spec["prompt"], num_generated)
+    assert_replay_outputs(requests, specs, aborted, config["max_model_len"])

@@ -6,8 +6,7 @@ big enough for one request at full length, so preemption is common too.
 
 from hypothesis import event, given, settings, strategies as st
 
-from scheduler import RequestStatus
-from scheduler_sim import make_request, make_scheduler, reference_output, replay
+from scheduler_sim import assert_pool_free, assert_replay_outputs, make_request, make_scheduler, replay
 
 
 @st.composite
@@ -58,14 +57,7 @@ def test_random_workloads_keep_limits_and_give_exact_outputs(data):
             assert scheduler.kv_cache.block_ids(victim.request_id) == []
         assert not aborted & {s.request.request_id for s in plan.scheduled}
 
-    pool = scheduler.kv_cache.pool
-    assert pool.num_free_blocks == pool.num_blocks
+    assert_pool_free(scheduler)
     event(f"preempted: {scheduler.num_preemptions > 0}")
     event(f"prefix hit: {any(r.num_cached_tokens for r in requests)}")
-    for request, spec in zip(requests, specs):
-        if request.request_id in aborted:
-            assert request.status is RequestStatus.FINISHED_ABORTED
-            continue
-        num_generated = min(spec["max_tokens"], config["max_model_len"] - len(spec["prompt"]))
-        assert request.output_token_ids == reference_output(spec["prompt"], num_generated)
-        assert request.status is RequestStatus.FINISHED_LENGTH
+    assert_replay_outputs(requests, specs, aborted, config["max_model_len"])
