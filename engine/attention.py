@@ -6,7 +6,9 @@ head_dim]`; a token at position p of a request lives in slot
 tokens first (one per request) and prompt chunks after (each attended on its own,
 causally, over its cached prefix).
 
-Decodes are sorted by context length and attended in groups whose lengths are within
+On the CPU, decodes go to our C++ kernel (engine/csrc/paged_attention.cpp), which reads
+each context's keys and values in place through its block table. Elsewhere, or where the
+kernel cannot be built, decodes are sorted by context length and attended in groups whose lengths are within
 a factor of two, each group padded to its longest context: padding every decode to
 the batch's longest context made one 2,000-token request cost 256 short ones eight
 times their own reads.
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from engine import cpu_kernels
 
 
 @dataclass(slots=True)
@@ -36,10 +40,20 @@ class DecodeGroup:
 
 
 @dataclass(slots=True)
+class PagedDecodes:
+    """All decodes of the step for the CPU kernel: rows [0, num_rows) of the batch."""
+    num_rows: int
+    block_tables: torch.Tensor  # int32 [num_rows, max_blocks], padded with block 0
+    context_lens: torch.Tensor  # int32 [num_rows]
+    block_size: int
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's key and value go
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillSpan]
+    paged_decodes: PagedDecodes | None = None  # instead of decode_groups, when the CPU kernel is in use
 
 
 def context_slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -64,6 +78,11 @@ def paged_attention(
     value_cache.index_copy_(0, meta.slot_mapping, value)
     output = torch.empty_like(query)
 
+    if meta.paged_decodes is not None:
+        decodes = meta.paged_decodes
+        rows = slice(0, decodes.num_rows)
+        output[rows] = cpu_kernels.load().paged_decode_attention(
+            query[rows], key_cache, value_cache, decodes.block_tables, decodes.context_lens, decodes.block_size, scale)
     for group in meta.decode_groups:
         rows = slice(group.start, group.end)
         keys = key_cache[group.slots].transpose(1, 2)  # [rows, kv_heads, context, head_dim]

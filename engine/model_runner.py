@@ -4,7 +4,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention import AttentionMetadata, DecodeGroup, PrefillSpan, context_slots
+from engine import cpu_kernels
+from engine.attention import AttentionMetadata, DecodeGroup, PagedDecodes, PrefillSpan, context_slots
 from engine.cuda_graphs import StaticDecodeRunner
 from engine.model import LlamaForCausalLM
 from engine.sampler import Sampler, TokenLogprobs
@@ -53,6 +54,8 @@ class ModelRunner:
             dtype=self.dtype, device=device,
         )
         self.sampler = Sampler(device)
+        # Built (or found in the cache) now, not in the middle of the first step.
+        self.decode_kernel = device.type == "cpu" and cpu_kernels.load() is not None
         self.static_decode: StaticDecodeRunner | None = None
 
     def use_static_decode(self, max_batch: int, max_context: int, capture: bool) -> None:
@@ -111,11 +114,11 @@ class ModelRunner:
                 logits_rows.append(len(input_ids) - 1)
                 sampling.append(scheduled)
 
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slot_mapping),
-            decode_groups=self._decode_groups(decodes),
-            prefills=prefills,
-        )
+        meta = AttentionMetadata(slot_mapping=self._tensor(slot_mapping), decode_groups=[], prefills=prefills)
+        if self.decode_kernel and decodes:
+            meta.paged_decodes = self._paged_decodes(decodes)
+        else:
+            meta.decode_groups = self._decode_groups(decodes)
         return ModelInput(
             input_ids=self._tensor(input_ids),
             positions=self._tensor(positions),
@@ -123,6 +126,13 @@ class ModelRunner:
             logits_indices=self._tensor(logits_rows),
             sampling=sampling,
         )
+
+    def _paged_decodes(self, decodes: list[ScheduledRequest]) -> PagedDecodes:
+        max_blocks = max(len(s.block_ids) for s in decodes)
+        block_tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in decodes],
+                                    dtype=torch.int32)
+        context_lens = torch.tensor([s.start_position + 1 for s in decodes], dtype=torch.int32)
+        return PagedDecodes(len(decodes), block_tables, context_lens, self.block_size)
 
     def _decode_groups(self, decodes: list[ScheduledRequest]) -> list[DecodeGroup]:
         """Split decodes (sorted by context) where a context is over twice its group's shortest."""

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata, DecodeGroup, PrefillSpan, paged_attention
+from engine import cpu_kernels
+from engine.attention import AttentionMetadata, DecodeGroup, PagedDecodes, PrefillSpan, context_slots, paged_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 4
 
@@ -16,8 +17,9 @@ def dense_reference(q, k, v):
     return out[0].transpose(0, 1)
 
 
+@pytest.mark.parametrize("decode_path", ["kernel", "torch groups"])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_decodes_and_chunks_match_dense_attention(dtype, tolerance):
+def test_decodes_and_chunks_match_dense_attention(dtype, tolerance, decode_path):
     torch.manual_seed(0)
     # Three decodes (contexts 3, 9, 40: two length groups) and one chunk of 5 after a 6-token prefix.
     lengths = {"d3": 3, "d9": 9, "d40": 40, "chunk": 11}
@@ -54,12 +56,39 @@ def test_decodes_and_chunks_match_dense_attention(dtype, tolerance):
 
     chunk_slots = torch.tensor([slot("chunk", p) for p in range(11)])
     chunk_mask = torch.arange(11)[None] <= torch.arange(6, 11)[:, None]
-    meta = AttentionMetadata(
-        slot_mapping=slot_mapping,
-        decode_groups=[group(0, ["d3", "d9"]), group(2, ["d40"])],
-        prefills=[PrefillSpan(3, 8, 6, chunk_slots, chunk_mask)],
-    )
+    meta = AttentionMetadata(slot_mapping, [], [PrefillSpan(3, 8, 6, chunk_slots, chunk_mask)])
+    if decode_path == "kernel":
+        decodes = order[:3]
+        meta.paged_decodes = PagedDecodes(3, torch.tensor([tables[n] for n in decodes], dtype=torch.int32),
+                                          torch.tensor([lengths[n] for n in decodes], dtype=torch.int32), BLOCK)
+    else:
+        meta.decode_groups = [group(0, ["d3", "d9"]), group(2, ["d40"])]
     out = paged_attention(q, k, v, key_cache, value_cache, meta, HEAD_DIM ** -0.5).float()
 
     expected = torch.cat([dense_reference(*full[n])[-new_tokens[n]:] for n in order])
     assert torch.allclose(out, expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("head_dim", [8, 64, 128])  # 64 and 128 have unrolled paths in the kernel
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_cpu_decode_kernel_matches_dense_attention(dtype, tolerance, head_dim):
+    kernels = cpu_kernels.load()
+    assert kernels is not None, "the C++ decode kernel must build wherever the tests run (gcc and ninja)"
+    torch.manual_seed(1)
+    heads, kv_heads, block_size, num_blocks = 6, 2, 16, 64
+    key_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, dtype=dtype)
+    value_cache = torch.randn_like(key_cache)
+    lengths = [1, 15, 16, 17, 100, 300]  # block edges, a single token, several blocks
+    tables = [torch.randperm(num_blocks)[:-(-n // block_size)] for n in lengths]
+    query = torch.randn(len(lengths), heads, head_dim, dtype=dtype)
+    padded = torch.zeros(len(lengths), max(len(t) for t in tables), dtype=torch.int32)
+    for row, table in enumerate(tables):
+        padded[row, :len(table)] = table
+    out = kernels.paged_decode_attention(query, key_cache, value_cache, padded,
+                                         torch.tensor(lengths, dtype=torch.int32), block_size, head_dim ** -0.5)
+    for row, (n, table) in enumerate(zip(lengths, tables)):
+        slots = context_slots(table, torch.arange(n), block_size)
+        expected = F.scaled_dot_product_attention(
+            query[row, :, None].float(), key_cache[slots].transpose(0, 1).float(),
+            value_cache[slots].transpose(0, 1).float(), enable_gqa=True)[:, 0]
+        assert torch.allclose(out[row].float(), expected, atol=tolerance, rtol=tolerance), (row, n)
