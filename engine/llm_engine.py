@@ -79,6 +79,7 @@ class LLMEngine:
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=max_batched,
                 enable_chunked_prefill=config.enable_chunked_prefill,
+                long_prefill_token_threshold=config.long_prefill_token_threshold,
                 policy=config.policy,
                 batching=config.batching,
                 static_batch_size=config.static_batch_size,

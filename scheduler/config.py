@@ -9,6 +9,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
+    # With chunking on, no prompt takes more than this many tokens of one step (0: no cap),
+    # so a long prompt's prefill leaves room for short ones to start beside it.
+    long_prefill_token_threshold: int = 0
     policy: str = "fcfs"
     batching: str = "continuous"  # or "static" / "dynamic": see scheduler/batching.py
     static_batch_size: int | None = None  # requests per static or dynamic batch; None: max_num_seqs
@@ -23,6 +26,8 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs must be at least 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be at least 1")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be at least 0")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             # Without chunking a whole prompt must fit one step, or the longest ones never run.
             raise ValueError(

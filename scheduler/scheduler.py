@@ -121,11 +121,15 @@ class Scheduler:
             self.batching.count_padding()
         return output
 
-    def _num_tokens_to_schedule(self, request: Request, budget: int) -> int:
-        num_new = request.num_tokens - request.num_computed_tokens
-        if num_new > budget:
-            return budget if self.config.enable_chunked_prefill else 0
-        return num_new
+    def _num_tokens_to_schedule(self, request: Request, budget: int, num_computed: int | None = None) -> int:
+        """Tokens to give `request` this step (0: it must wait), from `num_computed` on."""
+        num_new = request.num_tokens - (request.num_computed_tokens if num_computed is None else num_computed)
+        if not self.config.enable_chunked_prefill:
+            return num_new if num_new <= budget else 0
+        threshold = self.config.long_prefill_token_threshold
+        if threshold:
+            num_new = min(num_new, threshold)
+        return min(num_new, budget)
 
     def _allocate_or_preempt(self, request: Request, num_new: int, output: SchedulerOutput) -> bool:
         while self.kv_cache.allocate_slots(request, num_new) is None:
@@ -152,11 +156,9 @@ class Scheduler:
             if not self.batching.may_admit(request):
                 break
             computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
-            num_new = request.num_tokens - num_cached
-            if num_new > budget:
-                if not self.config.enable_chunked_prefill:
-                    break
-                num_new = budget
+            num_new = self._num_tokens_to_schedule(request, budget, num_cached)
+            if num_new == 0:
+                break
             if self.kv_cache.allocate_slots(request, num_new, computed_blocks) is None:
                 break
             self.waiting.pop()

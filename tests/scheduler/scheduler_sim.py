@@ -43,7 +43,8 @@ def make_scheduler(
     enable_chunked_prefill: bool = True, num_blocks: int = 64, block_size: int = 4,
     enable_prefix_caching: bool = True, **batching,
 ) -> Scheduler:
-    """`batching` takes SchedulerConfig's batching knobs: batching, static_batch_size, batch_timeout_s."""
+    """`batching` takes SchedulerConfig's other knobs: batching, static_batch_size, batch_timeout_s,
+    long_prefill_token_threshold."""
     config = SchedulerConfig(max_model_len, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, **batching)
     kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
     return Scheduler(config, kv_cache, clock=VirtualClock())
@@ -56,7 +57,9 @@ def make_request(request_id: str, prompt: list[int], max_tokens: int = 8, eos: f
 
 def step(scheduler: Scheduler, model: Model = fake_model) -> SchedulerOutput:
     """One engine step: schedule, check the plan, run the fake model, apply its tokens."""
-    needs_before = {r.request_id: r.num_tokens - r.num_computed_tokens for r in scheduler.running}
+    cap = scheduler.config.long_prefill_token_threshold or None
+    needs_before = {r.request_id: min(r.num_tokens - r.num_computed_tokens, cap or r.num_tokens)
+                    for r in scheduler.running}
     plan = scheduler.schedule()
     check_plan(scheduler, plan, needs_before)
     sampled = {s.request.request_id: model(s.request) for s in plan.scheduled if s.samples}
@@ -103,7 +106,8 @@ def check_plan(scheduler: Scheduler, plan: SchedulerOutput, needs_before: dict[s
         blocks_written = set(s.block_ids[first:last + 1])
         assert not written & blocks_written
         written |= blocks_written
-    # Running requests are served first: if all of them fit the budget and the pool, all run.
+    # Running requests are served first: if all of them fit the budget and the pool, all run
+    # (each prompt at most the long-prefill threshold).
     if not plan.preempted_ids and sum(needs_before.values()) <= config.max_num_batched_tokens:
         served = {s.request.request_id: s.num_new_tokens for s in plan.scheduled}
         assert all(served.get(request_id) == need for request_id, need in needs_before.items())

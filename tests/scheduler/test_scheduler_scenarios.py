@@ -31,6 +31,20 @@ def test_long_prompt_is_chunked_to_the_token_budget():
     assert (request.first_scheduled_time, request.first_token_time, request.finished_time) == (0.0, 3.0, 5.0)
 
 
+def test_long_prefill_threshold_lets_a_short_prompt_start_beside_a_long_one():
+    scheduler = make_scheduler(max_num_batched_tokens=16, long_prefill_token_threshold=6)
+    long, short = make_request("long", prompt(20), max_tokens=2), make_request("short", prompt(4, seed=1), max_tokens=2)
+    scheduler.add_request(long)
+    scheduler.add_request(short)
+    plans = run(scheduler)
+    assert new_tokens_per_step(plans, "long") == [6, 6, 6, 2, 1]
+    assert new_tokens_per_step(plans, "short") == [4, 1]  # its first token in step one, not after the long prefill
+    assert long.output_token_ids == reference_output(prompt(20), 2)
+    assert short.output_token_ids == reference_output(prompt(4, seed=1), 2)
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        SchedulerConfig(max_model_len=64, long_prefill_token_threshold=-1)
+
+
 def test_a_one_token_budget_still_makes_progress():
     scheduler = make_scheduler(max_num_batched_tokens=1)
     scheduler.add_request(make_request("a", prompt(3), max_tokens=2))
