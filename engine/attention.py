@@ -7,11 +7,11 @@ tokens first (one per request) and prompt chunks after (each attended on its own
 causally, over its cached prefix).
 
 On the CPU, decodes go to our C++ kernel (engine/csrc/paged_attention.cpp), which reads
-each context's keys and values in place through its block table. Elsewhere, or where the
-kernel cannot be built, decodes are sorted by context length and attended in groups whose lengths are within
-a factor of two, each group padded to its longest context: padding every decode to
-the batch's longest context made one 2,000-token request cost 256 short ones eight
-times their own reads.
+each context's keys and values in place through its block table. Elsewhere, or where
+the kernel cannot be built, decodes are sorted by context length and attended in groups
+whose lengths are within a factor of two, each group padded to its longest context:
+padding every decode to the batch's longest context made one 2,000-token request cost
+256 short ones eight times their own reads.
 """
 
 from dataclasses import dataclass

@@ -1,8 +1,8 @@
 // Decode attention read straight out of the paged KV cache, for the CPU.
 //
-// One query token per request. Each (request, KV head) is one work item: its query heads
-// are scored against every key of the context as the block table finds them, then the
-// values are summed with the softmax weights. Keys and values are read once, in place;
+// One query token per request, one request per work item: its query heads are scored
+// against every key of the context as the block table finds them, then the values are
+// summed with the softmax weights. Keys and values are read once, in place;
 // the pure-torch path gathers them into a padded copy first and reads that again.
 
 #include <torch/extension.h>
@@ -11,47 +11,130 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
-// HD is the head size when known at compile time (0: runtime `head_dim`), so that the
-// per-token dot products unroll into a few vector FMAs.
-template <typename T, int HD>
-void decode_item(const T* query, const T* key_cache, const T* value_cache, T* out,
-                 const int32_t* block_table, int64_t context, int64_t block_size,
-                 int64_t kv_head, int64_t group, int64_t head_dim, int64_t slot_stride,
-                 float scale, std::vector<float>& scratch) {
-  const int64_t hd = HD > 0 ? HD : head_dim;
-  // scratch: the group's queries (scaled, float), its accumulators, group x context scores.
-  scratch.resize(group * hd * 2 + group * context);
-  float* q = scratch.data();
-  float* acc = q + group * hd;
-  float* scores = acc + group * hd;
-  const T* query_heads = query + kv_head * group * hd;
-  for (int64_t i = 0; i < group * hd; ++i) q[i] = static_cast<float>(query_heads[i]) * scale;
-  std::fill(acc, acc + group * hd, 0.0f);
-  const int64_t head_offset = kv_head * hd;
+// The two inner loops, one key or value row against the group's query heads. gcc does not
+// vectorise them well from plain loops (bf16 widening, a horizontal sum per dot), so with
+// AVX-512 they are written out; elsewhere the plain loops stand.
+#if defined(__AVX512F__)
+template <typename T>
+constexpr bool kHasVectorLoad =
+    std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 
-  for (int64_t b = 0, t0 = 0; t0 < context; ++b, t0 += block_size) {
-    const int64_t n = std::min(block_size, context - t0);
-    const T* keys = key_cache + static_cast<int64_t>(block_table[b]) * block_size * slot_stride + head_offset;
-    for (int64_t i = 0; i < n; ++i) {
-      const T* k = keys + i * slot_stride;
-      for (int64_t g = 0; g < group; ++g) {
-        const float* qg = q + g * hd;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < hd; ++d) dot += qg[d] * static_cast<float>(k[d]);
-        scores[g * context + t0 + i] = dot;
-      }
+template <typename T>
+inline __m512 load16(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bf16 is the top half of a float
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+}
+#endif
+
+// scores[g * stride] = q_g . k for each query head g of the group.
+template <typename T, int HD>
+inline void score_row(const float* q, const T* k, int64_t group, int64_t hd, float* scores, int64_t stride) {
+#if defined(__AVX512F__)
+  if constexpr (HD > 0 && HD % 16 == 0 && kHasVectorLoad<T>) {
+    constexpr int kVectors = HD / 16;
+    __m512 key[kVectors];
+    for (int j = 0; j < kVectors; ++j) key[j] = load16(k + 16 * j);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * HD;
+      __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(qg), key[0]);
+      for (int j = 1; j < kVectors; ++j) sum = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * j), key[j], sum);
+      scores[g * stride] = _mm512_reduce_add_ps(sum);
     }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = q + g * hd;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < hd; ++d) dot += qg[d] * static_cast<float>(k[d]);
+    scores[g * stride] = dot;
+  }
+}
+
+// acc_g += weights[g * stride] * v for each query head g of the group.
+template <typename T, int HD>
+inline void accumulate_row(float* acc, const T* v, const float* weights, int64_t stride, int64_t group, int64_t hd) {
+#if defined(__AVX512F__)
+  if constexpr (HD > 0 && HD % 16 == 0 && kHasVectorLoad<T>) {
+    constexpr int kVectors = HD / 16;
+    __m512 value[kVectors];
+    for (int j = 0; j < kVectors; ++j) value[j] = load16(v + 16 * j);
+    for (int64_t g = 0; g < group; ++g) {
+      const __m512 weight = _mm512_set1_ps(weights[g * stride]);
+      float* a = acc + g * HD;
+      for (int j = 0; j < kVectors; ++j)
+        _mm512_storeu_ps(a + 16 * j, _mm512_fmadd_ps(weight, value[j], _mm512_loadu_ps(a + 16 * j)));
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < group; ++g) {
+    const float weight = weights[g * stride];
+    float* a = acc + g * hd;
+#pragma omp simd
+    for (int64_t d = 0; d < hd; ++d) a[d] += weight * static_cast<float>(v[d]);
+  }
+}
+
+// Hints the cache lines of one block's rows (all KV heads: `row_bytes` each) into cache
+// while the block before it is being read: a request's blocks are scattered over the
+// pool, where the hardware prefetcher cannot follow.
+inline void prefetch_block(const void* first_row, int64_t rows, int64_t row_bytes) {
+  const char* p = static_cast<const char*>(first_row);
+  for (int64_t offset = 0; offset < rows * row_bytes; offset += 64) __builtin_prefetch(p + offset);
+}
+
+// Attention of one request's query token (all heads) over its context. HD is the head
+// size when known at compile time (0: runtime `head_dim`), so the per-row loops unroll.
+template <typename T, int HD>
+void decode_request(const T* query, const T* key_cache, const T* value_cache, T* out,
+                    const int32_t* block_table, int64_t context, int64_t block_size,
+                    int64_t kv_heads, int64_t group, int64_t head_dim, float scale, std::vector<float>& scratch) {
+  const int64_t hd = HD > 0 ? HD : head_dim;
+  const int64_t heads = kv_heads * group;
+  const int64_t slot_stride = kv_heads * hd;
+  const int64_t block_bytes = block_size * slot_stride * static_cast<int64_t>(sizeof(T));
+  // scratch: the queries (scaled, float), their accumulators, heads x context scores.
+  scratch.resize(heads * hd * 2 + heads * context);
+  float* q = scratch.data();
+  float* acc = q + heads * hd;
+  float* scores = acc + heads * hd;
+  for (int64_t i = 0; i < heads * hd; ++i) q[i] = static_cast<float>(query[i]) * scale;
+  std::fill(acc, acc + heads * hd, 0.0f);
+  const int64_t num_blocks = (context + block_size - 1) / block_size;
+  auto block_start = [&](const T* cache, int64_t b) {
+    return cache + static_cast<int64_t>(block_table[b]) * block_size * slot_stride;
+  };
+
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    if (b + 1 < num_blocks) prefetch_block(block_start(key_cache, b + 1), 1, block_bytes);
+    const int64_t t0 = b * block_size, n = std::min(block_size, context - t0);
+    const T* keys = block_start(key_cache, b);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t h = 0; h < kv_heads; ++h)
+        score_row<T, HD>(q + h * group * hd, keys + i * slot_stride + h * hd, group, hd,
+                         scores + h * group * context + t0 + i, context);
   }
 
   // Built with -ffast-math (vector reductions and exp), so no infinities: the maximum
   // starts from the first score.
-  std::vector<float> total(group);
-  for (int64_t g = 0; g < group; ++g) {
+  for (int64_t g = 0; g < heads; ++g) {
     float* s = scores + g * context;
     float m = s[0];
     for (int64_t t = 1; t < context; ++t) m = std::max(m, s[t]);
@@ -61,28 +144,22 @@ void decode_item(const T* query, const T* key_cache, const T* value_cache, T* ou
       s[t] = std::exp(s[t] - m);
       sum += s[t];
     }
-    total[g] = sum;
-  }
-
-  for (int64_t b = 0, t0 = 0; t0 < context; ++b, t0 += block_size) {
-    const int64_t n = std::min(block_size, context - t0);
-    const T* values = value_cache + static_cast<int64_t>(block_table[b]) * block_size * slot_stride + head_offset;
-    for (int64_t i = 0; i < n; ++i) {
-      const T* v = values + i * slot_stride;
-      for (int64_t g = 0; g < group; ++g) {
-        const float p = scores[g * context + t0 + i];
-        float* a = acc + g * hd;
+    const float inverse = 1.0f / sum;
 #pragma omp simd
-        for (int64_t d = 0; d < hd; ++d) a[d] += p * static_cast<float>(v[d]);
-      }
-    }
+    for (int64_t t = 0; t < context; ++t) s[t] *= inverse;
   }
 
-  T* o = out + kv_head * group * hd;
-  for (int64_t g = 0; g < group; ++g) {
-    const float inverse = 1.0f / total[g];
-    for (int64_t d = 0; d < hd; ++d) o[g * hd + d] = static_cast<T>(acc[g * hd + d] * inverse);
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    if (b + 1 < num_blocks) prefetch_block(block_start(value_cache, b + 1), 1, block_bytes);
+    const int64_t t0 = b * block_size, n = std::min(block_size, context - t0);
+    const T* values = block_start(value_cache, b);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t h = 0; h < kv_heads; ++h)
+        accumulate_row<T, HD>(acc + h * group * hd, values + i * slot_stride + h * hd,
+                              scores + h * group * context + t0 + i, context, group, hd);
   }
+
+  for (int64_t i = 0; i < heads * hd; ++i) out[i] = static_cast<T>(acc[i]);
 }
 
 template <typename T>
@@ -92,7 +169,6 @@ void decode_attention(const torch::Tensor& query, const torch::Tensor& key_cache
   const int64_t rows = query.size(0), heads = query.size(1), head_dim = query.size(2);
   const int64_t kv_heads = key_cache.size(1);
   const int64_t group = heads / kv_heads;
-  const int64_t slot_stride = key_cache.stride(0);
   const int64_t table_stride = block_tables.stride(0);
   const T* q = query.data_ptr<T>();
   const T* k = key_cache.data_ptr<T>();
@@ -100,18 +176,17 @@ void decode_attention(const torch::Tensor& query, const torch::Tensor& key_cache
   T* o = out.data_ptr<T>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = context_lens.data_ptr<int32_t>();
-  const auto attend = head_dim == 64 ? decode_item<T, 64> : head_dim == 128 ? decode_item<T, 128> : decode_item<T, 0>;
-  const int64_t items = rows * kv_heads;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  const auto attend =
+      head_dim == 64 ? decode_request<T, 64> : head_dim == 128 ? decode_request<T, 128> : decode_request<T, 0>;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
   // Rows arrive sorted by context length, so contiguous ranges would give one thread all
-  // the long contexts: each thread takes every `threads`-th item instead.
+  // the long contexts: each thread takes every `threads`-th row instead.
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     for (int64_t t = begin; t < end; ++t) {
-      for (int64_t item = t; item < items; item += threads) {
-        const int64_t r = item / kv_heads, h = item % kv_heads;
+      for (int64_t r = t; r < rows; r += threads) {
         attend(q + r * query.stride(0), k, v, o + r * out.stride(0), tables + r * table_stride, lens[r], block_size,
-             h, group, head_dim, slot_stride, static_cast<float>(scale), scratch);
+               kv_heads, group, head_dim, static_cast<float>(scale), scratch);
       }
     }
   });

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen2Config
 
-from engine import LLM
+from engine import LLM, cpu_kernels
 from scheduler import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -59,11 +59,15 @@ def smollm2_expected(smollm2_path):
     return prompts, reference_tokens(smollm2_path, prompts, 20)
 
 
-def test_tiny_llama_matches_transformers(tiny_model_path):
-    # Contexts from a few tokens to a few hundred: decodes are attended in several length groups.
+@pytest.mark.parametrize("decode_path", ["cpu kernel", "torch fallback"])
+def test_tiny_llama_matches_transformers(tiny_model_path, decode_path, monkeypatch):
+    if decode_path == "torch fallback":  # as on a machine without a compiler
+        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    # Contexts from a few tokens to a few hundred: the fallback attends decodes in several length groups.
     prompts = PROMPTS + ["counting sheep, " * 40, "one more time " * 110]
     expected = reference_tokens(tiny_model_path, prompts, 24)
-    got, _ = run_ours(tiny_model_path, prompts, 24)
+    got, llm = run_ours(tiny_model_path, prompts, 24)
+    assert llm.engine.runner.decode_kernel == (decode_path == "cpu kernel")
     assert got == expected
 
 
