@@ -131,7 +131,7 @@ def profile_step(llm: LLM) -> dict:
     timers, llm_engine = Timers(), llm.engine
     runner, model = llm_engine.runner, llm_engine.runner.model
     starts: dict[nn.Module, float] = {}
-    labels = {m: "layer matmul" for m in model.modules() if isinstance(m, nn.Linear)}
+    labels = {m: "layer matmul" for m in model.modules() if isinstance(m, (nn.Linear, engine.model.PackedLinear))}
     labels.update({model.lm_head: "lm_head", model: "model forward"})
     hooks = [m.register_forward_pre_hook(lambda m, _: starts.__setitem__(m, time.perf_counter())) for m in labels]
     hooks += [m.register_forward_hook(lambda m, _i, _o: timers.add(labels[m], time.perf_counter() - starts[m]))

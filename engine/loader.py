@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from engine.model import LlamaForCausalLM, ModelArgs
+from engine.model import LlamaForCausalLM, ModelArgs, pack_linears_for_cpu
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,6 +87,8 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, max_model_l
 
     model.load_weights(weights())
     model.eval()
+    if device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        pack_linears_for_cpu(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(path, model, tokenizer, _eos_token_ids(path, config, tokenizer), max_model_len)
 

@@ -1,0 +1,43 @@
+"""The fused and packed CPU ops of engine/model.py against the plain computations they replace."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model import PackedLinear, RMSNorm, pack_linears_for_cpu
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 3, 64, 300])  # the weight is packed for 64 rows; any count must work
+def test_packed_linear_is_bit_identical_to_linear(rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 160, bias=True).to(torch.bfloat16)
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    assert torch.equal(PackedLinear(linear)(x), F.linear(x, linear.weight, linear.bias))
+
+
+@needs_onednn
+def test_pack_linears_swaps_every_linear_and_keeps_the_output():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64, bias=False), nn.SiLU(), nn.Sequential(nn.Linear(64, 8))).to(torch.bfloat16)
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    expected = model(x)
+    pack_linears_for_cpu(model)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 2 ** -7)])
+def test_rms_norm_matches_the_reference_formula(dtype, tolerance):
+    torch.manual_seed(0)
+    norm = RMSNorm(48, eps=1e-5)
+    norm.weight.data = torch.randn(48)
+    norm = norm.to(dtype)
+    x = torch.randn(7, 48, dtype=dtype) * 3
+    x32 = x.float()
+    # Hugging Face Llama: normalise in float32, round to the dtype, then apply the weight.
+    reference = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    assert torch.allclose(norm(x).float(), reference.float(), rtol=tolerance, atol=tolerance)
