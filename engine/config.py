@@ -17,7 +17,9 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # 2048 with chunked prefill, else max_model_len
     enable_chunked_prefill: bool = True
-    long_prefill_token_threshold: int = 0  # most tokens of one prompt per step (0: no cap)
+    # Most tokens of one prompt per step (0: no cap). 256 cut short prompts' p99 TTFT 2.9x
+    # behind long ones on mixed-long-short (BENCHMARKS.md, chunked prefill report).
+    long_prefill_token_threshold: int = 256
     enable_prefix_caching: bool = True
     policy: str = "fcfs"
     batching: str = "continuous"  # "static" or "dynamic": padded batches run to completion (for comparison)

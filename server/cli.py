@@ -20,9 +20,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--long-prefill-token-threshold", type=int, default=0, metavar="N",
+    parser.add_argument("--long-prefill-token-threshold", type=int, default=256, metavar="N",
                         help="with chunked prefill, at most N tokens of one prompt per step, so short "
-                             "prompts start beside a long one (0: no cap)")
+                             "prompts start beside a long one (0: no cap; default 256)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--batching", default="continuous", choices=["continuous", "dynamic", "static"],
                         help="continuous admits every step; static and dynamic run padded batches to completion")
