@@ -25,12 +25,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# CUDA base images ship no Python; the slim Python image already has one.
-RUN if ! command -v python3 >/dev/null 2>&1; then \
-        apt-get update \
-        && apt-get install -y --no-install-recommends python3 python3-venv \
-        && rm -rf /var/lib/apt/lists/*; \
+# CUDA base images ship no Python; the slim Python image already has one. g++ builds
+# our CPU attention kernel (engine/csrc), once, below.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && if ! command -v python3 >/dev/null 2>&1; then \
+        apt-get install -y --no-install-recommends python3 python3-venv python3-dev; \
     fi \
+    && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
 # torch first, from the index that matches the base (CPU wheels are a fraction of the size).
@@ -52,6 +54,8 @@ USER iterserve
 ENV ITERSERVE_CACHE=/home/iterserve/.cache/iterserve
 # Convert the embedded GGUF once at build time, so a container starts serving in seconds.
 RUN python -c "from engine.embedded_model import default_model_path; print(default_model_path())"
+# Compile the CPU decode kernel into the same cache (for the build machine's CPU: build where you run).
+RUN python -c "from engine import cpu_kernels; assert cpu_kernels.load() is not None"
 
 EXPOSE 8000
 # Model load takes a while on a small CPU; /health answers 503 while draining or if the engine died.
