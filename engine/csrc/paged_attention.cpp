@@ -92,12 +92,11 @@ inline void accumulate_row(float* acc, const T* v, const float* weights, int64_t
   }
 }
 
-// Hints the cache lines of one block's rows (all KV heads: `row_bytes` each) into cache
-// while the block before it is being read: a request's blocks are scattered over the
-// pool, where the hardware prefetcher cannot follow.
-inline void prefetch_block(const void* first_row, int64_t rows, int64_t row_bytes) {
-  const char* p = static_cast<const char*>(first_row);
-  for (int64_t offset = 0; offset < rows * row_bytes; offset += 64) __builtin_prefetch(p + offset);
+// Asks for a block's cache lines while the block before it is being read: a request's
+// blocks are scattered over the pool, so the hardware prefetcher cannot guess the next.
+inline void prefetch(const void* start, int64_t bytes) {
+  const char* p = static_cast<const char*>(start);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset);
 }
 
 // Attention of one request's query token (all heads) over its context. HD is the head
@@ -123,7 +122,7 @@ void decode_request(const T* query, const T* key_cache, const T* value_cache, T*
   };
 
   for (int64_t b = 0; b < num_blocks; ++b) {
-    if (b + 1 < num_blocks) prefetch_block(block_start(key_cache, b + 1), 1, block_bytes);
+    if (b + 1 < num_blocks) prefetch(block_start(key_cache, b + 1), block_bytes);
     const int64_t t0 = b * block_size, n = std::min(block_size, context - t0);
     const T* keys = block_start(key_cache, b);
     for (int64_t i = 0; i < n; ++i)
@@ -150,7 +149,7 @@ void decode_request(const T* query, const T* key_cache, const T* value_cache, T*
   }
 
   for (int64_t b = 0; b < num_blocks; ++b) {
-    if (b + 1 < num_blocks) prefetch_block(block_start(value_cache, b + 1), 1, block_bytes);
+    if (b + 1 < num_blocks) prefetch(block_start(value_cache, b + 1), block_bytes);
     const int64_t t0 = b * block_size, n = std::min(block_size, context - t0);
     const T* values = block_start(value_cache, b);
     for (int64_t i = 0; i < n; ++i)
