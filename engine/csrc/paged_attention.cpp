@@ -39,16 +39,25 @@ inline __m512 load16(const T* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
 }
+
+// Rows of HD elements of T load as whole vectors.
+template <typename T, int HD>
+constexpr bool kVectorRows = HD > 0 && HD % 16 == 0 && kHasVectorLoad<T>;
+
+template <typename T, int HD>
+inline void load_row(const T* p, __m512* row) {
+  for (int j = 0; j < HD / 16; ++j) row[j] = load16(p + 16 * j);
+}
 #endif
 
 // scores[g * stride] = q_g . k for each query head g of the group.
 template <typename T, int HD>
 inline void score_row(const float* q, const T* k, int64_t group, int64_t hd, float* scores, int64_t stride) {
 #if defined(__AVX512F__)
-  if constexpr (HD > 0 && HD % 16 == 0 && kHasVectorLoad<T>) {
+  if constexpr (kVectorRows<T, HD>) {
     constexpr int kVectors = HD / 16;
     __m512 key[kVectors];
-    for (int j = 0; j < kVectors; ++j) key[j] = load16(k + 16 * j);
+    load_row<T, HD>(k, key);
     for (int64_t g = 0; g < group; ++g) {
       const float* qg = q + g * HD;
       __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(qg), key[0]);
@@ -71,10 +80,10 @@ inline void score_row(const float* q, const T* k, int64_t group, int64_t hd, flo
 template <typename T, int HD>
 inline void accumulate_row(float* acc, const T* v, const float* weights, int64_t stride, int64_t group, int64_t hd) {
 #if defined(__AVX512F__)
-  if constexpr (HD > 0 && HD % 16 == 0 && kHasVectorLoad<T>) {
+  if constexpr (kVectorRows<T, HD>) {
     constexpr int kVectors = HD / 16;
     __m512 value[kVectors];
-    for (int j = 0; j < kVectors; ++j) value[j] = load16(v + 16 * j);
+    load_row<T, HD>(v, value);
     for (int64_t g = 0; g < group; ++g) {
       const __m512 weight = _mm512_set1_ps(weights[g * stride]);
       float* a = acc + g * HD;

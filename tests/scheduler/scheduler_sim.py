@@ -57,9 +57,10 @@ def make_request(request_id: str, prompt: list[int], max_tokens: int = 8, eos: f
 
 def step(scheduler: Scheduler, model: Model = fake_model) -> SchedulerOutput:
     """One engine step: schedule, check the plan, run the fake model, apply its tokens."""
-    cap = scheduler.config.long_prefill_token_threshold or None
-    needs_before = {r.request_id: min(r.num_tokens - r.num_computed_tokens, cap or r.num_tokens)
-                    for r in scheduler.running}
+    threshold = scheduler.config.long_prefill_token_threshold
+    needs_before = {r.request_id: r.num_tokens - r.num_computed_tokens for r in scheduler.running}
+    if threshold:
+        needs_before = {request_id: min(need, threshold) for request_id, need in needs_before.items()}
     plan = scheduler.schedule()
     check_plan(scheduler, plan, needs_before)
     sampled = {s.request.request_id: model(s.request) for s in plan.scheduled if s.samples}
