@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from engine import host
 from engine.model import LlamaForCausalLM, ModelArgs, pack_linears_for_cpu
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,28 +33,29 @@ def resolve_model_path(model: str | None) -> Path:
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if host.current().cuda else "cpu")
     return torch.device(device)
-
-
-def cpu_has_native_bfloat16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         # bfloat16 where the hardware computes it natively: about 2x float32's throughput
-        # on an AVX512-BF16 CPU (BENCHMARKS.md); elsewhere on CPU it is emulated and slower.
-        if device.type == "cuda" or cpu_has_native_bfloat16():
-            return torch.bfloat16
-        return torch.float32
+        # on an AVX512-BF16 CPU (BENCHMARKS.md); on other CPUs it is emulated, several times
+        # slower than float32. CUDA GPUs before Ampere have no bfloat16: float16 there.
+        machine = host.current()
+        if device.type == "cuda":
+            return torch.bfloat16 if machine.cuda is None or machine.cuda.supports_bfloat16 else torch.float16
+        return torch.bfloat16 if machine.cpu.native_bfloat16 else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def linear_path(dtype: torch.dtype, device: torch.device) -> str:
+    """How the model's Linear layers run: "onednn-packed" (PackedLinear) or "F.linear"."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and host.current().cpu.onednn_packs_bfloat16:
+        return "onednn-packed"
+    return "F.linear"
 
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device, max_model_len: int | None) -> LoadedModel:
@@ -87,7 +89,7 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, max_model_l
 
     model.load_weights(weights())
     model.eval()
-    if device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+    if linear_path(dtype, device) == "onednn-packed":
         pack_linears_for_cpu(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(path, model, tokenizer, _eos_token_ids(path, config, tokenizer), max_model_len)

@@ -43,3 +43,17 @@ def tiny_model_path(tmp_path_factory, smollm2_path) -> Path:
     AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(folder)
     return folder
 
+
+
+@pytest.fixture()
+def cpu_without(monkeypatch):
+    """`cpu_without("avx512f", ...)` makes those CPU features look absent (engine/host.py), as on a lesser host."""
+    from engine import host
+
+    def disable(*flags: str):
+        monkeypatch.setenv("ITERSERVE_CPU_DISABLE", ",".join(flags))
+        host.current.cache_clear()
+        return host.current()
+
+    yield disable
+    host.current.cache_clear()
