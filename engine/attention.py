@@ -6,7 +6,8 @@ head_dim]`; a token at position p of a request lives in slot
 tokens first (one per request) and prompt chunks after (each attended on its own,
 causally, over its cached prefix).
 
-On the CPU, decodes go to our C++ kernel (engine/csrc/paged_attention.cpp), which reads
+On the CPU, decodes go to our C++ kernel (engine/csrc/paged_attention.cpp, the build
+engine/cpu_kernels.py picked for this CPU), which reads
 each context's keys and values in place through its block table. Elsewhere, or where
 the kernel cannot be built, decodes are sorted by context length and attended in groups
 whose lengths are within a factor of two, each group padded to its longest context:
@@ -18,8 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from engine import cpu_kernels
 
 
 @dataclass(slots=True)
@@ -46,6 +45,7 @@ class PagedDecodes:
     block_tables: torch.Tensor  # int32 [num_rows, max_blocks], padded with block 0
     context_lens: torch.Tensor  # int32 [num_rows]
     block_size: int
+    kernel: object  # the build's operators, from engine.cpu_kernels.load()
 
 
 @dataclass(slots=True)
@@ -81,7 +81,7 @@ def paged_attention(
     if meta.paged_decodes is not None:
         decodes = meta.paged_decodes
         rows = slice(0, decodes.num_rows)
-        output[rows] = cpu_kernels.load().paged_decode_attention(
+        output[rows] = decodes.kernel.paged_decode_attention(
             query[rows], key_cache, value_cache, decodes.block_tables, decodes.context_lens, decodes.block_size, scale)
     for group in meta.decode_groups:
         rows = slice(group.start, group.end)

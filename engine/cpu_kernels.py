@@ -1,39 +1,107 @@
 """Our C++ CPU kernel (engine/csrc), compiled on first use and cached.
 
-Compiled on the machine that runs it (`-march=native`), into `$ITERSERVE_CACHE/kernels`;
-torch rebuilds it when the source changes. Where no compiler is available the engine
-falls back to the pure-torch attention path and says so once.
+One source builds three ways: `avx512`, `avx2` and `portable` (plain loops, for x86-64
+without AVX2 and for Arm). `load()` gives the best build that this CPU runs, as
+engine/host.py reads the CPU; `load(isa)` a named one, which the tests use to prove
+every build the host can run. Each build is compiled with its own ISA flags rather
+than `-march=native`, into `$ITERSERVE_CACHE/kernels/<arch>-<isa>-<key>`, the key a
+hash of the compiler, the flags and torch's version: a cache on a disk shared between
+machines never hands one host a build another made for different hardware, and a build
+is loaded only where the CPU has every feature its flags assume. Where nothing can be
+built (no compiler, no ninja) the engine falls back to the pure-torch attention path and
+says so once.
 """
 
+from dataclasses import dataclass
+from functools import cache
+import hashlib
 import logging
 import os
-from functools import cache
 from pathlib import Path
+import subprocess
 
+import torch
+
+from engine import host
 from engine.embedded_model import cache_dir
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+COMMON_CFLAGS = ("-O3", "-ffast-math", "-fopenmp-simd")
+
+
+@dataclass(frozen=True, slots=True)
+class KernelBuild:
+    isa: str
+    cflags: tuple[str, ...]
+
+    def runs_on(self, cpu: host.CpuInfo) -> bool:
+        if self.isa == "avx512":
+            return cpu.is_x86 and cpu.avx512
+        if self.isa == "avx2":
+            return cpu.is_x86 and cpu.avx2
+        return True
+
+    @property
+    def namespace(self) -> str:
+        return f"iterserve_cpu_{self.isa}"
+
+
+AVX2_FLAGS = ("-mavx2", "-mfma", "-mf16c")
+BUILDS = (  # best first
+    KernelBuild("avx512", AVX2_FLAGS + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")),
+    KernelBuild("avx2", AVX2_FLAGS),
+    KernelBuild("portable", ()),
+)
+
+
+def runnable_builds(cpu: host.CpuInfo | None = None) -> list[KernelBuild]:
+    """The builds this CPU can run, best first; `portable` always among them."""
+    cpu = cpu or host.current().cpu
+    return [build for build in BUILDS if build.runs_on(cpu)]
+
+
+def load(isa: str | None = None):
+    """The best build's operators (`torch.ops.iterserve_cpu_<isa>`), or None when it cannot be built.
+
+    `isa` names a build; asking for one this CPU cannot run is a ValueError.
+    ITERSERVE_CPU_KERNELS=0 turns the kernel off.
+    """
+    if os.environ.get("ITERSERVE_CPU_KERNELS", "1") == "0":
+        return None
+    cpu = host.current().cpu
+    runnable = runnable_builds(cpu)
+    if isa is None:
+        return _load(runnable[0], cpu.arch)
+    build = next((b for b in BUILDS if b.isa == isa), None)
+    if build not in runnable:
+        raise ValueError(f"this CPU ({cpu.arch}) cannot run the {isa!r} kernel build; it runs {[b.isa for b in runnable]}")
+    return _load(build, cpu.arch)
 
 
 @cache
-def load():
-    """The compiled module, or None when it cannot be built (or ITERSERVE_CPU_KERNELS=0)."""
-    if os.environ.get("ITERSERVE_CPU_KERNELS", "1") == "0":
-        return None
+def _load(build: KernelBuild, arch: str):
     try:
-        from torch.utils.cpp_extension import load as load_extension
-
-        build_dir = cache_dir() / "kernels"
-        build_dir.mkdir(parents=True, exist_ok=True)
-        return load_extension(
-            name="iterserve_cpu_kernels",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"],
-            build_directory=str(build_dir),
-            verbose=False,
-        )
+        ops = _compile(build, arch)
     except Exception as error:  # no compiler, no ninja, an unsupported platform
         log.warning("CPU attention kernel unavailable (%s); using the slower pure-torch path", error)
         return None
+    log.info("CPU attention kernel: the %s build", build.isa)
+    return ops
+
+
+def _compile(build: KernelBuild, arch: str):
+    from torch.utils.cpp_extension import load as load_extension
+
+    cflags = list(COMMON_CFLAGS + build.cflags) + [f"-DITERSERVE_OPS={build.namespace}"]
+    compiler = os.environ.get("CXX", "c++")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\n".join([arch, version, torch.__version__, *cflags]).encode()).hexdigest()[:12]
+    build_dir = cache_dir() / "kernels" / f"{arch}-{build.isa}-{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    load_extension(name=build.namespace, sources=[str(SOURCE)], extra_cflags=cflags,
+                   build_directory=str(build_dir), is_python_module=False, verbose=False)
+    ops = getattr(torch.ops, build.namespace)
+    assert ops.isa() == build.isa, f"the {build.isa} build compiled as {ops.isa()}"
+    return ops

@@ -55,7 +55,9 @@ class ModelRunner:
         )
         self.sampler = Sampler(device)
         # Built (or found in the cache) now, not in the middle of the first step.
-        self.decode_kernel = device.type == "cpu" and cpu_kernels.load() is not None
+        self.decode_kernel = cpu_kernels.load() if device.type == "cpu" else None
+        self.decode_attention_path = (f"C++ kernel, {self.decode_kernel.isa()} build" if self.decode_kernel is not None
+                                      else "torch, gathered groups")
         self.static_decode: StaticDecodeRunner | None = None
 
     def use_static_decode(self, max_batch: int, max_context: int, capture: bool) -> None:
@@ -115,7 +117,7 @@ class ModelRunner:
                 sampling.append(scheduled)
 
         meta = AttentionMetadata(slot_mapping=self._tensor(slot_mapping), decode_groups=[], prefills=prefills)
-        if self.decode_kernel and decodes:
+        if self.decode_kernel is not None and decodes:
             meta.paged_decodes = self._paged_decodes(decodes)
         else:
             meta.decode_groups = self._decode_groups(decodes)
@@ -132,7 +134,7 @@ class ModelRunner:
         block_tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in decodes],
                                     dtype=torch.int32)
         context_lens = torch.tensor([s.start_position + 1 for s in decodes], dtype=torch.int32)
-        return PagedDecodes(len(decodes), block_tables, context_lens, self.block_size)
+        return PagedDecodes(len(decodes), block_tables, context_lens, self.block_size, self.decode_kernel)
 
     def _decode_groups(self, decodes: list[ScheduledRequest]) -> list[DecodeGroup]:
         """Split decodes (sorted by context) where a context is over twice its group's shortest."""

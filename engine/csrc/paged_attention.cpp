@@ -4,65 +4,119 @@
 // against every key of the context as the block table finds them, then the values are
 // summed with the softmax weights. Keys and values are read once, in place;
 // the pure-torch path gathers them into a padded copy first and reads that again.
+//
+// The same source builds three ways (engine/cpu_kernels.py picks the best the CPU runs):
+// with -mavx512f/bw/vl/dq the inner loops use 16-float vectors, with -mavx2 -mfma -mf16c
+// 8-float ones, and with no ISA flags plain loops that the compiler vectorises as it can
+// (the build for CPUs without AVX2, and for Arm). Each build registers its operator under
+// its own namespace, ITERSERVE_OPS, so several can live in one process (the tests load
+// every build the host can run).
 
-#include <torch/extension.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define ITERSERVE_VECTOR_BITS 512
+#define ITERSERVE_ISA "avx512"
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define ITERSERVE_VECTOR_BITS 256
+#define ITERSERVE_ISA "avx2"
+#else
+#define ITERSERVE_VECTOR_BITS 0
+#define ITERSERVE_ISA "portable"
+#endif
+
+#if ITERSERVE_VECTOR_BITS > 0
 #include <immintrin.h>
+#endif
+
+#ifndef ITERSERVE_OPS
+#define ITERSERVE_OPS iterserve_cpu
 #endif
 
 namespace {
 
 // The two inner loops, one key or value row against the group's query heads. gcc does not
-// vectorise them well from plain loops (bf16 widening, a horizontal sum per dot), so with
-// AVX-512 they are written out; elsewhere the plain loops stand.
-#if defined(__AVX512F__)
+// vectorise them well from plain loops (bf16 widening, a horizontal sum per dot), so where
+// the build has vectors they are written out over `Vec`; elsewhere the plain loops stand.
+#if ITERSERVE_VECTOR_BITS == 512
+struct Vec {
+  static constexpr int kWidth = 16;
+  __m512 v;
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec load(const c10::BFloat16* p) {  // bf16 is the top half of a float
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))};
+  }
+  static Vec load(const c10::Half* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
+  static Vec splat(float x) { return {_mm512_set1_ps(x)}; }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  float sum() const { return _mm512_reduce_add_ps(v); }
+  friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+};
+#elif ITERSERVE_VECTOR_BITS == 256
+struct Vec {
+  static constexpr int kWidth = 8;
+  __m256 v;
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static Vec load(const c10::BFloat16* p) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))};
+  }
+  static Vec load(const c10::Half* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+  static Vec splat(float x) { return {_mm256_set1_ps(x)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  float sum() const {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)));
+  }
+  friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+};
+#endif
+
+#if ITERSERVE_VECTOR_BITS > 0
 template <typename T>
 constexpr bool kHasVectorLoad =
     std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 
-template <typename T>
-inline __m512 load16(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm512_loadu_ps(p);
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bf16 is the top half of a float
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-  } else {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-}
-
 // Rows of HD elements of T load as whole vectors.
 template <typename T, int HD>
-constexpr bool kVectorRows = HD > 0 && HD % 16 == 0 && kHasVectorLoad<T>;
+constexpr bool kVectorRows = HD > 0 && HD % Vec::kWidth == 0 && kHasVectorLoad<T>;
 
 template <typename T, int HD>
-inline void load_row(const T* p, __m512* row) {
-  for (int j = 0; j < HD / 16; ++j) row[j] = load16(p + 16 * j);
+inline void load_row(const T* p, Vec* row) {
+  for (int j = 0; j < HD / Vec::kWidth; ++j) row[j] = Vec::load(p + Vec::kWidth * j);
 }
 #endif
 
 // scores[g * stride] = q_g . k for each query head g of the group.
 template <typename T, int HD>
 inline void score_row(const float* q, const T* k, int64_t group, int64_t hd, float* scores, int64_t stride) {
-#if defined(__AVX512F__)
+#if ITERSERVE_VECTOR_BITS > 0
   if constexpr (kVectorRows<T, HD>) {
-    constexpr int kVectors = HD / 16;
-    __m512 key[kVectors];
+    constexpr int kVectors = HD / Vec::kWidth;
+    Vec key[kVectors];
     load_row<T, HD>(k, key);
     for (int64_t g = 0; g < group; ++g) {
       const float* qg = q + g * HD;
-      __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(qg), key[0]);
-      for (int j = 1; j < kVectors; ++j) sum = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * j), key[j], sum);
-      scores[g * stride] = _mm512_reduce_add_ps(sum);
+      Vec sum = Vec::load(qg) * key[0];
+      for (int j = 1; j < kVectors; ++j) sum = fmadd(Vec::load(qg + Vec::kWidth * j), key[j], sum);
+      scores[g * stride] = sum.sum();
     }
     return;
   }
@@ -79,16 +133,15 @@ inline void score_row(const float* q, const T* k, int64_t group, int64_t hd, flo
 // acc_g += weights[g * stride] * v for each query head g of the group.
 template <typename T, int HD>
 inline void accumulate_row(float* acc, const T* v, const float* weights, int64_t stride, int64_t group, int64_t hd) {
-#if defined(__AVX512F__)
+#if ITERSERVE_VECTOR_BITS > 0
   if constexpr (kVectorRows<T, HD>) {
-    constexpr int kVectors = HD / 16;
-    __m512 value[kVectors];
+    constexpr int kVectors = HD / Vec::kWidth;
+    Vec value[kVectors];
     load_row<T, HD>(v, value);
     for (int64_t g = 0; g < group; ++g) {
-      const __m512 weight = _mm512_set1_ps(weights[g * stride]);
+      const Vec weight = Vec::splat(weights[g * stride]);
       float* a = acc + g * HD;
-      for (int j = 0; j < kVectors; ++j)
-        _mm512_storeu_ps(a + 16 * j, _mm512_fmadd_ps(weight, value[j], _mm512_loadu_ps(a + 16 * j)));
+      for (int j = 0; j < kVectors; ++j) fmadd(weight, value[j], Vec::load(a + Vec::kWidth * j)).store(a + Vec::kWidth * j);
     }
     return;
   }
@@ -171,9 +224,9 @@ void decode_request(const T* query, const T* key_cache, const T* value_cache, T*
 }
 
 template <typename T>
-void decode_attention(const torch::Tensor& query, const torch::Tensor& key_cache, const torch::Tensor& value_cache,
-                      const torch::Tensor& block_tables, const torch::Tensor& context_lens, int64_t block_size,
-                      double scale, torch::Tensor& out) {
+void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                      const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
+                      double scale, at::Tensor& out) {
   const int64_t rows = query.size(0), heads = query.size(1), head_dim = query.size(2);
   const int64_t kv_heads = key_cache.size(1);
   const int64_t group = heads / kv_heads;
@@ -204,9 +257,8 @@ void decode_attention(const torch::Tensor& query, const torch::Tensor& key_cache
 
 // query [rows, heads, head_dim]; caches [slots, kv_heads, head_dim] (slot = block * block_size + offset);
 // block_tables int32 [rows, max_blocks]; context_lens int32 [rows], each at least 1.
-torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
-                                     torch::Tensor block_tables, torch::Tensor context_lens, int64_t block_size,
-                                     double scale) {
+at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache, at::Tensor value_cache,
+                                  at::Tensor block_tables, at::Tensor context_lens, int64_t block_size, double scale) {
   TORCH_CHECK(query.device().is_cpu(), "paged_decode_attention runs on the CPU");
   TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 3 && value_cache.dim() == 3, "expected 3-d query and caches");
   TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2), "query rows must be contiguous");
@@ -214,16 +266,22 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cach
   TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() && value_cache.scalar_type() == query.scalar_type(),
               "query and caches must share a dtype");
   TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "heads must be a multiple of kv heads");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && context_lens.scalar_type() == torch::kInt32,
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
               "block tables and context lengths must be int32");
   TORCH_CHECK(block_tables.stride(1) == 1 && context_lens.is_contiguous(), "block tables must be row-contiguous");
-  auto out = torch::empty_like(query, torch::MemoryFormat::Contiguous);
+  auto out = at::empty_like(query, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode_attention", [&] {
     decode_attention<scalar_t>(query, key_cache, value_cache, block_tables, context_lens, block_size, scale, out);
   });
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "Decode attention over the paged KV cache (CPU)");
+// Which build this is: "avx512", "avx2" or "portable".
+std::string isa() { return ITERSERVE_ISA; }
+
+// One level of indirection, so that ITERSERVE_OPS is expanded before TORCH_LIBRARY pastes it.
+#define ITERSERVE_REGISTER(ns, m) TORCH_LIBRARY(ns, m)
+ITERSERVE_REGISTER(ITERSERVE_OPS, m) {
+  m.def("paged_decode_attention", &paged_decode_attention);
+  m.def("isa", &isa);
 }

@@ -1,10 +1,12 @@
 """Paged attention equals dense causal attention over each request's whole sequence."""
 
+import subprocess
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import cpu_kernels
+from engine import cpu_kernels, host
 from engine.attention import AttentionMetadata, DecodeGroup, PagedDecodes, PrefillSpan, context_slots, paged_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 4
@@ -60,7 +62,8 @@ def test_decodes_and_chunks_match_dense_attention(dtype, tolerance, decode_path)
     if decode_path == "kernel":
         decodes = order[:3]
         meta.paged_decodes = PagedDecodes(3, torch.tensor([tables[n] for n in decodes], dtype=torch.int32),
-                                          torch.tensor([lengths[n] for n in decodes], dtype=torch.int32), BLOCK)
+                                          torch.tensor([lengths[n] for n in decodes], dtype=torch.int32), BLOCK,
+                                          cpu_kernels.load())
     else:
         meta.decode_groups = [group(0, ["d3", "d9"]), group(2, ["d40"])]
     out = paged_attention(q, k, v, key_cache, value_cache, meta, HEAD_DIM ** -0.5).float()
@@ -69,11 +72,27 @@ def test_decodes_and_chunks_match_dense_attention(dtype, tolerance, decode_path)
     assert torch.allclose(out, expected, atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.parametrize("head_dim", [8, 64, 128])  # 64 and 128 have unrolled paths in the kernel
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
-def test_cpu_decode_kernel_matches_dense_attention(dtype, tolerance, head_dim):
-    kernels = cpu_kernels.load()
+def kernel_build(isa: str):
+    """The named build of the C++ kernel, or a skip where this CPU cannot run it."""
+    runnable = [b.isa for b in cpu_kernels.runnable_builds()]
+    if isa not in runnable:
+        pytest.skip(f"this CPU cannot run the {isa} build (it runs {runnable}); test_every_kernel_build_compiles "
+                    "still compiles it")
+    kernels = cpu_kernels.load(isa)
     assert kernels is not None, "the C++ decode kernel must build wherever the tests run (gcc and ninja)"
+    assert kernels.isa() == isa
+    return kernels
+
+
+def test_the_engine_gets_the_best_build_this_cpu_runs():
+    assert cpu_kernels.load().isa() == cpu_kernels.runnable_builds()[0].isa
+
+
+@pytest.mark.parametrize("isa", [b.isa for b in cpu_kernels.BUILDS])
+@pytest.mark.parametrize("head_dim", [8, 64, 128])  # 64 and 128 have unrolled vector paths in the kernel
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_cpu_decode_kernel_matches_dense_attention(dtype, tolerance, head_dim, isa):
+    kernels = kernel_build(isa)
     torch.manual_seed(1)
     heads, kv_heads, block_size, num_blocks = 6, 2, 16, 64
     key_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, dtype=dtype)
@@ -92,3 +111,18 @@ def test_cpu_decode_kernel_matches_dense_attention(dtype, tolerance, head_dim):
             query[row, :, None].float(), key_cache[slots].transpose(0, 1).float(),
             value_cache[slots].transpose(0, 1).float(), enable_gqa=True)[:, 0]
         assert torch.allclose(out[row].float(), expected, atol=tolerance, rtol=tolerance), (row, n)
+
+
+@pytest.mark.skipif(not host.current().cpu.is_x86, reason="the avx512 and avx2 builds are x86-64 code")
+def test_every_kernel_build_compiles(tmp_path):
+    """Builds this CPU cannot run are compiled (not loaded: their code would fault here), so that
+    a host without AVX-512 still proves the AVX-512 source compiles."""
+    from torch.utils.cpp_extension import include_paths
+
+    runnable = cpu_kernels.runnable_builds()
+    for build in [b for b in cpu_kernels.BUILDS if b not in runnable]:
+        flags = [*cpu_kernels.COMMON_CFLAGS, *build.cflags, f"-DITERSERVE_OPS={build.namespace}"]
+        command = ["c++", "-std=c++20", "-fPIC", "-c", str(cpu_kernels.SOURCE), "-o", str(tmp_path / f"{build.isa}.o"),
+                   *flags, *[f"-I{path}" for path in include_paths()]]
+        compiled = subprocess.run(command, capture_output=True, text=True)
+        assert compiled.returncode == 0, compiled.stderr[-3000:]

@@ -59,15 +59,23 @@ def smollm2_expected(smollm2_path):
     return prompts, reference_tokens(smollm2_path, prompts, 20)
 
 
-@pytest.mark.parametrize("decode_path", ["cpu kernel", "torch fallback"])
+@pytest.mark.parametrize("decode_path", [b.isa for b in cpu_kernels.BUILDS] + ["torch fallback"])
 def test_tiny_llama_matches_transformers(tiny_model_path, decode_path, monkeypatch):
+    """On the CPU, through each build of the C++ decode kernel this CPU runs, and without it."""
+    runnable = [b.isa for b in cpu_kernels.runnable_builds()]
     if decode_path == "torch fallback":  # as on a machine without a compiler
         monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    elif decode_path not in runnable:
+        pytest.skip(f"this CPU cannot run the {decode_path} kernel build (it runs {runnable})")
+    else:
+        build = cpu_kernels.load(decode_path)
+        monkeypatch.setattr(cpu_kernels, "load", lambda: build)
     # Contexts from a few tokens to a few hundred: the fallback attends decodes in several length groups.
     prompts = PROMPTS + ["counting sheep, " * 40, "one more time " * 110]
     expected = reference_tokens(tiny_model_path, prompts, 24)
-    got, llm = run_ours(tiny_model_path, prompts, 24)
-    assert llm.engine.runner.decode_kernel == (decode_path == "cpu kernel")
+    got, llm = run_ours(tiny_model_path, prompts, 24, device="cpu")
+    expected_path = "torch, gathered groups" if decode_path == "torch fallback" else f"C++ kernel, {decode_path} build"
+    assert llm.engine.paths["decode_attention"] == expected_path
     assert got == expected
 
 
