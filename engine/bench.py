@@ -9,6 +9,12 @@ Cases, each timed after a short warm-up and run once per dtype:
   hf-generate-batch-64x128  transformers `generate_batch` (its continuous batching); an error is recorded, not raised
 `--profile` splits the iterserve 64x128 run into matmuls, attention and the rest, and measures the
 matmul ceiling at this model's shapes. Run: `python -m engine.bench --out bench-results/offline.json`.
+
+Every dtype this host runs is measured (float32 and bfloat16 on any CPU). Where the CPU has no
+native bfloat16 (engine/host.py) that dtype is emulated, several times slower than float32: its
+rows say `"emulated": true`, and only the two 64x128 cases that make its ratio run, unless
+`--full-emulated`. A case that fails is recorded with its error and the run goes on, so the report
+is always written.
 """
 
 import argparse
@@ -25,11 +31,12 @@ import torch
 from torch import nn
 
 import engine.model
-from engine import LLM
+from engine import LLM, host
 from engine.embedded_model import default_model_path
 from scheduler import SamplingParams
 
 CASES = ("iterserve-offline-256", "iterserve-64x128", "hf-static-64x128", "hf-generate-batch-64x128")
+EMULATED_CASES = ("iterserve-64x128", "hf-static-64x128")  # enough for the ratio to transformers
 NUM_REQUESTS, OUTPUT_TOKENS, STATIC_BATCH = 64, 128, 8
 WARMUP_REQUESTS, WARMUP_TOKENS = 4, 16
 PEER_PROMPTS = [f"Write a short story number {i} about a robot learning to paint." for i in range(NUM_REQUESTS)]
@@ -202,9 +209,10 @@ class Report:
     """Results printed as they come and rewritten to `--out` after each one, so a killed run keeps them."""
 
     def __init__(self, out: Path | None):
-        self.out, self.results, self.profiles = out, [], {}
-        self.machine = {"cpu": cpu_model(), "nproc": os.cpu_count(), "torch": torch.__version__,
-                        "torch_threads": torch.get_num_threads(), "revision": git_revision()}
+        self.out, self.results, self.profiles, self.engines = out, [], {}, {}
+        self.machine = {"cpu": cpu_model(), "host": host.current().summary(), "nproc": os.cpu_count(),
+                        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                        "revision": git_revision()}
 
     def add(self, row: dict) -> None:
         print(json.dumps(row), flush=True)
@@ -215,27 +223,65 @@ class Report:
         if self.out:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": self.machine,
-                                            "results": self.results, "profile": self.profiles}, indent=2) + "\n")
+                                            "engines": self.engines, "results": self.results,
+                                            "profile": self.profiles}, indent=2) + "\n")
+
+
+def is_emulated(dtype: str) -> bool:
+    """bfloat16 on a CPU without AVX512-BF16 or AMX: every matmul converts, several times slower."""
+    machine = host.current()
+    return dtype == "bfloat16" and machine.cuda is None and not machine.cpu.native_bfloat16
+
+
+def failed(case: str, dtype: str, error: Exception) -> dict:
+    row = {"case": case, "dtype": dtype, "error": f"{type(error).__name__}: {error}"}
+    return row | ({"emulated": True} if is_emulated(dtype) else {})
+
+
+def measured(report: "Report", case: str, dtype: str, run) -> list[list[int]] | None:
+    """Runs one case; a failure becomes a row with its error, never the end of the report."""
+    try:
+        row, tokens = run()
+    except Exception as error:  # noqa: BLE001 - record why, go on with the next case
+        report.add(failed(case, dtype, error))
+        return None
+    report.add(row | ({"emulated": True} if is_emulated(dtype) else {}))
+    return tokens
 
 
 def run_dtype(dtype: str, cases: list[str], args, report: Report) -> None:
     tokens, model_path = {}, default_model_path()
-    if any(c.startswith("iterserve") for c in cases) or args.profile:
+    if is_emulated(dtype) and not args.full_emulated:
+        skipped = [c for c in cases if c not in EMULATED_CASES]
+        cases = [c for c in cases if c in EMULATED_CASES]
+        for case in skipped:
+            report.add({"case": case, "dtype": dtype, "emulated": True,
+                        "skipped": "bfloat16 is emulated on this CPU; --full-emulated runs it"})
+    iterserve_cases = [c for c in cases if c.startswith("iterserve")]
+    if iterserve_cases or args.profile:
         knobs = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
                                    ("max_num_batched_tokens", args.max_num_batched_tokens)) if v}
-        llm = LLM(str(model_path), dtype=dtype, **knobs)
-        llm.generate(PEER_PROMPTS[:WARMUP_REQUESTS], greedy(WARMUP_TOKENS))
-        for case in [c for c in cases if c.startswith("iterserve")]:
-            row, tokens[case] = run_iterserve(llm, case, dtype, args.workloads)
-            report.add(row)
-        if args.profile:
-            report.profiles[dtype] = {"step": profile_step(llm), "matmul_ceiling": matmul_ceiling(model_path, dtype)}
+        try:
+            llm = LLM(str(model_path), dtype=dtype, **knobs)
+            llm.generate(PEER_PROMPTS[:WARMUP_REQUESTS], greedy(WARMUP_TOKENS))
+            report.engines[dtype] = llm.engine.paths
+        except Exception as error:  # noqa: BLE001 - the engine cannot run this dtype here: say so, go on
+            for case in iterserve_cases:
+                report.add(failed(case, dtype, error))
+            iterserve_cases, llm = [], None
+        for case in iterserve_cases:
+            tokens[case] = measured(report, case, dtype, lambda: run_iterserve(llm, case, dtype, args.workloads))
+        if args.profile and llm is not None:
+            try:
+                report.profiles[dtype] = {"step": profile_step(llm),
+                                          "matmul_ceiling": matmul_ceiling(model_path, dtype)}
+            except Exception as error:  # noqa: BLE001
+                report.profiles[dtype] = {"error": f"{type(error).__name__}: {error}"}
             report.save()
         del llm
         gc.collect()
     for case in [c for c in cases if c.startswith("hf")]:
-        row, tokens[case] = run_hf(case, dtype, model_path)
-        report.add(row)
+        tokens[case] = measured(report, case, dtype, lambda: run_hf(case, dtype, model_path))
         gc.collect()
     # Greedy agreement, a cheap check that like is compared with like. Against generate_batch, not the
     # static case: min_new_tokens there masks EOS, which these raw prompts pick as their first token.
@@ -250,12 +296,12 @@ def print_table(results: list[dict]) -> None:
     static = {r["dtype"]: r.get("output_tok_per_s") for r in results if r["case"] == "hf-static-64x128"}
     print(f"\n{'case':<26}{'dtype':<10}{'requests':>9}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'/hf-static':>11}")
     for r in results:
-        if "error" in r:
-            print(f"{r['case']:<26}{r['dtype']:<10}  error: {r['error'][:120]}")
+        if "error" in r or "skipped" in r:
+            print(f"{r['case']:<26}{r['dtype']:<10}  {'error: ' + r['error'][:120] if 'error' in r else r['skipped']}")
             continue
         ratio = f"{r['output_tok_per_s'] / static[r['dtype']]:.2f}" if static.get(r["dtype"]) else "-"
         print(f"{r['case']:<26}{r['dtype']:<10}{r['requests']:>9}{r['output_tokens']:>8}"
-              f"{r['seconds']:>9.1f}{r['output_tok_per_s']:>8.1f}{ratio:>11}")
+              f"{r['seconds']:>9.1f}{r['output_tok_per_s']:>8.1f}{ratio:>11}{'  (emulated)' if r.get('emulated') else ''}")
         if "same_tokens_as_generate_batch" in r:
             print(f"    greedy sequences identical to generate_batch: {r['same_tokens_as_generate_batch']}/{r['requests']}")
 
@@ -274,7 +320,8 @@ def git_revision() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="bfloat16 is emulated on CPUs without native bf16")
+    parser.add_argument("--full-emulated", action="store_true", help="run every case in an emulated dtype too")
     parser.add_argument("--only", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--workloads", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "workloads")
     parser.add_argument("--max-num-seqs", type=int)

@@ -7,9 +7,10 @@ import uuid
 
 import torch
 
+from engine import host
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.loader import load_model, resolve_device, resolve_dtype, resolve_model_path
+from engine.loader import linear_path, load_model, resolve_device, resolve_dtype, resolve_model_path
 from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.sampler import TokenLogprobs
 from kvcache import KVCacheManager
@@ -91,8 +92,12 @@ class LLMEngine:
         if config.cuda_graphs:
             self.runner.use_static_decode(config.max_num_seqs, self.max_model_len, capture=True)
         self._texts: dict[str, _TextState] = {}
-        logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens",
-                    self.model_path, self.dtype, self.device, num_blocks, config.block_size)
+        # Which kernels this host got: logged once, and shown by the server's /version.
+        self.paths = {"linear": linear_path(self.dtype, self.device),
+                      "decode_attention": self.runner.decode_attention_path}
+        logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens; linears: %s; decode attention: %s; "
+                    "host: %s", self.model_path, self.dtype, self.device, num_blocks, config.block_size,
+                    self.paths["linear"], self.paths["decode_attention"], host.current().summary())
 
     # -- requests in ------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from engine import LLMEngine
+from engine import LLMEngine, host
 from server.async_engine import AsyncEngine
 from server.chat import apply_chat_template, create_chat_completion
 from server.completions import create_completion
@@ -85,8 +85,12 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-async def version() -> JSONResponse:
-    return JSONResponse({"version": _version()})
+async def version(request: Request) -> JSONResponse:
+    # vLLM answers {"version"}; the rest says which kernels this host got, for operators.
+    llm_engine: LLMEngine = request.app.state.serving.llm_engine
+    return JSONResponse({"version": _version(), "device": str(llm_engine.device),
+                         "dtype": str(llm_engine.dtype).removeprefix("torch."), "paths": llm_engine.paths,
+                         "host": host.current().summary()})
 
 
 async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:

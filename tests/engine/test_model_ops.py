@@ -5,9 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import LLM, host
 from engine.model import PackedLinear, RMSNorm, pack_linears_for_cpu
+from scheduler import SamplingParams
 
-needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+needs_onednn = pytest.mark.skipif(
+    not host.current().cpu.onednn_packs_bfloat16,
+    reason="oneDNN packs bfloat16 weights only with AVX-512 BW/VL/DQ or AVX-NE-CONVERT (and a torch built with it)")
 
 
 @needs_onednn
@@ -41,3 +45,30 @@ def test_rms_norm_matches_the_reference_formula(dtype, tolerance):
     # Hugging Face Llama: normalise in float32, round to the dtype, then apply the weight.
     reference = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
     assert torch.allclose(norm(x).float(), reference.float(), rtol=tolerance, atol=tolerance)
+
+
+def bfloat16_engine(path) -> LLM:
+    return LLM(str(path), dtype="bfloat16", device="cpu", num_kv_blocks=64, max_model_len=256)
+
+
+def test_bfloat16_without_onednn_packing_runs_plain_linears(tiny_model_path, cpu_without):
+    """As on a CPU without AVX-512: no packing, F.linear in bfloat16, and the engine still generates."""
+    cpu_without("avx512bw", "avx_ne_convert")
+    llm = bfloat16_engine(tiny_model_path)
+    assert llm.engine.paths["linear"] == "F.linear"
+    assert not any(isinstance(m, PackedLinear) for m in llm.engine.runner.model.modules())
+    outputs = llm.generate(["The capital of France is", "1, 2, 3,"],
+                           SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    assert [len(o.token_ids) for o in outputs] == [8, 8]
+
+
+@needs_onednn
+def test_packed_and_plain_bfloat16_engines_agree(tiny_model_path, cpu_without):
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
+    packed = bfloat16_engine(tiny_model_path)
+    assert packed.engine.paths["linear"] == "onednn-packed"
+    packed_tokens = [o.token_ids for o in packed.generate(prompts, params)]
+    cpu_without("avx512bw", "avx_ne_convert")
+    plain = bfloat16_engine(tiny_model_path)
+    assert [o.token_ids for o in plain.generate(prompts, params)] == packed_tokens

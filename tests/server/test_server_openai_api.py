@@ -155,3 +155,14 @@ def test_health_and_metrics_need_no_key(tiny_server):
     assert httpx.get(f"{tiny_server.url}/metrics").status_code == 200
     version = httpx.get(f"{tiny_server.url}/version", headers=tiny_server.headers())
     assert version.status_code == 200 and version.json()["version"]
+
+
+def test_version_says_which_kernels_this_host_got(http, tiny_server):
+    from engine import host
+
+    version = http.get("/version").json()
+    engine = tiny_server.llm_engine
+    assert version["device"] == str(engine.device)
+    assert version["paths"] == engine.paths
+    assert version["paths"]["linear"] in ("onednn-packed", "F.linear")
+    assert version["host"] == host.current().summary()
