@@ -6,19 +6,25 @@ head_dim]`; a token at position p of a request lives in slot
 tokens first (one per request) and prompt chunks after (each attended on its own,
 causally, over its cached prefix).
 
-On the CPU, decodes go to our C++ kernel (engine/csrc/paged_attention.cpp, the build
-engine/cpu_kernels.py picked for this CPU), which reads
-each context's keys and values in place through its block table. Elsewhere, or where
-the kernel cannot be built, decodes are sorted by context length and attended in groups
-whose lengths are within a factor of two, each group padded to its longest context:
-padding every decode to the batch's longest context made one 2,000-token request cost
-256 short ones eight times their own reads.
+Three backends (`--attention-backend`, chosen once by `select_backend`):
+- `cpu-kernel`: decodes go to our C++ kernel (engine/csrc/paged_attention.cpp, the build
+  engine/cpu_kernels.py picked for this CPU), which reads each context's keys and values
+  in place through its block table; prompt chunks as in `torch`.
+- `torch`, the reference: decodes are sorted by context length and attended in groups
+  whose lengths are within a factor of two, each group gathered and padded to its longest
+  context (padding every decode to the batch's longest made one 2,000-token request cost
+  256 short ones eight times their own reads); each prompt chunk is one SDPA call.
+- `triton`: the whole flat batch in one launch of engine/triton_attention.py.
 """
 
 from dataclasses import dataclass
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
+
+from engine import cpu_kernels
 
 
 @dataclass(slots=True)
@@ -49,11 +55,45 @@ class PagedDecodes:
 
 
 @dataclass(slots=True)
+class FlatBatch:
+    """Every sequence of the step for the Triton kernels (engine/triton_attention.py), one launch."""
+    query_start_loc: torch.Tensor  # int32 [num_seqs + 1]: sequence s owns query rows [s, s + 1)
+    seq_lens: torch.Tensor  # int32 [num_seqs], context including this step's tokens
+    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]
+    max_query_len: int
+    block_size: int
+    num_splits: int  # > 1: decodes as split-KV
+    kernels: object  # the engine.triton_attention module
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's key and value go
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillSpan]
     paged_decodes: PagedDecodes | None = None  # instead of decode_groups, when the CPU kernel is in use
+    flat: FlatBatch | None = None  # instead of all the above, with the Triton backend
+
+
+ATTENTION_BACKENDS = ("auto", "triton", "cpu-kernel", "torch")
+
+
+def select_backend(name: str, device: torch.device) -> str:
+    """The backend to run: `auto` is the C++ kernel on CPU (torch where it cannot be built), and
+    torch on CUDA until the Triton kernels are measured there (issue 9)."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    if name == "auto":
+        return "cpu-kernel" if device.type == "cpu" and cpu_kernels.load() is not None else "torch"
+    if name == "cpu-kernel" and (device.type != "cpu" or cpu_kernels.load() is None):
+        raise ValueError("the cpu-kernel attention backend needs a CPU device and a C++ compiler")
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("the triton attention backend needs the triton package")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("on a CPU the triton attention backend runs only under TRITON_INTERPRET=1 "
+                             "(Triton's interpreter: slow, for checking the GPU kernels)")
+    return name
 
 
 def context_slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -74,6 +114,12 @@ def paged_attention(
 ) -> torch.Tensor:
     # Every new key is written before any query reads: a prefix-cache hit on a block that
     # another request fills in this same step then sees that request's keys.
+    if meta.flat is not None:
+        flat = meta.flat
+        flat.kernels.store_kv(key, value, key_cache, value_cache, meta.slot_mapping)
+        return flat.kernels.unified_attention(query, key_cache, value_cache, flat.block_tables, flat.seq_lens,
+                                              flat.query_start_loc, flat.max_query_len, flat.block_size, scale,
+                                              num_splits=flat.num_splits)
     key_cache.index_copy_(0, meta.slot_mapping, key)
     value_cache.index_copy_(0, meta.slot_mapping, value)
     output = torch.empty_like(query)

@@ -27,7 +27,9 @@ class EngineConfig:
     batch_timeout_s: float = 0.5  # how long a static or dynamic batch waits to fill
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None keeps torch's choice
-    cuda_graphs: bool = False  # capture decode steps as CUDA graphs (CUDA only; unverified here)
+    cuda_graphs: bool = False  # capture decode steps as CUDA graphs (CUDA only)
+    # "auto", "triton", "cpu-kernel" or "torch" (engine/attention.py: ATTENTION_BACKENDS).
+    attention_backend: str = "auto"
 
 
 def parse_size(text: str) -> int:

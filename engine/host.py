@@ -69,13 +69,15 @@ class CudaInfo:
     name: str
     capability: tuple[int, int]
     count: int
+    multiprocessors: int = 0
 
     @property
     def supports_bfloat16(self) -> bool:
         return self.capability >= (8, 0)  # Ampere and later
 
     def summary(self) -> dict:
-        return {"name": self.name, "capability": ".".join(map(str, self.capability)), "count": self.count}
+        return {"name": self.name, "capability": ".".join(map(str, self.capability)), "count": self.count,
+                "multiprocessors": self.multiprocessors}
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,4 +115,6 @@ def read_cpu(cpuinfo: str | None = None, arch: str | None = None) -> CpuInfo:
 def read_cuda() -> CudaInfo | None:
     if not torch.cuda.is_available():
         return None
-    return CudaInfo(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0), torch.cuda.device_count())
+    properties = torch.cuda.get_device_properties(0)
+    return CudaInfo(properties.name, (properties.major, properties.minor), torch.cuda.device_count(),
+                    properties.multi_processor_count)

@@ -88,16 +88,16 @@ class LLMEngine:
             ),
             self.kv_cache,
         )
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.device)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.device, config.attention_backend)
         if config.cuda_graphs:
             self.runner.use_static_decode(config.max_num_seqs, self.max_model_len, capture=True)
         self._texts: dict[str, _TextState] = {}
         # Which kernels this host got: logged once, and shown by the server's /version.
         self.paths = {"linear": linear_path(self.dtype, self.device),
-                      "decode_attention": self.runner.decode_attention_path}
-        logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens; linears: %s; decode attention: %s; "
+                      "attention": self.runner.attention_path}
+        logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens; linears: %s; attention: %s; "
                     "host: %s", self.model_path, self.dtype, self.device, num_blocks, config.block_size,
-                    self.paths["linear"], self.paths["decode_attention"], host.current().summary())
+                    self.paths["linear"], self.paths["attention"], host.current().summary())
 
     # -- requests in ------------------------------------------------------------------
 

@@ -1,11 +1,15 @@
 """Runs one scheduled step: builds the flat batch, runs the model, samples."""
 
 from dataclasses import dataclass, field
+import importlib
+import itertools
 
 import torch
 
-from engine import cpu_kernels
-from engine.attention import AttentionMetadata, DecodeGroup, PagedDecodes, PrefillSpan, context_slots
+from engine import cpu_kernels, host
+from engine.attention import (
+    AttentionMetadata, DecodeGroup, FlatBatch, PagedDecodes, PrefillSpan, context_slots, select_backend,
+)
 from engine.cuda_graphs import StaticDecodeRunner
 from engine.model import LlamaForCausalLM
 from engine.sampler import Sampler, TokenLogprobs
@@ -15,6 +19,15 @@ from scheduler import ScheduledRequest, SchedulerOutput
 # Short contexts are grouped together regardless of ratio: an extra attention call per
 # layer costs more than reading a few dozen padded slots.
 MIN_DECODE_GROUP_CONTEXT = 128
+# Split-KV only pays where each split still reads a few tiles; not yet tuned on a GPU.
+SPLIT_KV_MIN_CONTEXT = 1024
+MAX_KV_SPLITS = 16
+
+
+def block_table(scheduled: list[ScheduledRequest]) -> torch.Tensor:
+    """int32 [len(scheduled), most blocks], each row padded with block 0 (never read: lengths bound it)."""
+    width = max(len(s.block_ids) for s in scheduled)
+    return torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in scheduled], dtype=torch.int32)
 
 
 @dataclass(slots=True)
@@ -39,7 +52,8 @@ def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dt
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device):
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device,
+                 attention_backend: str = "auto"):
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -54,10 +68,13 @@ class ModelRunner:
             dtype=self.dtype, device=device,
         )
         self.sampler = Sampler(device)
+        self.attention_backend = select_backend(attention_backend, device)
         # Built (or found in the cache) now, not in the middle of the first step.
-        self.decode_kernel = cpu_kernels.load() if device.type == "cpu" else None
-        self.decode_attention_path = (f"C++ kernel, {self.decode_kernel.isa()} build" if self.decode_kernel is not None
-                                      else "torch, gathered groups")
+        self.decode_kernel = cpu_kernels.load() if self.attention_backend == "cpu-kernel" else None
+        self.triton_kernels = (importlib.import_module("engine.triton_attention")
+                               if self.attention_backend == "triton" else None)
+        self.attention_path = {"torch": "torch, gathered groups", "triton": "triton, one launch per layer"}.get(
+            self.attention_backend) or f"C++ kernel, {self.decode_kernel.isa()} build"
         self.static_decode: StaticDecodeRunner | None = None
 
     def use_static_decode(self, max_batch: int, max_context: int, capture: bool) -> None:
@@ -110,14 +127,16 @@ class ModelRunner:
             input_ids.extend(scheduled.request.all_token_ids[start:end])
             positions.extend(range(start, end))
             slot_mapping.extend(block_ids[p // block_size] * block_size + p % block_size for p in range(start, end))
-            if scheduled.num_new_tokens > 1:
+            if scheduled.num_new_tokens > 1 and self.triton_kernels is None:
                 prefills.append(self._prefill_span(scheduled, query_start, len(input_ids)))
             if scheduled.samples:
                 logits_rows.append(len(input_ids) - 1)
                 sampling.append(scheduled)
 
         meta = AttentionMetadata(slot_mapping=self._tensor(slot_mapping), decode_groups=[], prefills=prefills)
-        if self.decode_kernel is not None and decodes:
+        if self.triton_kernels is not None:
+            meta.flat = self._flat_batch(decodes + chunks)
+        elif self.decode_kernel is not None and decodes:
             meta.paged_decodes = self._paged_decodes(decodes)
         else:
             meta.decode_groups = self._decode_groups(decodes)
@@ -130,11 +149,31 @@ class ModelRunner:
         )
 
     def _paged_decodes(self, decodes: list[ScheduledRequest]) -> PagedDecodes:
-        max_blocks = max(len(s.block_ids) for s in decodes)
-        block_tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in decodes],
-                                    dtype=torch.int32)
         context_lens = torch.tensor([s.start_position + 1 for s in decodes], dtype=torch.int32)
-        return PagedDecodes(len(decodes), block_tables, context_lens, self.block_size, self.decode_kernel)
+        return PagedDecodes(len(decodes), block_table(decodes), context_lens, self.block_size, self.decode_kernel)
+
+    def _flat_batch(self, scheduled: list[ScheduledRequest]) -> FlatBatch:
+        query_lens = [s.num_new_tokens for s in scheduled]
+        seq_lens = [s.start_position + s.num_new_tokens for s in scheduled]
+        int32 = dict(dtype=torch.int32)
+        return FlatBatch(
+            query_start_loc=self._to_device(torch.tensor([0, *itertools.accumulate(query_lens)], **int32)),
+            seq_lens=self._to_device(torch.tensor(seq_lens, **int32)),
+            block_tables=self._to_device(block_table(scheduled)),
+            max_query_len=max(query_lens), block_size=self.block_size,
+            num_splits=self._num_splits(len(scheduled), max(query_lens), max(seq_lens)),
+            kernels=self.triton_kernels)
+
+    def _num_splits(self, num_seqs: int, max_query_len: int, max_seq_len: int) -> int:
+        """Split-KV for a few long decodes, so that they still fill the GPU's multiprocessors."""
+        cuda = host.current().cuda
+        programs = num_seqs * self.model.args.num_kv_heads
+        if self.device.type != "cuda" or cuda is None or max_query_len > 1 or max_seq_len < SPLIT_KV_MIN_CONTEXT:
+            return 1
+        if programs >= cuda.multiprocessors:
+            return 1
+        wanted = -(-2 * cuda.multiprocessors // programs)  # enough programs to fill every multiprocessor twice
+        return min(MAX_KV_SPLITS, 1 << (wanted - 1).bit_length())  # a power of two: the merge reads them as one
 
     def _decode_groups(self, decodes: list[ScheduledRequest]) -> list[DecodeGroup]:
         """Split decodes (sorted by context) where a context is over twice its group's shortest."""

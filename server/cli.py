@@ -31,6 +31,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-timeout-s", type=float, default=0.5,
                         help="how long a static batch, or a dynamic bucket's oldest request, waits to fill")
     parser.add_argument("--cuda-graphs", action="store_true", help="capture decode steps as CUDA graphs")
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "cpu-kernel", "torch"],
+                        help="auto: the C++ kernel on CPU, torch on CUDA; triton: our Triton kernels (on CPU only "
+                             "under TRITON_INTERPRET=1, for checking); torch: the gather reference")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads on CPU (default: torch's choice; 1 helps on a busy machine)")
 
@@ -57,6 +60,7 @@ def engine_config(args: argparse.Namespace):
         seed=getattr(args, "seed", None) or 0,
         cuda_graphs=args.cuda_graphs,
         num_threads=args.num_threads,
+        attention_backend=args.attention_backend,
     )
 
 

@@ -1,8 +1,15 @@
 """Shared fixtures: the embedded SmolLM2 folder and a tiny random Llama built on the spot."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Where there is no GPU, Triton kernels run on CPU tensors under its interpreter. Triton reads
+# this when a kernel is defined, so it is set before any test module imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -59,23 +59,30 @@ def smollm2_expected(smollm2_path):
     return prompts, reference_tokens(smollm2_path, prompts, 20)
 
 
-@pytest.mark.parametrize("decode_path", [b.isa for b in cpu_kernels.BUILDS] + ["torch fallback"])
-def test_tiny_llama_matches_transformers(tiny_model_path, decode_path, monkeypatch):
-    """On the CPU, through each build of the C++ decode kernel this CPU runs, and without it."""
+@pytest.mark.parametrize("backend", [b.isa for b in cpu_kernels.BUILDS] + ["torch", "triton"])
+def test_tiny_llama_matches_transformers(tiny_model_path, backend, monkeypatch):
+    """On the CPU: through each build of the C++ decode kernel this CPU runs, the torch reference
+    path (as on a machine without a compiler), and the Triton kernels under Triton's interpreter."""
     runnable = [b.isa for b in cpu_kernels.runnable_builds()]
-    if decode_path == "torch fallback":  # as on a machine without a compiler
-        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
-    elif decode_path not in runnable:
-        pytest.skip(f"this CPU cannot run the {decode_path} kernel build (it runs {runnable})")
+    config = {"device": "cpu"}
+    if backend in ("torch", "triton"):
+        if backend == "triton":
+            pytest.importorskip("triton", reason="Triton is not installed (the test extra brings it)")
+            if torch.cuda.is_available():
+                pytest.skip("with CUDA present Triton compiles for the GPU, not for CPU tensors")
+        config["attention_backend"] = backend
+        expected_path = {"torch": "torch, gathered groups", "triton": "triton, one launch per layer"}[backend]
+    elif backend not in runnable:
+        pytest.skip(f"this CPU cannot run the {backend} kernel build (it runs {runnable})")
     else:
-        build = cpu_kernels.load(decode_path)
+        build = cpu_kernels.load(backend)
         monkeypatch.setattr(cpu_kernels, "load", lambda: build)
+        expected_path = f"C++ kernel, {backend} build"
     # Contexts from a few tokens to a few hundred: the fallback attends decodes in several length groups.
     prompts = PROMPTS + ["counting sheep, " * 40, "one more time " * 110]
     expected = reference_tokens(tiny_model_path, prompts, 24)
-    got, llm = run_ours(tiny_model_path, prompts, 24, device="cpu")
-    expected_path = "torch, gathered groups" if decode_path == "torch fallback" else f"C++ kernel, {decode_path} build"
-    assert llm.engine.paths["decode_attention"] == expected_path
+    got, llm = run_ours(tiny_model_path, prompts, 24, **config)
+    assert llm.engine.paths["attention"] == expected_path
     assert got == expected
 
 
