@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from engine import cpu_kernels, host
-from engine.attention import AttentionMetadata, DecodeGroup, PagedDecodes, PrefillSpan, context_slots, paged_attention
+from engine.attention import (
+    AttentionMetadata, DecodeGroup, PagedDecodes, PrefillSpan, context_slots, paged_attention, select_backend,
+)
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 4
 
@@ -126,3 +128,17 @@ def test_every_kernel_build_compiles(tmp_path):
                    *flags, *[f"-I{path}" for path in include_paths()]]
         compiled = subprocess.run(command, capture_output=True, text=True)
         assert compiled.returncode == 0, compiled.stderr[-3000:]
+
+
+def test_backend_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    assert select_backend("auto", cpu) == ("cpu-kernel" if cpu_kernels.load() is not None else "torch")
+    assert select_backend("auto", torch.device("cuda")) == "torch", "triton becomes auto on CUDA once measured there"
+    assert select_backend("torch", cpu) == "torch"
+    with pytest.raises(ValueError, match="one of"):
+        select_backend("flash", cpu)
+    with pytest.raises(ValueError, match="needs a CPU device"):
+        select_backend("cpu-kernel", torch.device("cuda"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1|needs the triton package"):
+        select_backend("triton", cpu)
