@@ -246,7 +246,8 @@ def dot_types(dtype: torch.dtype) -> dict:
     dot_dtype = tl.float32 if dtype == torch.float32 or (interpreted and dtype == torch.bfloat16) else {
         torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
     # float32 stays float32 (no TF32): the float32 engine is proved token for token against transformers.
-    return {"DOT_DTYPE": dot_dtype, "DOT_PRECISION": "ieee" if dot_dtype == tl.float32 else "tf32"}
+    # 16-bit operands take Triton's default.
+    return {"DOT_DTYPE": dot_dtype, "DOT_PRECISION": "ieee" if dot_dtype == tl.float32 else None}
 
 
 def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
