@@ -57,7 +57,7 @@ class PagedDecodes:
 @dataclass(slots=True)
 class FlatBatch:
     """Every sequence of the step for the Triton kernels (engine/triton_attention.py), one launch."""
-    query_start_loc: torch.Tensor  # int32 [num_seqs + 1]: sequence s owns query rows [s, s + 1)
+    query_start_loc: torch.Tensor  # int32 [num_seqs + 1]: sequence s owns rows [loc[s], loc[s + 1])
     seq_lens: torch.Tensor  # int32 [num_seqs], context including this step's tokens
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]
     max_query_len: int
