@@ -22,7 +22,6 @@ import gc
 import json
 import os
 from pathlib import Path
-import platform
 import random
 import subprocess
 import time
@@ -210,7 +209,7 @@ class Report:
 
     def __init__(self, out: Path | None):
         self.out, self.results, self.profiles, self.engines = out, [], {}, {}
-        self.machine = {"cpu": cpu_model(), "host": host.current().summary(), "nproc": os.cpu_count(),
+        self.machine = {"cpu": host.current().cpu.model, "host": host.current().summary(), "nproc": os.cpu_count(),
                         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                         "revision": git_revision()}
 
@@ -304,11 +303,6 @@ def print_table(results: list[dict]) -> None:
               f"{r['seconds']:>9.1f}{r['output_tok_per_s']:>8.1f}{ratio:>11}{'  (emulated)' if r.get('emulated') else ''}")
         if "same_tokens_as_generate_batch" in r:
             print(f"    greedy sequences identical to generate_batch: {r['same_tokens_as_generate_batch']}/{r['requests']}")
-
-
-def cpu_model() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
 
 
 def git_revision() -> str:
