@@ -232,9 +232,13 @@ def is_emulated(dtype: str) -> bool:
     return dtype == "bfloat16" and machine.cuda is None and not machine.cpu.native_bfloat16
 
 
+def marked(row: dict) -> dict:
+    """The row, saying so when its dtype is emulated here."""
+    return row | ({"emulated": True} if is_emulated(row["dtype"]) else {})
+
+
 def failed(case: str, dtype: str, error: Exception) -> dict:
-    row = {"case": case, "dtype": dtype, "error": f"{type(error).__name__}: {error}"}
-    return row | ({"emulated": True} if is_emulated(dtype) else {})
+    return marked({"case": case, "dtype": dtype, "error": f"{type(error).__name__}: {error}"})
 
 
 def measured(report: "Report", case: str, dtype: str, run) -> list[list[int]] | None:
@@ -244,7 +248,7 @@ def measured(report: "Report", case: str, dtype: str, run) -> list[list[int]] | 
     except Exception as error:  # noqa: BLE001 - record why, go on with the next case
         report.add(failed(case, dtype, error))
         return None
-    report.add(row | ({"emulated": True} if is_emulated(dtype) else {}))
+    report.add(marked(row))
     return tokens
 
 
@@ -254,8 +258,8 @@ def run_dtype(dtype: str, cases: list[str], args, report: Report) -> None:
         skipped = [c for c in cases if c not in EMULATED_CASES]
         cases = [c for c in cases if c in EMULATED_CASES]
         for case in skipped:
-            report.add({"case": case, "dtype": dtype, "emulated": True,
-                        "skipped": "bfloat16 is emulated on this CPU; --full-emulated runs it"})
+            report.add(marked({"case": case, "dtype": dtype,
+                               "skipped": "bfloat16 is emulated on this CPU; --full-emulated runs it"}))
     iterserve_cases = [c for c in cases if c.startswith("iterserve")]
     if iterserve_cases or args.profile:
         knobs = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
