@@ -99,12 +99,17 @@ def measure_device(device: torch.device) -> tuple[float, float]:
     return bandwidth, 2 * n ** 3 / timed(lambda: a @ a)
 
 
+def random_prompts(workload: Workload) -> list[list[int]]:
+    """The same token ids for every engine: a fixed seed, ids past the special tokens."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(3, VOCAB, (workload.prompt_len,), generator=generator).tolist()
+            for _ in range(workload.num_requests)]
+
+
 def run_workload(path: Path, workload: Workload, device: str, backend: str, cuda_graphs: bool, limits) -> dict:
     llm = LLM(str(path), dtype="bfloat16", device=device, max_num_seqs=256, attention_backend=backend,
               cuda_graphs=cuda_graphs, kv_cache_memory=int(limits["kv_cache_bytes"]))
-    generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, VOCAB, (workload.prompt_len,), generator=generator).tolist()
-               for _ in range(workload.num_requests)]
+    prompts = random_prompts(workload)
     params = SamplingParams(max_tokens=workload.output_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     engine, decode_steps = llm.engine, []
@@ -140,9 +145,7 @@ def run_hf(path: Path, workload: Workload, device: str) -> dict:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
-    generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, VOCAB, (workload.prompt_len,), generator=generator).tolist()
-               for _ in range(workload.num_requests)]
+    prompts = random_prompts(workload)
     config = GenerationConfig(max_new_tokens=workload.output_len, do_sample=False, eos_token_id=-1)
     try:
         start = time.perf_counter()
