@@ -47,6 +47,10 @@ class KernelBuild:
     def namespace(self) -> str:
         return f"iterserve_cpu_{self.isa}"
 
+    @property
+    def compile_flags(self) -> list[str]:
+        return [*COMMON_CFLAGS, *self.cflags, f"-DITERSERVE_OPS={self.namespace}"]
+
 
 AVX2_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 BUILDS = (  # best first
@@ -94,7 +98,7 @@ def _load(build: KernelBuild, arch: str):
 def _compile(build: KernelBuild, arch: str):
     from torch.utils.cpp_extension import load as load_extension
 
-    cflags = list(COMMON_CFLAGS + build.cflags) + [f"-DITERSERVE_OPS={build.namespace}"]
+    cflags = build.compile_flags
     compiler = os.environ.get("CXX", "c++")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\n".join([arch, version, torch.__version__, *cflags]).encode()).hexdigest()[:12]

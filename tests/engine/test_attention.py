@@ -123,9 +123,8 @@ def test_every_kernel_build_compiles(tmp_path):
 
     runnable = cpu_kernels.runnable_builds()
     for build in [b for b in cpu_kernels.BUILDS if b not in runnable]:
-        flags = [*cpu_kernels.COMMON_CFLAGS, *build.cflags, f"-DITERSERVE_OPS={build.namespace}"]
         command = ["c++", "-std=c++20", "-fPIC", "-c", str(cpu_kernels.SOURCE), "-o", str(tmp_path / f"{build.isa}.o"),
-                   *flags, *[f"-I{path}" for path in include_paths()]]
+                   *build.compile_flags, *[f"-I{path}" for path in include_paths()]]
         compiled = subprocess.run(command, capture_output=True, text=True)
         assert compiled.returncode == 0, compiled.stderr[-3000:]
 
