@@ -118,6 +118,7 @@ class LLMEngine:
         arrival_time: float | None = None,
         priority: int = 0,
         tenant: str = "",
+        cache_salt: str = "",
     ) -> str:
         """Validate and queue a request; InvalidRequestError leaves the engine untouched."""
         params = sampling_params or SamplingParams()
@@ -131,6 +132,7 @@ class LLMEngine:
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             priority=priority,
             tenant=tenant,
+            cache_salt=cache_salt,
         )
         self.scheduler.add_request(request)
         self._texts[request.request_id] = _TextState(

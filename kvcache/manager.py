@@ -12,6 +12,7 @@ class CachedRequest(Protocol):
 
     request_id: str
     num_computed_tokens: int
+    cache_salt: str  # requests share cached blocks only with requests of the same salt
 
     @property
     def all_token_ids(self) -> Sequence[int]: ...
@@ -121,7 +122,7 @@ class KVCacheManager:
 
     def _block_hashes(self, request: CachedRequest) -> list[bytes]:
         hashes = self._hashes.setdefault(request.request_id, [])
-        extend_block_hashes(hashes, request.all_token_ids, self.block_size)
+        extend_block_hashes(hashes, request.all_token_ids, self.block_size, request.cache_salt)
         return hashes
 
     def _register_full_blocks(self, request: CachedRequest, num_tokens_after_step: int) -> None:

@@ -13,6 +13,11 @@ class InvalidRequestError(ValueError):
         self.code = code
 
 
+# Below this a temperature is greedy, as in vLLM: dividing logits by 1e-38 overflows
+# float32 to inf, and the softmax of infinities is NaN (every token came out as EOS).
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -62,7 +67,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:
@@ -102,6 +107,7 @@ class Request:
     arrival_time: float = 0.0
     priority: int = 0
     tenant: str = ""
+    cache_salt: str = ""  # see kvcache.hashing.root_hash
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     # The one counter chunked prefill, prefix hits, recompute and decode all advance.

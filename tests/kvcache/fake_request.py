@@ -8,3 +8,4 @@ class FakeRequest:
     request_id: str
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    cache_salt: str = ""

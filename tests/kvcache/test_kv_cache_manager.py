@@ -7,17 +7,17 @@ from kvcache import BlockPool, KVCacheManager, KVCacheStats, hash_block_tokens
 from kvcache.hashing import ROOT_HASH
 
 
-def admit(kv: KVCacheManager, request_id: str, token_ids: list[int]) -> FakeRequest:
+def admit(kv: KVCacheManager, request_id: str, token_ids: list[int], cache_salt: str = "") -> FakeRequest:
     """Look up the prefix cache and allocate the whole prompt, as the scheduler admits a request."""
-    request = FakeRequest(request_id, list(token_ids))
+    request = FakeRequest(request_id, list(token_ids), cache_salt=cache_salt)
     hits, num_hit_tokens = kv.get_computed_blocks(request)
     assert kv.allocate_slots(request, len(token_ids) - num_hit_tokens, hits) is not None
     request.num_computed_tokens = len(token_ids)
     return request
 
 
-def num_hit_tokens(kv: KVCacheManager, token_ids: list[int]) -> int:
-    _, num_hits = kv.get_computed_blocks(FakeRequest("probe", list(token_ids)))
+def num_hit_tokens(kv: KVCacheManager, token_ids: list[int], cache_salt: str = "") -> int:
+    _, num_hits = kv.get_computed_blocks(FakeRequest("probe", list(token_ids), cache_salt=cache_salt))
     kv.free("probe")  # the manager remembers a request's block hashes until it is freed
     return num_hits
 
@@ -46,6 +46,15 @@ def test_equal_block_after_different_parent_is_not_a_hit():
     # The second block [1, 2] is equal, but its prefix is not: nothing may be shared.
     assert num_hit_tokens(kv, [5, 6, 1, 2, 9]) == 0
     assert num_hit_tokens(kv, [3, 4, 1, 2, 9]) == 4
+
+
+def test_a_salt_shares_blocks_only_with_the_same_salt():
+    kv = KVCacheManager(num_blocks=8, block_size=2)
+    prompt = [3, 4, 1, 2, 9]
+    kv.free(admit(kv, "a", prompt, cache_salt="tenant-a"))
+    assert num_hit_tokens(kv, prompt, cache_salt="tenant-a") == 4
+    assert num_hit_tokens(kv, prompt, cache_salt="tenant-b") == 0
+    assert num_hit_tokens(kv, prompt) == 0  # unsalted requests do not see salted blocks either
 
 
 # -- prefix hits ----------------------------------------------------------------------------
