@@ -90,3 +90,31 @@ def test_logprobs_are_the_model_distribution():
     assert math.isclose(entry.logprob, expected[7].item(), rel_tol=1e-6)
     assert [token for token, _ in entry.top] == expected.topk(3).indices.tolist()
     assert all(a >= b for (_, a), (_, b) in zip(entry.top, entry.top[1:]))
+
+
+EXTREMES = [
+    {"temperature": 1e-38}, {"temperature": 1e-6}, {"temperature": 1e-5}, {"temperature": 100.0},
+    {"top_p": 1e-9}, {"top_k": 1}, {"min_p": 1.0}, {"min_p": 1.0, "temperature": 100.0},
+    {"repetition_penalty": 2.0}, {"repetition_penalty": 1e-9}, {"presence_penalty": 2.0},
+    {"frequency_penalty": -2.0}, {"presence_penalty": -2.0, "frequency_penalty": 2.0, "repetition_penalty": 2.0},
+    {"temperature": 1e-4, "top_p": 1e-9, "top_k": 3, "min_p": 0.9},
+]
+
+
+@torch.inference_mode()
+def test_sampling_parameters_at_their_extremes_give_a_real_token():
+    # Logits as large as a model's, with ties and repeated output tokens for the penalties.
+    logits = peaked_logits(len(EXTREMES)) * 20.0
+    requests = [make_request(f"r{i}", output=(7, 7, 9), **params) for i, params in enumerate(EXTREMES)]
+    for _ in range(10):
+        tokens, _ = Sampler().sample(logits.clone(), requests)
+        assert all(0 <= token < VOCAB for token in tokens)
+        for params, token in zip(EXTREMES, tokens):
+            if params.get("temperature", 1.0) < 1e-5 or params.get("top_p", 1.0) < 1e-6 or params.get("min_p") == 1.0:
+                assert token == 7, params  # nothing but the best token may survive these
+
+
+def test_a_temperature_under_the_greedy_floor_is_greedy():
+    assert SamplingParams(temperature=1e-38).is_greedy
+    assert SamplingParams(temperature=9.9e-6).is_greedy
+    assert not SamplingParams(temperature=1e-5).is_greedy
