@@ -37,6 +37,7 @@ class EngineRequest:
     arrival_time: float
     priority: int = 0
     tenant: str = ""
+    cache_salt: str = ""
 
 
 class OutputStream:
@@ -101,6 +102,7 @@ class AsyncEngine:
         # Read by the event loop for admission, written by the engine thread.
         self._lock = threading.Lock()
         self._num_waiting = 0  # the scheduler's waiting queue, as of the last iteration
+        self._num_running = 0  # and the seats taken, as of the last iteration
         self._num_in_inbox = 0  # submitted requests the engine thread has not picked up yet
         self._live: set[str] = set()  # engine thread only: added and not yet finished
 
@@ -133,9 +135,11 @@ class AsyncEngine:
         if self.draining:
             raise ServiceUnavailableError("the server is shutting down", code="draining")
         with self._lock:
-            num_waiting = self._num_waiting + self._num_in_inbox
-            if self.max_queued_requests is not None and num_waiting >= self.max_queued_requests:
-                raise QueueFullError(f"the waiting queue is full ({num_waiting} requests); retry later")
+            num_queued = self._num_queued_with(len(requests))
+            if self.max_queued_requests is not None and num_queued > self.max_queued_requests:
+                raise QueueFullError(
+                    f"the waiting queue is full: with these {len(requests)} sequences {num_queued} would wait for "
+                    f"a seat, over the limit of {self.max_queued_requests}; retry later")
             self._num_in_inbox += len(requests)
         stream = OutputStream(self, [request.request_id for request in requests])
         for request in requests:
@@ -143,6 +147,17 @@ class AsyncEngine:
         self._idle.clear()
         self._inbox.put((_ADD, requests))
         return stream
+
+    def _num_queued_with(self, num_new: int) -> int:
+        """Sequences that would wait for a seat if `num_new` more came now (call with the lock).
+
+        Requests still in the inbox count as waiting, but so do the seats they will
+        take: a burst that the engine thread has not picked up yet fills free seats
+        first and is refused only for what would really queue behind them.
+        """
+        num_pending = self._num_waiting + self._num_in_inbox + num_new
+        num_free_seats = max(0, self.engine.scheduler.config.max_num_seqs - self._num_running)
+        return max(0, num_pending - num_free_seats)
 
     def abort(self, request_ids: list[str]) -> None:
         if request_ids:
@@ -236,7 +251,7 @@ class AsyncEngine:
             outputs.extend(self._abort(sorted(self._live)))
         with self._lock:
             self._num_in_inbox -= num_taken
-            self._num_waiting = self.engine.scheduler.num_waiting
+            self._count_seats()
         return outputs, failures, stopping
 
     def _add(self, requests: list[EngineRequest]) -> list[tuple[str, APIError]]:
@@ -245,7 +260,8 @@ class AsyncEngine:
             try:
                 self.engine.add_request(
                     request.prompt_token_ids, request.sampling_params, request_id=request.request_id,
-                    arrival_time=request.arrival_time, priority=request.priority, tenant=request.tenant)
+                    arrival_time=request.arrival_time, priority=request.priority, tenant=request.tenant,
+                    cache_salt=request.cache_salt)
                 self._live.add(request.request_id)
             except InvalidRequestError as error:
                 failures.append((request.request_id, from_invalid_request(error)))
@@ -261,12 +277,16 @@ class AsyncEngine:
                 outputs.append(output)
         return outputs
 
+    def _count_seats(self) -> None:
+        self._num_waiting = self.engine.scheduler.num_waiting
+        self._num_running = self.engine.scheduler.num_running
+
     def _publish(self, outputs: list[RequestOutput], failures: list[tuple[str, APIError]]) -> None:
         for output in outputs:
             if output.finished:
                 self._live.discard(output.request_id)
         with self._lock:
-            self._num_waiting = self.engine.scheduler.num_waiting
+            self._count_seats()
         if self.observer is not None:
             try:
                 self.observer(outputs, self.engine)

@@ -41,22 +41,20 @@ class RunningServer:
 
 
 def start_server(model_path, served_name: str, max_model_len: int | None = None, num_kv_blocks: int = 256,
-                 **settings) -> RunningServer:
+                 max_num_seqs: int = 8, **settings) -> RunningServer:
     from engine import EngineConfig, LLMEngine
     from server.app import build_app
-    from server.runner import DrainingServer
-    import uvicorn
+    from server.runner import DrainingServer, uvicorn_config
     from server.serving import ServerSettings
 
     config = EngineConfig(model=str(model_path), max_model_len=max_model_len, num_kv_blocks=num_kv_blocks,
-                          max_num_seqs=8, num_threads=1)
+                          max_num_seqs=max_num_seqs, num_threads=1)
     settings.setdefault("api_key", API_KEY)
     app = build_app(LLMEngine(config), ServerSettings(served_model_name=served_name, **settings))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = DrainingServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5), app,
-                            settings.get("shutdown_timeout_s", 30.0))
+    server = DrainingServer(uvicorn_config(app, log_level="warning"), app, settings.get("shutdown_timeout_s", 30.0))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()
     wait_until(lambda: server.started, timeout_s=120, what="the server to start")

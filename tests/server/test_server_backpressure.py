@@ -4,9 +4,9 @@ A `StepGate` holds the engine loop between steps, so each request is exactly whe
 the test needs it (waiting, or mid-stream) whatever the machine's speed.
 """
 
+from contextlib import ExitStack
 import json
 import socket
-import threading
 
 import httpx
 import pytest
@@ -33,31 +33,51 @@ def assert_engine_is_empty(tiny_server):
     assert pool_is_free(llm_engine)
 
 
-def test_full_queue_answers_429_with_retry_after(tiny_server, step_gate, http):
+def assert_queue_full(response: httpx.Response) -> None:
+    assert response.status_code == 429, response.text
+    assert response.headers["Retry-After"].isdigit()
+    assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+def read_to_the_end(response: httpx.Response) -> list[dict]:
+    events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(event) for event in events[:-1]]
+
+
+def test_the_queue_bound_counts_sequences_waiting_for_a_seat(tiny_server, step_gate):
+    """Free seats take a burst first; a request's every choice counts; a refusal is a 429 at once."""
     engine = tiny_server.serving.engine
+    seats = tiny_server.llm_engine.scheduler.config.max_num_seqs
     engine.max_queued_requests = 2
-    step_gate.hold()
-    results = {}
-
-    def post(name):
-        with httpx.Client(base_url=tiny_server.url, headers=tiny_server.headers(), timeout=120) as own:
-            results[name] = own.post("/v1/completions", json={**LONG, "max_tokens": 3})
-
-    threads = [threading.Thread(target=post, args=(name,)) for name in ("first", "second")]
+    body = {**LONG, "max_tokens": 3, "stream": True}
+    step_gate.hold()  # nothing is scheduled: every accepted request waits, in the scheduler or the inbox
     try:
-        for thread in threads:
-            thread.start()
-        wait_until(lambda: engine.num_waiting == 2, what="two requests in the queue")
-        refused = http.post("/v1/completions", json={**LONG, "max_tokens": 3})
-        assert refused.status_code == 429
-        assert refused.headers["Retry-After"].isdigit()
-        assert refused.json()["error"]["type"] == "rate_limit_error"
+        with httpx.Client(base_url=tiny_server.url, headers=tiny_server.headers(), timeout=120) as http, \
+                ExitStack() as open_streams:
+            # Streams answer 200 as soon as they are queued, so the test sees each admission.
+            accepted = [open_streams.enter_context(http.stream("POST", "/v1/completions", json=body))
+                        for _ in range(seats + 2)]
+            assert [response.status_code for response in accepted] == [200] * (seats + 2)
+            assert_queue_full(http.post("/v1/completions", json={**body, "stream": False}))
+            step_gate.open()
+            for response in accepted:
+                assert read_to_the_end(response)[-1]["choices"][0]["finish_reason"] == "length"
+        assert_engine_is_empty(tiny_server)
+
+        step_gate.hold()
+        with httpx.Client(base_url=tiny_server.url, headers=tiny_server.headers(), timeout=120) as http:
+            # n choices are n sequences: one over the seats and the bound is refused on an idle engine.
+            assert_queue_full(http.post("/v1/completions", json={**body, "n": seats + 3}))
+            with http.stream("POST", "/v1/completions", json={**body, "n": seats + 2}) as response:
+                assert response.status_code == 200
+                step_gate.open()
+                finished = [chunk for chunk in read_to_the_end(response) if chunk["choices"][0]["finish_reason"]]
+                assert len(finished) == seats + 2
+            assert http.get("/health").status_code == 200
     finally:
         engine.max_queued_requests = 64
         step_gate.open()
-        for thread in threads:
-            thread.join(120)
-    assert [results[name].status_code for name in ("first", "second")] == [200, 200]
     assert_engine_is_empty(tiny_server)
 
 
