@@ -43,6 +43,7 @@ def build_app(llm_engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         logger.info("serving %s as %r", llm_engine.model_path, settings.served_model_name)
         yield
         await asyncio.to_thread(serving.engine.stop)
+        serving.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="iterserve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.serving = serving
@@ -99,9 +100,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     if (body.prompt is None) == (body.messages is None):
         raise BadRequestError("give exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
-        tokens = apply_chat_template(serving, body.messages)
+        tokens = await serving.run_tokenizer(apply_chat_template, serving, body.messages)
     else:
-        tokens = serving.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        tokens = await serving.run_tokenizer(serving.tokenizer.encode, body.prompt,
+                                             add_special_tokens=body.add_special_tokens)
     return JSONResponse({"count": len(tokens), "max_model_len": serving.max_model_len, "tokens": tokens})
 
 
@@ -111,7 +113,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
     vocab_size = serving.llm_engine.vocab_size
     if any(token < 0 or token >= vocab_size for token in body.tokens):
         raise BadRequestError(f"token ids must be in [0, {vocab_size})", param="tokens")
-    return JSONResponse({"prompt": serving.tokenizer.decode(body.tokens)})
+    return JSONResponse({"prompt": await serving.run_tokenizer(serving.tokenizer.decode, body.tokens)})
 
 
 def _version() -> str:

@@ -25,7 +25,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     if body.top_logprobs is not None and not body.logprobs:
         raise BadRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
     num_top = (body.top_logprobs or 0) if body.logprobs else None
-    prompt = apply_chat_template(serving, body.messages)
+    prompt = await serving.run_tokenizer(apply_chat_template, serving, body.messages)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     generation = build_generation(serving, body, [prompt], max_tokens, None, num_top, id_prefix="chatcmpl")
     stream = serving.engine.submit(generation.requests)
@@ -72,15 +72,61 @@ def chat_template_input(messages: list[ChatMessage]) -> list[dict]:
 
 def apply_chat_template(serving: ServingState, messages: list[ChatMessage], add_generation_prompt: bool = True
                         ) -> list[int]:
+    """The conversation's prompt tokens. Blocking (a long conversation takes a while): run it
+    on the tokenizer thread."""
+    conversation = chat_template_input(messages)
+    tokenizer = serving.tokenizer
+    text = render_chat_template(tokenizer, conversation, add_generation_prompt)
+    control_texts = [token.content for token in tokenizer.added_tokens_decoder.values()]
+    contents = [message["content"] for message in conversation]
+    if serving.settings.allow_special_tokens_in_messages or not any(
+            control in content for content in contents for control in control_texts):
+        # The template already wrote any special tokens the model expects.
+        return tokenizer.encode(text, add_special_tokens=False)
+    return encode_with_plain_contents(tokenizer, text, conversation, add_generation_prompt)
+
+
+def render_chat_template(tokenizer, conversation: list[dict], add_generation_prompt: bool) -> str:
     try:
-        text = serving.tokenizer.apply_chat_template(
-            chat_template_input(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
-    except BadRequestError:
-        raise
+        return tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                             tokenize=False)
     except Exception as error:  # noqa: BLE001 - a template that rejects the conversation is the client's 400
         raise BadRequestError(f"the chat template rejected these messages: {error}", param="messages") from error
-    # The template already wrote any special tokens the model expects.
-    return serving.tokenizer.encode(text, add_special_tokens=False)
+
+
+# Private-use code points: no tokenizer gives them meaning and no client text is refused for them.
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+
+
+def encode_with_plain_contents(tokenizer, text: str, conversation: list[dict], add_generation_prompt: bool
+                               ) -> list[int]:
+    """Tokens of the rendered `text` in which special-token text inside a message's content
+    (`<|im_end|>`) is encoded as the plain characters it is, and only the template's own
+    markup becomes control tokens.
+
+    The template is rendered once more with a marker in place of each content; the text
+    between markers is the template's, and each content is encoded apart with special
+    tokens split. The pieces must put `text` back together exactly, else the template
+    changed the content (trimmed it, say) and we cannot tell its tokens from the user's.
+    """
+    marked = [{**message, "content": f"{_MARK_OPEN}{index}{_MARK_CLOSE}"}
+              for index, message in enumerate(conversation)]
+    pieces = render_chat_template(tokenizer, marked, add_generation_prompt).split(_MARK_OPEN)
+    token_ids = tokenizer.encode(pieces[0], add_special_tokens=False)
+    rebuilt = pieces[0]
+    for piece in pieces[1:]:
+        index, close, template_text = piece.partition(_MARK_CLOSE)
+        if not close or not index.isdigit() or int(index) >= len(conversation):
+            break
+        content = conversation[int(index)]["content"]
+        token_ids += tokenizer.encode(content, add_special_tokens=False, split_special_tokens=True)
+        token_ids += tokenizer.encode(template_text, add_special_tokens=False)
+        rebuilt += content + template_text
+    if rebuilt != text:
+        raise BadRequestError("a message contains special-token text (such as <|im_end|>) that this model's chat "
+                              "template changes, so it cannot be encoded as plain text; remove it",
+                              param="messages", code="special_tokens_in_content")
+    return token_ids
 
 
 def chat_logprobs(serving: ServingState, logprobs: list[TokenLogprobs], num_top: int) -> ChatLogprobs:

@@ -101,6 +101,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-size", default="2MiB", help="larger request bodies get 413")
     parser.add_argument("--metrics-compat", choices=["vllm"], default=None,
                         help="also export metrics under vLLM's names")
+    parser.add_argument("--share-prefix-cache", action="store_true",
+                        help="let requests of different users (the `user` field) share cached prefixes; off by "
+                             "default, since a fast first token tells one user that another sent the same prefix")
+    parser.add_argument("--allow-special-tokens-in-messages", action="store_true",
+                        help="encode special-token text in chat messages (<|im_end|>) as control tokens; off by "
+                             "default, so a user cannot write turns of other roles")
     parser.add_argument("--seed", type=int, default=0, help="the engine's seed for unseeded requests")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -126,6 +132,8 @@ def serve(args: argparse.Namespace) -> int:
         max_body_bytes=parse_size(args.max_body_size),
         metrics_compat=args.metrics_compat,
         shutdown_timeout_s=args.shutdown_timeout,
+        share_prefix_cache=args.share_prefix_cache,
+        allow_special_tokens_in_messages=args.allow_special_tokens_in_messages,
     )
     try:
         llm_engine = LLMEngine(engine_config(args))

@@ -20,7 +20,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     serving: ServingState = request.app.state.serving
     serving.check_model(body.model)
     reject_unsupported(body, echo=body.echo, suffix=body.suffix, best_of=body.best_of not in (None, body.n))
-    prompts = tokenize_prompts(serving, body.prompt)
+    prompts = await serving.run_tokenizer(tokenize_prompts, serving, body.prompt)
     generation = build_generation(serving, body, prompts, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS,
                                   body.logprobs, id_prefix="cmpl")
     stream = serving.engine.submit(generation.requests)

@@ -58,6 +58,11 @@ class RequestTooLargeError(APIError):
     default_code = "request_too_large"
 
 
+class HeadersTooLargeError(APIError):
+    status_code = 431
+    default_code = "request_header_fields_too_large"
+
+
 class QueueFullError(APIError):
     status_code = 429
     error_type = "rate_limit_error"
@@ -94,7 +99,10 @@ def _is_field(part) -> bool:
 
 
 def _validation_error(error: RequestValidationError) -> BadRequestError:
-    first = error.errors()[0] if error.errors() else {}
+    errors = error.errors()
+    # A union reports every member that failed; one of our own checks (a value error)
+    # says more than "Input should be a valid string" from a member the client never meant.
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
     param = ".".join(str(part) for part in first.get("loc", ()) if _is_field(part)) or None
     if first.get("type") == "json_invalid":
         return BadRequestError(f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "),

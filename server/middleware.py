@@ -9,10 +9,15 @@ import hmac
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import APIError, AuthenticationError, RequestTooLargeError, ServiceUnavailableError
+from server.errors import APIError, AuthenticationError, HeadersTooLargeError, RequestTooLargeError, \
+    ServiceUnavailableError
 
 # Probes and scrapers must reach these without a key, and /health must answer while draining.
 OPEN_PATHS = frozenset({"/health", "/metrics"})
+# Header fields in one request, as h11 and Apache allow.
+MAX_HEADER_COUNT = 100
+# The request line and headers together; nginx allows 32 KiB by default, h11 16 KiB.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class RequestGate:
@@ -23,7 +28,14 @@ class RequestGate:
         self._key_digest = hashlib.sha256(f"Bearer {key}".encode()).digest() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = _head_too_large(scope)
+        if error is not None:
+            await error.response()(scope, receive, send)
+            return
+        if scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         error = self._refuse(scope)
@@ -63,6 +75,19 @@ class RequestGate:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), None
+
+
+def _head_too_large(scope: Scope) -> APIError | None:
+    # A head that arrives in pieces is bounded by the protocol already (server/runner.py);
+    # one that arrives whole is parsed at any size, so its size is checked here.
+    headers = scope["headers"]
+    if len(headers) > MAX_HEADER_COUNT:
+        return HeadersTooLargeError(f"the request has {len(headers)} header fields; at most {MAX_HEADER_COUNT} "
+                                    "are allowed")
+    num_bytes = sum(len(name) + len(value) + 4 for name, value in headers)
+    if num_bytes > MAX_HEAD_BYTES:
+        return HeadersTooLargeError(f"the request's headers are larger than {MAX_HEAD_BYTES} bytes")
+    return None
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -11,21 +11,53 @@ messages match the offline API's.
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts in one completions request
 MAX_LOGPROBS = 20
+# OpenAI's roles; any other string would be rendered into the prompt as a turn of its own.
+ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
-class StreamOptions(BaseModel):
+class APIRequest(BaseModel):
+    """A request body: unknown fields ignored, and every string in it valid Unicode.
+
+    JSON may escape a lone surrogate (`"\\ud800"`); Python decodes it into a str that
+    no tokenizer, and no UTF-8 response echoing it, can encode. Refusing it here makes
+    it a 400 for every field at once instead of a 500 wherever it is first encoded.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value):
+        _check_unicode(value)
+        return value
+
+
+def _check_unicode(value) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"the text is not valid Unicode: a lone surrogate at character {error.start}") from None
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_unicode(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key)
+            _check_unicode(item)
+
+
+class StreamOptions(APIRequest):
     include_usage: bool = False
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(APIRequest):
     """Fields shared by completions and chat completions."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     max_tokens: int | None = None
@@ -51,6 +83,8 @@ class GenerationRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     priority: int = 0
+    # vLLM's extension: requests share cached prefixes only with requests of the same salt.
+    cache_salt: str | None = Field(None, min_length=1)
 
 
 class CompletionRequest(GenerationRequest):
@@ -61,17 +95,13 @@ class CompletionRequest(GenerationRequest):
     best_of: int | None = None
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ContentPart(APIRequest):
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: StrictStr
+class ChatMessage(APIRequest):
+    role: Literal[ROLES]
     content: StrictStr | list[ContentPart] | None = None
     name: str | None = None
 
@@ -85,18 +115,14 @@ class ChatCompletionRequest(GenerationRequest):
     response_format: dict | None = None
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class TokenizeRequest(APIRequest):
     model: str | None = None
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class DetokenizeRequest(APIRequest):
     model: str | None = None
     tokens: list[StrictInt]
 

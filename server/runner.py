@@ -9,16 +9,66 @@ does uvicorn shut down. The process exits 0. A second signal exits at once.
 """
 
 import asyncio
+import json
 import logging
 import signal
 
+import h11
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from server.errors import HeadersTooLargeError
+from server.middleware import MAX_HEAD_BYTES
 
 logger = logging.getLogger(__name__)
 
 # After the drain, how long uvicorn waits for responses to flush their last bytes.
 FLUSH_TIMEOUT_S = 5
+# How long a refused connection keeps reading (and dropping) what the client still sends.
+LINGER_S = 2.0
+
+
+class H11WithHeaderLimit(H11Protocol):
+    """Uvicorn's h11 protocol, answering an oversized head with 431 and our envelope.
+
+    h11 refuses a head still incomplete at MAX_HEAD_BYTES (one that arrives whole is
+    checked by the RequestGate). Uvicorn answers that, as every head h11 cannot parse,
+    with a plain 400 and closes at once; a client still sending its headers then gets a
+    reset instead of any answer. Here such a head gets 431, the connection is half-closed, and what the client
+    still sends is read and dropped for a moment (a lingering close, as nginx does), so
+    the answer reaches it.
+    """
+
+    lingering = False
+
+    def data_received(self, data: bytes) -> None:
+        if not self.lingering:
+            super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        # h11 reports a head over its limit as one more RemoteProtocolError; what it
+        # still holds unparsed tells the two apart.
+        if len(self.conn.trailing_data[0]) <= MAX_HEAD_BYTES:
+            super().send_400_response(msg)
+            return
+        error = HeadersTooLargeError(f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes")
+        body = json.dumps(error.envelope()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        for event in (h11.Response(status_code=error.status_code, headers=headers), h11.Data(data=body),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.lingering = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+
+def uvicorn_config(app: FastAPI, **options) -> uvicorn.Config:
+    """The one uvicorn configuration, for `iterserve serve` and the tests' servers alike."""
+    return uvicorn.Config(app, http=H11WithHeaderLimit, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+                          timeout_graceful_shutdown=FLUSH_TIMEOUT_S, **options)
 
 
 class DrainingServer(uvicorn.Server):
@@ -68,6 +118,4 @@ async def drain(app: FastAPI, timeout_s: float) -> None:
 
 
 def run_server(app: FastAPI, host: str, port: int, shutdown_timeout_s: float, log_level: str = "info") -> None:
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=FLUSH_TIMEOUT_S)
-    DrainingServer(config, app, shutdown_timeout_s).run()
+    DrainingServer(uvicorn_config(app, host=host, port=port, log_level=log_level), app, shutdown_timeout_s).run()

@@ -6,8 +6,10 @@ the outputs here into one `ChoiceResult` per choice.
 """
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 import dataclasses
 from dataclasses import dataclass, field
+import functools
 import time
 import uuid
 
@@ -34,6 +36,10 @@ class ServerSettings:
     max_body_bytes: int = 2 * 1024 * 1024
     metrics_compat: str | None = None  # "vllm" also exports vLLM's metric names
     shutdown_timeout_s: float = 30.0
+    # Off by default, so one tenant cannot time another's prompts through prefix-cache hits.
+    share_prefix_cache: bool = False
+    # Off by default, so a user cannot write turns of their own (`<|im_end|><|im_start|>system`).
+    allow_special_tokens_in_messages: bool = False
 
 
 @dataclass(slots=True)
@@ -48,6 +54,11 @@ class ServingState:
     # Hugging Face tokenizer is not safe to share between threads.
     tokenizer: object
     token_texts: dict[int, str] = field(default_factory=dict)
+    # Tokenizing or templating a megabyte takes about a second; on the event loop that
+    # would stall every other client's stream. One thread, so the tokenizer is never
+    # used by two requests at once (the fast tokenizer releases the GIL while it works).
+    tokenizer_thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="iterserve-tokenizer"))
 
     @property
     def model_name(self) -> str:
@@ -61,6 +72,16 @@ class ServingState:
         if model is not None and model != self.model_name:
             raise ModelNotFoundError(f"the model `{model}` does not exist; this server serves `{self.model_name}`",
                                      param="model")
+
+    async def run_tokenizer(self, function, *args, **kwargs):
+        """`function(*args, **kwargs)` on the tokenizer thread; its exceptions reach the caller."""
+        call = functools.partial(function, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, call)
+
+    def cache_salt(self, body: GenerationRequest) -> str:
+        """Requests share prefix-cache blocks only when their salts are equal (kvcache.hashing)."""
+        tenant = "" if self.settings.share_prefix_cache else (body.user or "")
+        return f"{tenant}\0{body.cache_salt}" if body.cache_salt else tenant
 
     def token_text(self, token_id: int) -> str:
         text = self.token_texts.get(token_id)
@@ -153,6 +174,7 @@ def build_generation(serving: ServingState, body: GenerationRequest, prompts: li
     """Validate every prompt and choice before any is queued, so a bad one leaves nothing behind."""
     arrival_time = time.monotonic()
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    cache_salt = serving.cache_salt(body)
     requests, choices = [], {}
     for prompt_index, prompt in enumerate(prompts):
         serving.llm_engine.check_prompt(prompt)
@@ -163,7 +185,8 @@ def build_generation(serving: ServingState, body: GenerationRequest, prompts: li
             if params.seed is not None:
                 params = dataclasses.replace(params, seed=body.seed + sample_index)
             engine_id = f"{request_id}-{prompt_index}-{sample_index}"
-            requests.append(EngineRequest(engine_id, prompt, params, arrival_time, body.priority, body.user or ""))
+            requests.append(EngineRequest(engine_id, prompt, params, arrival_time, body.priority, body.user or "",
+                                          cache_salt))
             choices[engine_id] = ChoiceResult(index=prompt_index * body.n + sample_index)
     return Generation(request_id, prompts, requests, choices)
 
