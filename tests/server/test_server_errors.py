@@ -4,6 +4,8 @@ import httpx
 import openai
 import pytest
 
+from server_harness import API_KEY
+
 pytestmark = pytest.mark.slow
 
 COMPLETION = {"model": "tiny", "prompt": "Hello", "max_tokens": 4}
@@ -102,6 +104,35 @@ def test_missing_or_wrong_key_is_401(tiny_server, headers):
         response = httpx.request("POST" if path != "/v1/models" else "GET", f"{tiny_server.url}{path}",
                                  json=COMPLETION, headers=headers)
         assert_envelope(response, 401, "invalid_api_key")
+
+
+def test_every_route_but_health_and_metrics_needs_the_key(tiny_server):
+    """The policy, route by route: probes and scrapers need no key; everything else, the schema
+    included, answers 401 with the envelope without one, and works with it."""
+    from server.middleware import OPEN_PATHS
+
+    routes = [(method, route.path) for route in tiny_server.app.routes for method in sorted(route.methods)
+              if method != "HEAD"]
+    assert {path for _, path in routes} >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize",
+                                            "/detokenize", "/version", "/openapi.json", *OPEN_PATHS}
+    for method, path in routes:
+        url = f"{tiny_server.url}{path}"
+        without_key = httpx.request(method, url, json={}, timeout=60)
+        with_key = httpx.request(method, url, json={}, headers=tiny_server.headers(), timeout=60)
+        if path in OPEN_PATHS:
+            assert without_key.status_code == 200, path
+        else:
+            assert_envelope(without_key, 401, "invalid_api_key")
+        assert with_key.status_code in (200, 400), (path, with_key.text)  # 400: `{}` is no valid body
+
+
+def test_the_api_key_is_never_logged(tiny_server, caplog):
+    caplog.set_level("DEBUG")
+    for key in (API_KEY, "wrong-key-that-must-not-be-logged"):
+        httpx.post(f"{tiny_server.url}/v1/completions", json=COMPLETION, timeout=60,
+                   headers={"Authorization": f"Bearer {key}"})
+    assert caplog.records  # DEBUG reached the loggers of the server and its clients alike
+    assert API_KEY not in caplog.text and "wrong-key-that-must-not-be-logged" not in caplog.text
 
 
 def test_openai_client_with_a_wrong_key(tiny_server):
