@@ -10,7 +10,7 @@ vLLM read iterserve unchanged.
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engine import LLMEngine, RequestOutput
@@ -89,6 +89,8 @@ def length_buckets(max_model_len: int) -> list[int]:
 class EngineMetrics:
     def __init__(self, model_name: str, max_model_len: int, compat: str | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
+        # process_resident_memory_bytes, CPU seconds, open fds: what a soak watches (vLLM exports them too).
+        ProcessCollector(registry=self.registry)
         self._children: dict[str, list] = {}
         namespaces = [("iterserve_", "finish_reason", lambda spec: (spec.name,))]
         if compat == "vllm":

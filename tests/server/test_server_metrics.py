@@ -55,7 +55,9 @@ def test_histogram_counts_match_requests_and_tokens(client, tiny_server):
 def test_every_series_carries_model_name_and_vllm_names_mirror_ours(client, tiny_server):
     client.completions.create(model="tiny", prompt="Hello", max_tokens=2)
     samples = scrape(tiny_server)
-    assert all(dict(labels).get("model_name") == "tiny" for _, labels in samples)
+    # The process_* series (memory, CPU, files, as prometheus_client exports them) describe the server.
+    assert all(dict(labels).get("model_name") == "tiny" for name, labels in samples if not name.startswith("process_"))
+    assert sample(samples, "process_resident_memory_bytes") > 0
     pairs = [
         ("iterserve_time_to_first_token_seconds_count", "vllm:time_to_first_token_seconds_count"),
         ("iterserve_inter_token_latency_seconds_count", "vllm:time_per_output_token_seconds_count"),
