@@ -1,6 +1,8 @@
 """Knobs of the scheduler, checked once at start."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from scheduler.policy import DEFAULT_AGING_S, POLICIES
 
 
 @dataclass(slots=True)
@@ -12,7 +14,10 @@ class SchedulerConfig:
     # With chunking on, no prompt takes more than this many tokens of one step (0: no cap),
     # so a long prompt's prefill leaves room for short ones to start beside it.
     long_prefill_token_threshold: int = 0
-    policy: str = "fcfs"
+    policy: str = "fcfs"  # or priority, sjf, fair: see scheduler/policy.py
+    # A waiting request gains one priority level per this many seconds (None: no aging).
+    priority_aging_s: float | None = DEFAULT_AGING_S
+    tenant_weights: dict[str, float] = field(default_factory=dict)  # fair share; 1 where not given
     batching: str = "continuous"  # or "static" / "dynamic": see scheduler/batching.py
     static_batch_size: int | None = None  # requests per static or dynamic batch; None: max_num_seqs
     batch_timeout_s: float = 0.5  # longest the oldest waiting request waits for its batch to fill
@@ -38,5 +43,11 @@ class SchedulerConfig:
             # A batch holds a seat per member until all finish, so it must fit the seats.
             raise ValueError(
                 f"static_batch_size ({self.static_batch_size}) must be between 1 and max_num_seqs ({self.max_num_seqs})")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown scheduling policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.priority_aging_s is not None and self.priority_aging_s <= 0:
+            raise ValueError(f"priority_aging_s must be positive or None, got {self.priority_aging_s}")
+        if any(weight <= 0 for weight in self.tenant_weights.values()):
+            raise ValueError(f"tenant weights must be positive, got {self.tenant_weights}")
         if self.batch_timeout_s < 0:
             raise ValueError(f"batch_timeout_s must be at least 0, got {self.batch_timeout_s}")

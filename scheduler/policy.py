@@ -1,28 +1,58 @@
-"""Waiting-queue policies: the order in which waiting requests are offered seats.
+"""Waiting-queue policies: the order in which waiting requests are offered seats, and who
+gives a seat up.
 
-A policy is a queue with one extra duty: `prepend` puts a preempted request back
-where it will be considered first, whatever the policy, so recompute never starves.
-Priority, fair-share and SLO-aware policies plug in here.
+A policy is a queue with a few extra duties:
+- `prepend` puts a preempted request back: FCFS considers it first; the ranked
+  policies give it back the place its rank says (priority, then arrival), which for a
+  request that waited is near the front;
+- `rank` orders requests, lowest first, so the scheduler can tell whether a waiting
+  request outranks a running one (`preempts` policies take the seat) and which running
+  request to preempt when KV blocks run out (the worst rank, the last admitted among
+  equals);
+- `charge` and `finished` let a policy account service (the fair-share policy does).
+
+Aging keeps the ranked policies from starving anyone: a request's effective priority
+improves by one level per `aging_s` seconds waited. Since every waiting request ages at
+the same rate, the order by `priority + arrival / aging_s` never changes with time, so
+it is a static key. A request is then overtaken only by requests that arrive within
+`(its priority - the best priority) * aging_s` seconds after it: past that, it is served
+before everything that comes later.
 """
 
 from collections import deque
+from dataclasses import dataclass
+import heapq
+from itertools import count
 from typing import Iterator, Protocol
 
+from scheduler.fair import FairShareQueue
 from scheduler.request import Request
+
+POLICIES = ("fcfs", "priority", "sjf", "fair")
+DEFAULT_AGING_S = 60.0
+# Shortest-job-first counts this many tokens of remaining work as one priority level.
+SJF_TOKENS_PER_LEVEL = 256
 
 
 class WaitingQueue(Protocol):
+    preempts: bool  # whether a waiting request may take the seat of a running one it outranks
+
     def add(self, request: Request) -> None: ...
     def prepend(self, request: Request) -> None: ...
     def peek(self) -> Request: ...
     def pop(self) -> Request: ...
     def remove(self, request: Request) -> None: ...
+    def rank(self, request: Request) -> tuple: ...
+    def charge(self, request: Request, num_prompt_tokens: int, num_output_tokens: int) -> None: ...
+    def finished(self, request: Request) -> None: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[Request]: ...
 
 
 class FCFSQueue:
-    """First come, first served."""
+    """First come, first served; a preempted request goes back to the front."""
+
+    preempts = False
 
     def __init__(self):
         self._queue: deque[Request] = deque()
@@ -42,6 +72,15 @@ class FCFSQueue:
     def remove(self, request: Request) -> None:
         self._queue.remove(request)
 
+    def rank(self, request: Request) -> tuple:
+        return ()  # all equal: the last admitted is preempted first
+
+    def charge(self, request: Request, num_prompt_tokens: int, num_output_tokens: int) -> None:
+        pass
+
+    def finished(self, request: Request) -> None:
+        pass
+
     def __len__(self) -> int:
         return len(self._queue)
 
@@ -49,11 +88,104 @@ class FCFSQueue:
         return iter(self._queue)
 
 
-POLICIES = {"fcfs": FCFSQueue}
+@dataclass(slots=True)
+class _Entry:
+    key: tuple
+    order: int
+    request: Request
+    valid: bool = True
+
+    def __lt__(self, other: "_Entry") -> bool:
+        return (self.key, self.order) < (other.key, other.order)
 
 
-def make_waiting_queue(policy: str) -> WaitingQueue:
-    try:
-        return POLICIES[policy]()
-    except KeyError:
-        raise ValueError(f"unknown scheduling policy {policy!r}; known: {sorted(POLICIES)}") from None
+class RankedQueue:
+    """A heap on a static key, lowest first; ties go to the earlier arrival, then the earlier add."""
+
+    preempts = False
+
+    def __init__(self, aging_s: float | None):
+        self.aging_s = aging_s
+        self._heap: list[_Entry] = []
+        self._entries: dict[str, _Entry] = {}
+        self._order = count()
+
+    def level(self, request: Request) -> float:
+        raise NotImplementedError
+
+    def rank(self, request: Request) -> tuple:
+        if self.aging_s is None:
+            return (self.level(request), request.arrival_time)
+        return (self.level(request) + request.arrival_time / self.aging_s, request.arrival_time)
+
+    def add(self, request: Request) -> None:
+        entry = _Entry(self.rank(request), next(self._order), request)
+        self._entries[request.request_id] = entry
+        heapq.heappush(self._heap, entry)
+
+    def prepend(self, request: Request) -> None:
+        self.add(request)  # the rank alone decides the place
+
+    def peek(self) -> Request:
+        while not self._heap[0].valid:
+            heapq.heappop(self._heap)
+        return self._heap[0].request
+
+    def pop(self) -> Request:
+        request = self.peek()
+        heapq.heappop(self._heap)
+        del self._entries[request.request_id]
+        return request
+
+    def remove(self, request: Request) -> None:
+        self._entries.pop(request.request_id).valid = False
+
+    def charge(self, request: Request, num_prompt_tokens: int, num_output_tokens: int) -> None:
+        pass
+
+    def finished(self, request: Request) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[Request]:
+        return (entry.request for entry in sorted(self._entries.values()))
+
+
+class PriorityQueue(RankedQueue):
+    """Lower `priority` first (as in vLLM), aged; an arrival that outranks a running request
+    takes its seat, or its blocks, when they run out."""
+
+    preempts = True
+
+    def level(self, request: Request) -> float:
+        return request.priority
+
+
+class ShortestJobQueue(RankedQueue):
+    """Least estimated remaining work first: prompt tokens still to compute plus output
+    tokens still allowed, aged. Not preemptive: recomputing a preempted long job would
+    cost more than the short one gains."""
+
+    def level(self, request: Request) -> float:
+        return remaining_tokens(request) / SJF_TOKENS_PER_LEVEL
+
+
+def remaining_tokens(request: Request) -> int:
+    num_prompt_left = request.num_tokens - request.num_computed_tokens
+    num_output_left = request.sampling_params.max_tokens - len(request.output_token_ids)
+    return num_prompt_left + num_output_left
+
+
+def make_waiting_queue(policy: str, aging_s: float | None = DEFAULT_AGING_S,
+                       tenant_weights: dict[str, float] | None = None) -> WaitingQueue:
+    if policy == "fcfs":
+        return FCFSQueue()
+    if policy == "priority":
+        return PriorityQueue(aging_s)
+    if policy == "sjf":
+        return ShortestJobQueue(aging_s)
+    if policy == "fair":
+        return FairShareQueue(tenant_weights or {})
+    raise ValueError(f"unknown scheduling policy {policy!r}; known: {', '.join(POLICIES)}")

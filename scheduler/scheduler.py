@@ -56,7 +56,7 @@ class Scheduler:
         self.config = config
         self.kv_cache = kv_cache
         self.clock = clock
-        self.waiting = make_waiting_queue(config.policy)
+        self.waiting = make_waiting_queue(config.policy, config.priority_aging_s, config.tenant_weights)
         self.running: list[Request] = []  # in admission order: the last is preempted first
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
@@ -100,6 +100,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        if self.waiting.preempts:
+            self._make_room_for_waiting(output)
+        num_preempted_before = len(output.preempted_ids)
 
         index = 0
         while index < len(self.running) and budget > 0:
@@ -108,14 +111,14 @@ class Scheduler:
             if num_new == 0:
                 index += 1
                 continue
-            if not self._allocate_or_preempt(request, num_new, output):
-                break  # the request itself was preempted; everyone after it already was
+            if not self._allocate_or_preempt(index, num_new, output):
+                break  # the request itself was preempted: it ranked below all that were left
             output.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
             index += 1
 
-        # Admitting while preempting would just swap one victim for another.
-        if not output.preempted_ids:
+        # Admitting while the running ones ran out of blocks would just swap one victim for another.
+        if len(output.preempted_ids) == num_preempted_before:
             budget = self._admit_waiting(budget, output)
         if output.scheduled:
             self.batching.count_padding()
@@ -131,14 +134,40 @@ class Scheduler:
             num_new = min(num_new, threshold)
         return min(num_new, budget)
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, output: SchedulerOutput) -> bool:
+    def _allocate_or_preempt(self, index: int, num_new: int, output: SchedulerOutput) -> bool:
+        """Blocks for running[index], preempting the worst-ranked request not yet scheduled this
+        step (the last admitted among equals, which is all of them under FCFS) until they fit."""
+        request = self.running[index]
         while self.kv_cache.allocate_slots(request, num_new) is None:
-            victim = self.running.pop()
+            victim = self._worst_running(start=index)
+            self.running.remove(victim)
             self._preempt(victim)
             output.preempted_ids.append(victim.request_id)
             if victim is request:
                 return False
         return True
+
+    def _worst_running(self, start: int = 0) -> Request:
+        rank = self.waiting.rank
+        position = max(range(start, len(self.running)), key=lambda i: (rank(self.running[i]), i))
+        return self.running[position]
+
+    def _make_room_for_waiting(self, output: SchedulerOutput) -> None:
+        """Preemptive policies: while the best waiting request finds no seat or no blocks for its
+        first chunk, the worst running request it outranks gives them up."""
+        block_size = self.kv_cache.block_size
+        while self.waiting and self.running:
+            request = self.waiting.peek()
+            num_blocks = -(-min(request.num_tokens, self.config.max_num_batched_tokens) // block_size)
+            if (len(self.running) < self.config.max_num_seqs
+                    and num_blocks <= self.kv_cache.pool.num_free_blocks):
+                return
+            victim = self._worst_running()
+            if not self.waiting.rank(request) < self.waiting.rank(victim):
+                return
+            self.running.remove(victim)
+            self._preempt(victim)
+            output.preempted_ids.append(victim.request_id)
 
     def _preempt(self, request: Request) -> None:
         # Recompute, not swap: on CPU copying KV out costs as much as recomputing it.
@@ -187,7 +216,10 @@ class Scheduler:
             if request.is_finished:  # aborted while the step ran
                 continue
             samples = scheduled.samples
+            start = request.num_computed_tokens
             request.num_computed_tokens += scheduled.num_new_tokens
+            num_prompt_computed = max(0, min(request.num_computed_tokens, request.num_prompt_tokens) - start)
+            self.waiting.charge(request, num_prompt_computed, 1 if samples else 0)
             if not samples:
                 continue
             token_id = sampled_token_ids[request.request_id]
@@ -235,4 +267,5 @@ class Scheduler:
         request.finished_time = self.clock()
         self.kv_cache.free(request)
         self.batching.forget(request)
+        self.waiting.finished(request)
         del self.requests[request.request_id]

@@ -1,0 +1,173 @@
+"""The scheduling policies on a virtual clock with the fake model: priority with preemption,
+shortest job first, fair share (VTC), and the aging bound that keeps anyone from starving."""
+
+from hypothesis import given, settings, strategies as st
+import pytest
+
+from scheduler import Request, RequestStatus, SamplingParams, SchedulerConfig
+from scheduler_sim import make_scheduler, reference_output, run, step
+
+
+def request(request_id: str, prompt_len: int = 4, max_tokens: int = 8, priority: int = 0, tenant: str = "",
+            arrival_time: float = 0.0) -> Request:
+    prompt = [(hash(request_id) + index) % 50 for index in range(prompt_len)]
+    return Request(request_id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                   arrival_time=arrival_time, priority=priority, tenant=tenant)
+
+
+def admitted_order(plans) -> list[str]:
+    order = []
+    for plan in plans:
+        for scheduled in plan.scheduled:
+            if scheduled.request.request_id not in order:
+                order.append(scheduled.request.request_id)
+    return order
+
+
+def test_priority_orders_the_waiting_by_priority_then_arrival():
+    scheduler = make_scheduler(max_num_seqs=1, policy="priority", priority_aging_s=None)
+    for request_id, priority, arrival in [("late-urgent", 0, 2.0), ("low", 2, 0.0), ("early-urgent", 0, 1.0),
+                                          ("middle", 1, 0.5)]:
+        scheduler.add_request(request(request_id, priority=priority, arrival_time=arrival))
+    assert admitted_order(run(scheduler)) == ["early-urgent", "late-urgent", "middle", "low"]
+
+
+def test_an_urgent_arrival_preempts_the_lowest_priority_last_admitted_and_it_resumes_intact():
+    scheduler = make_scheduler(max_num_seqs=2, policy="priority", priority_aging_s=None)
+    low_a, low_b = request("low-a", priority=1, max_tokens=12), request("low-b", priority=1, max_tokens=12)
+    scheduler.add_request(low_a)
+    scheduler.add_request(low_b)
+    step(scheduler)
+    step(scheduler)
+    urgent = request("urgent", priority=0, arrival_time=scheduler.clock())
+    scheduler.add_request(urgent)
+    plan = step(scheduler)
+    assert plan.preempted_ids == ["low-b"]  # equal priorities: the last admitted gives way
+    assert {s.request.request_id for s in plan.scheduled} == {"low-a", "urgent"}
+    assert low_b.status is RequestStatus.PREEMPTED
+    plans = run(scheduler)
+    # low-b waits for the urgent one's seat, then recomputes and ends exactly as it would alone.
+    assert urgent.finished_time < low_b.finished_time
+    for finished in (low_a, low_b, urgent):
+        assert finished.output_token_ids == reference_output(finished.prompt_token_ids, 12 if finished is not urgent
+                                                             else 8)
+    assert plans  # ran to the end with the pool free (run checks it)
+
+
+def test_a_running_request_is_not_preempted_by_an_equal_or_lower_priority():
+    scheduler = make_scheduler(max_num_seqs=1, policy="priority", priority_aging_s=None)
+    scheduler.add_request(request("first", priority=1))
+    step(scheduler)
+    scheduler.add_request(request("same", priority=1, arrival_time=1.0))
+    scheduler.add_request(request("lower", priority=5, arrival_time=1.0))
+    assert not step(scheduler).preempted_ids
+
+
+def test_when_blocks_run_out_the_lowest_priority_running_request_gives_them_up():
+    # Room for the prompts but not for every request's growth: someone must be preempted.
+    scheduler = make_scheduler(max_num_seqs=3, num_blocks=7, block_size=4, policy="priority", priority_aging_s=None)
+    for request_id, priority in [("p0", 0), ("p2", 2), ("p1", 1)]:
+        scheduler.add_request(request(request_id, prompt_len=7, max_tokens=10, priority=priority))
+    plans = run(scheduler)
+    preempted = [request_id for plan in plans for request_id in plan.preempted_ids]
+    assert preempted and set(preempted) <= {"p2", "p1"}
+    assert preempted[0] == "p2"
+
+
+@pytest.mark.parametrize("policy", ["priority", "sjf"])
+def test_aging_bounds_how_long_a_request_can_be_overtaken(policy):
+    """A request three levels worse than a stream of rivals (priority 3 against 0; or 3 x 256
+    tokens more work) is overtaken only by rivals that arrive within 3 x aging_s of it."""
+    aging_s, levels = 5.0, 3
+    scheduler = make_scheduler(max_num_seqs=1, policy=policy, priority_aging_s=aging_s)
+    if policy == "priority":
+        victim = request("victim", max_tokens=2, priority=levels)
+    else:
+        victim = request("victim", max_tokens=2 + levels * 256)
+    scheduler.add_request(victim)
+    rivals = []
+    while victim.first_scheduled_time is None:
+        assert len(rivals) < 200, "the disfavoured request starved"
+        rivals.append(request(f"rival-{len(rivals)}", max_tokens=2, arrival_time=scheduler.clock()))
+        scheduler.add_request(rivals[-1])
+        step(scheduler)  # one rival arrives per step; each takes about three to serve
+    ahead = [rival for rival in rivals if rival.first_scheduled_time is not None
+             and rival.first_scheduled_time < victim.first_scheduled_time]
+    assert ahead and max(rival.arrival_time for rival in ahead) < levels * aging_s
+    later = [rival for rival in rivals if rival.arrival_time >= levels * aging_s]
+    assert later  # rivals kept coming after the bound, and none of them went first
+
+
+def test_sjf_runs_the_shortest_remaining_work_first():
+    scheduler = make_scheduler(max_num_seqs=1, policy="sjf", priority_aging_s=None, max_model_len=256)
+    for request_id, prompt_len, max_tokens in [("long", 40, 100), ("short", 4, 2), ("medium", 10, 20)]:
+        scheduler.add_request(request(request_id, prompt_len=prompt_len, max_tokens=max_tokens))
+    assert admitted_order(run(scheduler)) == ["short", "medium", "long"]
+
+
+# -- fair share -------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(1, 24), st.integers(1, 16)),
+                min_size=30, max_size=80),
+       st.sampled_from([(1.0, 1.0), (1.0, 2.0), (3.0, 1.0)]))
+def test_vtc_keeps_two_backlogged_tenants_within_the_bound(arrivals, weights):
+    """While both tenants have requests waiting, their counters (weighted service per unit of
+    weight) differ by at most what the running batch can still be charged plus one request."""
+    max_num_seqs, max_prompt, max_output = 4, 24, 16
+    scheduler = make_scheduler(max_model_len=64, max_num_seqs=max_num_seqs, max_num_batched_tokens=32,
+                               num_blocks=64, block_size=4, policy="fair",
+                               tenant_weights={"a": weights[0], "b": weights[1]})
+    queue = scheduler.waiting
+    for tenant in ("a", "b"):  # both backlogged from the start
+        for index in range(4):
+            scheduler.add_request(request(f"{tenant}-seed-{index}", prompt_len=8, max_tokens=8, tenant=tenant))
+    one_request = queue.prompt_token_weight * max_prompt + queue.output_token_weight * max_output
+    bound = (max_num_seqs + 1) * one_request / min(weights)
+    for index, (tenant, prompt_len, max_tokens) in enumerate(arrivals):
+        scheduler.add_request(request(f"{tenant}-{index}", prompt_len=prompt_len, max_tokens=max_tokens,
+                                      tenant=tenant, arrival_time=scheduler.clock()))
+        step(scheduler)
+        backlogged = {r.tenant for r in scheduler.waiting}
+        if backlogged == {"a", "b"}:
+            assert abs(queue.counters["a"] - queue.counters["b"]) <= bound
+    run(scheduler)
+
+
+def test_vtc_serves_weights_one_and_two_in_the_ratio_one_to_two():
+    scheduler = make_scheduler(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, num_blocks=64,
+                               block_size=4, policy="fair", tenant_weights={"light": 1.0, "heavy": 2.0})
+    tokens = {"light": 0, "heavy": 0}
+    for index in range(60):
+        for tenant in tokens:
+            scheduler.add_request(request(f"{tenant}-{index}", prompt_len=8, max_tokens=8, tenant=tenant))
+    for _ in range(120):  # both stay backlogged throughout
+        plan = step(scheduler)
+        for scheduled in plan.scheduled:
+            tokens[scheduled.request.tenant] += scheduled.num_new_tokens
+    assert len({r.tenant for r in scheduler.waiting}) == 2
+    assert tokens["heavy"] / tokens["light"] == pytest.approx(2.0, rel=0.15)
+    queue = scheduler.waiting
+    assert abs(queue.counters["light"] - queue.counters["heavy"]) <= 5 * (8 * 1 + 8 * 2)
+
+
+def test_a_tenant_that_becomes_active_is_lifted_to_the_least_served_active_one():
+    scheduler = make_scheduler(max_num_seqs=2, policy="fair")
+    for index in range(6):
+        scheduler.add_request(request(f"busy-{index}", tenant="busy", max_tokens=4))
+    for _ in range(10):
+        step(scheduler)
+    served = scheduler.waiting.counters["busy"]
+    assert served > 0
+    scheduler.add_request(request("newcomer-0", tenant="newcomer"))
+    # No credit for having been idle: the newcomer starts level with the active tenant.
+    assert scheduler.waiting.counters["newcomer"] == served
+    run(scheduler)
+
+
+def test_config_rejects_an_unknown_policy_and_bad_weights():
+    with pytest.raises(ValueError, match="unknown scheduling policy"):
+        SchedulerConfig(max_model_len=64, policy="lottery")
+    with pytest.raises(ValueError, match="weights"):
+        SchedulerConfig(max_model_len=64, policy="fair", tenant_weights={"a": 0.0})
