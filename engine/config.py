@@ -1,6 +1,6 @@
 """Engine settings: model, dtype, device, KV-cache size and the scheduler's knobs."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GIB = 1024 ** 3
 
@@ -21,7 +21,9 @@ class EngineConfig:
     # behind long ones on mixed-long-short (BENCHMARKS.md, chunked prefill report).
     long_prefill_token_threshold: int = 256
     enable_prefix_caching: bool = True
-    policy: str = "fcfs"
+    policy: str = "fcfs"  # or priority, sjf, fair (scheduler/policy.py)
+    priority_aging_s: float | None = 60.0  # a waiting request gains a priority level per this long
+    tenant_weights: dict[str, float] = field(default_factory=dict)  # for the fair policy
     batching: str = "continuous"  # "static" or "dynamic": padded batches run to completion (for comparison)
     static_batch_size: int | None = None  # requests per static or dynamic batch; None: max_num_seqs
     batch_timeout_s: float = 0.5  # how long a static or dynamic batch waits to fill

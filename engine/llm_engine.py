@@ -82,6 +82,8 @@ class LLMEngine:
                 enable_chunked_prefill=config.enable_chunked_prefill,
                 long_prefill_token_threshold=config.long_prefill_token_threshold,
                 policy=config.policy,
+                priority_aging_s=config.priority_aging_s,
+                tenant_weights=dict(config.tenant_weights),
                 batching=config.batching,
                 static_batch_size=config.static_batch_size,
                 batch_timeout_s=config.batch_timeout_s,

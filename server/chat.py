@@ -27,7 +27,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     num_top = (body.top_logprobs or 0) if body.logprobs else None
     prompt = await serving.run_tokenizer(apply_chat_template, serving, body.messages)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    generation = build_generation(serving, body, [prompt], max_tokens, None, num_top, id_prefix="chatcmpl")
+    generation = build_generation(serving, body, serving.tenant(request, body), [prompt], max_tokens, None, num_top,
+                                  id_prefix="chatcmpl")
     stream = serving.engine.submit(generation.requests)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -24,6 +24,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with chunked prefill, at most N tokens of one prompt per step, so short "
                              "prompts start beside a long one (0: no cap; default 256)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "sjf", "fair"],
+                        help="the order of waiting requests: first come; lower `priority` first, preempting; "
+                             "shortest remaining work first; or fair share between users (VTC)")
+    parser.add_argument("--priority-aging-s", type=float, default=60.0, metavar="S",
+                        help="priority and sjf: a waiting request gains one level per S seconds, so nothing "
+                             "starves (0: no aging)")
     parser.add_argument("--batching", default="continuous", choices=["continuous", "dynamic", "static"],
                         help="continuous admits every step; static and dynamic run padded batches to completion")
     parser.add_argument("--static-batch-size", type=int, default=None,
@@ -54,6 +60,8 @@ def engine_config(args: argparse.Namespace):
         enable_chunked_prefill=args.enable_chunked_prefill,
         long_prefill_token_threshold=args.long_prefill_token_threshold,
         enable_prefix_caching=args.enable_prefix_caching,
+        policy=args.scheduling_policy,
+        priority_aging_s=args.priority_aging_s or None,
         batching=args.batching,
         static_batch_size=args.static_batch_size,
         batch_timeout_s=args.batch_timeout_s,
@@ -101,6 +109,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-size", default="2MiB", help="larger request bodies get 413")
     parser.add_argument("--metrics-compat", choices=["vllm"], default=None,
                         help="also export metrics under vLLM's names")
+    parser.add_argument("--tenants", default=None, metavar="FILE",
+                        help="TOML: per tenant its weight (fair share), default priority and API keys "
+                             "(scheduler/tenants.py)")
     parser.add_argument("--share-prefix-cache", action="store_true",
                         help="let requests of different users (the `user` field) share cached prefixes; off by "
                              "default, since a fast first token tells one user that another sent the same prefix")
@@ -123,8 +134,14 @@ def serve(args: argparse.Namespace) -> int:
     from server.app import build_app
     from server.runner import run_server
     from server.serving import ServerSettings
+    from scheduler.tenants import Tenants, TenantsError, load_tenants
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        tenants = load_tenants(args.tenants) if args.tenants else Tenants.default_only()
+    except TenantsError as error:
+        print(f"iterserve: {error}", file=sys.stderr)
+        return 2
     settings = ServerSettings(
         served_model_name=served_model_name(args),
         api_key=args.api_key or None,
@@ -134,9 +151,10 @@ def serve(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout,
         share_prefix_cache=args.share_prefix_cache,
         allow_special_tokens_in_messages=args.allow_special_tokens_in_messages,
+        tenants=tenants,
     )
     try:
-        llm_engine = LLMEngine(engine_config(args))
+        llm_engine = LLMEngine(dataclasses.replace(engine_config(args), tenant_weights=tenants.weights))
     except (FileNotFoundError, ValueError) as error:  # a bad --model or cache size: say so, no traceback
         print(f"iterserve: {error}", file=sys.stderr)
         return 2

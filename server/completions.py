@@ -21,8 +21,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     serving.check_model(body.model)
     reject_unsupported(body, echo=body.echo, suffix=body.suffix, best_of=body.best_of not in (None, body.n))
     prompts = await serving.run_tokenizer(tokenize_prompts, serving, body.prompt)
-    generation = build_generation(serving, body, prompts, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS,
-                                  body.logprobs, id_prefix="cmpl")
+    generation = build_generation(serving, body, serving.tenant(request, body), prompts, body.max_tokens,
+                                  COMPLETIONS_DEFAULT_MAX_TOKENS, body.logprobs, id_prefix="cmpl")
     stream = serving.engine.submit(generation.requests)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -24,8 +24,11 @@ class RequestGate:
     def __init__(self, app: ASGIApp, serving):
         self.app = app
         self.serving = serving
-        key = serving.settings.api_key
-        self._key_digest = hashlib.sha256(f"Bearer {key}".encode()).digest() if key else None
+        # Digest of each accepted `Authorization` value -> the tenant its key belongs to (None:
+        # the server's own --api-key, which names no tenant).
+        keys = {serving.settings.api_key: None} if serving.settings.api_key else {}
+        keys.update(serving.settings.tenants.by_api_key())
+        self._key_digests = {_digest(f"Bearer {key}".encode()): tenant for key, tenant in keys.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,12 +52,14 @@ class RequestGate:
     def _refuse(self, scope: Scope) -> APIError | None:
         if self.serving.engine.draining:
             return ServiceUnavailableError("the server is shutting down", code="draining")
-        if self._key_digest is not None:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            # Digests of equal length, compared in constant time: neither the key nor its
-            # length leaks through response timing.
-            if not hmac.compare_digest(hashlib.sha256(given).digest(), self._key_digest):
+        if self._key_digests:
+            given = _digest(dict(scope["headers"]).get(b"authorization", b""))
+            # Digests of equal length, each compared in constant time and all of them always:
+            # neither a key, nor its length, nor which one matched leaks through timing.
+            matches = [tenant for digest, tenant in self._key_digests.items() if hmac.compare_digest(given, digest)]
+            if not matches:
                 return AuthenticationError("a valid API key is required: Authorization: Bearer <key>")
+            scope.setdefault("state", {})["tenant"] = matches[0]
         return None
 
     async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, APIError | None]:
@@ -75,6 +80,10 @@ class RequestGate:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), None
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
 
 
 def _head_too_large(scope: Scope) -> APIError | None:

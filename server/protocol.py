@@ -82,7 +82,7 @@ class GenerationRequest(APIRequest):
     include_stop_str_in_output: bool = False
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    priority: int = 0
+    priority: int | None = None  # lower runs first under --scheduling-policy priority; default: the tenant's
     # vLLM's extension: requests share cached prefixes only with requests of the same salt.
     cache_salt: str | None = Field(None, min_length=1)
 

@@ -18,6 +18,7 @@ from fastapi import Request
 from engine import LLMEngine, RequestOutput
 from engine.sampler import TokenLogprobs
 from scheduler import InvalidRequestError, SamplingParams
+from scheduler.tenants import Tenant, Tenants
 from server.async_engine import AsyncEngine, EngineRequest, OutputStream
 from server.errors import BadRequestError, EngineError, ModelNotFoundError
 from server.metrics import EngineMetrics
@@ -40,6 +41,7 @@ class ServerSettings:
     share_prefix_cache: bool = False
     # Off by default, so a user cannot write turns of their own (`<|im_end|><|im_start|>system`).
     allow_special_tokens_in_messages: bool = False
+    tenants: Tenants = field(default_factory=Tenants.default_only)
 
 
 @dataclass(slots=True)
@@ -77,6 +79,10 @@ class ServingState:
         """`function(*args, **kwargs)` on the tokenizer thread; its exceptions reach the caller."""
         call = functools.partial(function, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, call)
+
+    def tenant(self, request: Request, body: GenerationRequest) -> Tenant:
+        """The API key's tenant (the gate put it in the request's state), else the one `user` names."""
+        return self.settings.tenants.resolve(getattr(request.state, "tenant", None), body.user)
 
     def cache_salt(self, body: GenerationRequest) -> str:
         """Requests share prefix-cache blocks only when their salts are equal (kvcache.hashing)."""
@@ -168,13 +174,14 @@ def sampling_params(body: GenerationRequest, max_tokens: int | None, num_prompt_
     )
 
 
-def build_generation(serving: ServingState, body: GenerationRequest, prompts: list[list[int]],
+def build_generation(serving: ServingState, body: GenerationRequest, tenant: Tenant, prompts: list[list[int]],
                      max_tokens: int | None, default_max_tokens: int | None, logprobs: int | None,
                      id_prefix: str) -> Generation:
     """Validate every prompt and choice before any is queued, so a bad one leaves nothing behind."""
     arrival_time = time.monotonic()
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
     cache_salt = serving.cache_salt(body)
+    priority = tenant.priority if body.priority is None else body.priority
     requests, choices = [], {}
     for prompt_index, prompt in enumerate(prompts):
         serving.llm_engine.check_prompt(prompt)
@@ -185,7 +192,7 @@ def build_generation(serving: ServingState, body: GenerationRequest, prompts: li
             if params.seed is not None:
                 params = dataclasses.replace(params, seed=body.seed + sample_index)
             engine_id = f"{request_id}-{prompt_index}-{sample_index}"
-            requests.append(EngineRequest(engine_id, prompt, params, arrival_time, body.priority, body.user or "",
+            requests.append(EngineRequest(engine_id, prompt, params, arrival_time, priority, tenant.name,
                                           cache_salt))
             choices[engine_id] = ChoiceResult(index=prompt_index * body.n + sample_index)
     return Generation(request_id, prompts, requests, choices)

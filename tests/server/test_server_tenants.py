@@ -1,0 +1,67 @@
+"""Tenants through HTTP: a tenant's API key authenticates and names the tenant, `user` names only
+configured tenants, and a tenant's priority is the default of its requests."""
+
+import httpx
+import pytest
+
+from scheduler.tenants import load_tenants
+from server_harness import StepGate, start_server, wait_until
+
+pytestmark = pytest.mark.slow
+
+TENANTS = """
+[tenants.chat]
+weight = 2
+priority = 0
+api_keys = ["sk-chat"]
+
+[tenants.batch]
+priority = 3
+api_keys = ["sk-batch"]
+"""
+
+
+@pytest.fixture(scope="module")
+def tenant_server(tiny_model_path, tmp_path_factory, torch_threads):
+    path = tmp_path_factory.mktemp("tenants") / "tenants.toml"
+    path.write_text(TENANTS)
+    server = start_server(tiny_model_path, "tiny", num_kv_blocks=64, tenants=load_tenants(path))
+    yield server
+    server.stop()
+
+
+def tenant_and_priority(server, key: str, **fields) -> tuple[str, int]:
+    """Send one request and read, inside the engine, whom it was queued for."""
+    gate = StepGate(server.llm_engine)
+    gate.hold()
+    try:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+            with http.stream("POST", "/v1/completions",
+                             json={"model": "tiny", "prompt": "Hi", "max_tokens": 2, "stream": True, **fields}) as reply:
+                assert reply.status_code == 200
+                wait_until(lambda: server.llm_engine.scheduler.requests, what="the request to be queued")
+                (queued,) = server.llm_engine.scheduler.requests.values()
+                found = (queued.tenant, queued.priority)
+                gate.open()
+                reply.read()
+    finally:
+        gate.remove()
+    return found
+
+
+def test_a_tenants_key_names_its_tenant_and_priority(tenant_server):
+    assert tenant_and_priority(tenant_server, "sk-chat") == ("chat", 0)
+    assert tenant_and_priority(tenant_server, "sk-batch") == ("batch", 3)
+    assert tenant_and_priority(tenant_server, "sk-batch", priority=1) == ("batch", 1)  # a request's own wins
+    assert tenant_and_priority(tenant_server, "sk-batch", user="chat") == ("batch", 3)  # the key outranks user
+
+
+def test_user_names_only_configured_tenants(tenant_server):
+    key = tenant_server.headers()["Authorization"].removeprefix("Bearer ")  # the server's own key: no tenant
+    assert tenant_and_priority(tenant_server, key, user="batch") == ("batch", 3)
+    assert tenant_and_priority(tenant_server, key, user="made-up") == ("default", 0)
+
+
+def test_an_unknown_key_is_still_refused(tenant_server):
+    response = httpx.get(f"{tenant_server.url}/v1/models", headers={"Authorization": "Bearer sk-nobody"})
+    assert response.status_code == 401
