@@ -24,6 +24,7 @@ class EngineConfig:
     policy: str = "fcfs"  # or priority, sjf, fair (scheduler/policy.py)
     priority_aging_s: float | None = 60.0  # a waiting request gains a priority level per this long
     tenant_weights: dict[str, float] = field(default_factory=dict)  # for the fair policy
+    queue_timeout_s: float | None = None  # a request still unscheduled this long after arrival times out
     batching: str = "continuous"  # "static" or "dynamic": padded batches run to completion (for comparison)
     static_batch_size: int | None = None  # requests per static or dynamic batch; None: max_num_seqs
     batch_timeout_s: float = 0.5  # how long a static or dynamic batch waits to fill

@@ -83,6 +83,7 @@ class LLMEngine:
                 long_prefill_token_threshold=config.long_prefill_token_threshold,
                 policy=config.policy,
                 priority_aging_s=config.priority_aging_s,
+                queue_timeout_s=config.queue_timeout_s,
                 tenant_weights=dict(config.tenant_weights),
                 batching=config.batching,
                 static_batch_size=config.static_batch_size,
@@ -121,6 +122,7 @@ class LLMEngine:
         priority: int = 0,
         tenant: str = "",
         cache_salt: str = "",
+        deadline: float | None = None,
     ) -> str:
         """Validate and queue a request; InvalidRequestError leaves the engine untouched."""
         params = sampling_params or SamplingParams()
@@ -135,6 +137,7 @@ class LLMEngine:
             priority=priority,
             tenant=tenant,
             cache_salt=cache_salt,
+            deadline=deadline,
         )
         self.scheduler.add_request(request)
         self._texts[request.request_id] = _TextState(
@@ -164,13 +167,13 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
+        outputs = [self._final_output(request) for request in plan.timed_out]
         if plan.is_empty:
-            return []
+            return outputs
         try:
             result = self.runner.execute(plan)
         except Exception as error:  # noqa: BLE001 - a bad step must not take the engine down
-            return self._fail_step(plan, error)
-        outputs = []
+            return outputs + self._fail_step(plan, error)
         for request in self.scheduler.update(plan, result.sampled_token_ids):
             logprobs = result.logprobs.get(request.request_id)
             outputs.append(self._output(request, request.output_token_ids[-1], logprobs))

@@ -18,6 +18,7 @@ class SchedulerConfig:
     # A waiting request gains one priority level per this many seconds (None: no aging).
     priority_aging_s: float | None = DEFAULT_AGING_S
     tenant_weights: dict[str, float] = field(default_factory=dict)  # fair share; 1 where not given
+    queue_timeout_s: float | None = None  # a request never scheduled this long after arrival times out
     batching: str = "continuous"  # or "static" / "dynamic": see scheduler/batching.py
     static_batch_size: int | None = None  # requests per static or dynamic batch; None: max_num_seqs
     batch_timeout_s: float = 0.5  # longest the oldest waiting request waits for its batch to fill
@@ -49,5 +50,7 @@ class SchedulerConfig:
             raise ValueError(f"priority_aging_s must be positive or None, got {self.priority_aging_s}")
         if any(weight <= 0 for weight in self.tenant_weights.values()):
             raise ValueError(f"tenant weights must be positive, got {self.tenant_weights}")
+        if self.queue_timeout_s is not None and self.queue_timeout_s <= 0:
+            raise ValueError(f"queue_timeout_s must be positive or None, got {self.queue_timeout_s}")
         if self.batch_timeout_s < 0:
             raise ValueError(f"batch_timeout_s must be at least 0, got {self.batch_timeout_s}")

@@ -26,6 +26,7 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
     FINISHED_ERROR = "error"
+    FINISHED_TIMEOUT = "timeout"  # its deadline or the queue timeout passed (the server answers 408)
 
     @property
     def is_finished(self) -> bool:
@@ -108,6 +109,7 @@ class Request:
     priority: int = 0
     tenant: str = ""
     cache_salt: str = ""  # see kvcache.hashing.root_hash
+    deadline: float | None = None  # on the scheduler's clock: unfinished by then, it ends as a timeout
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     # The one counter chunked prefill, prefix hits, recompute and decode all advance.

@@ -36,6 +36,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
+    timed_out: list[Request] = field(default_factory=list)  # ended before this step: report them
 
     @property
     def num_batched_tokens(self) -> int:
@@ -98,7 +99,7 @@ class Scheduler:
     # -- one step -----------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        output = SchedulerOutput()
+        output = SchedulerOutput(timed_out=self._end_timed_out())
         budget = self.config.max_num_batched_tokens
         if self.waiting.preempts:
             self._make_room_for_waiting(output)
@@ -123,6 +124,20 @@ class Scheduler:
         if output.scheduled:
             self.batching.count_padding()
         return output
+
+    def _end_timed_out(self) -> list[Request]:
+        """Requests past their deadline, or waiting unscheduled past the queue timeout, end here
+        and free their blocks, before anyone is given tokens."""
+        now = self.clock()
+        queue_timeout = self.config.queue_timeout_s
+        timed_out = [
+            request for request in self.requests.values()
+            if (request.deadline is not None and now >= request.deadline)
+            or (queue_timeout is not None and request.first_scheduled_time is None
+                and now - request.arrival_time >= queue_timeout)]
+        for request in timed_out:
+            self._finish(request, RequestStatus.FINISHED_TIMEOUT)
+        return timed_out
 
     def _num_tokens_to_schedule(self, request: Request, budget: int, num_computed: int | None = None) -> int:
         """Tokens to give `request` this step (0: it must wait), from `num_computed` on."""

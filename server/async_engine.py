@@ -38,6 +38,7 @@ class EngineRequest:
     priority: int = 0
     tenant: str = ""
     cache_salt: str = ""
+    deadline: float | None = None  # time.monotonic() by which it must finish
 
 
 class OutputStream:
@@ -261,7 +262,7 @@ class AsyncEngine:
                 self.engine.add_request(
                     request.prompt_token_ids, request.sampling_params, request_id=request.request_id,
                     arrival_time=request.arrival_time, priority=request.priority, tenant=request.tenant,
-                    cache_salt=request.cache_salt)
+                    cache_salt=request.cache_salt, deadline=request.deadline)
                 self._live.add(request.request_id)
             except InvalidRequestError as error:
                 failures.append((request.request_id, from_invalid_request(error)))

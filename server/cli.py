@@ -109,6 +109,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-size", default="2MiB", help="larger request bodies get 413")
     parser.add_argument("--metrics-compat", choices=["vllm"], default=None,
                         help="also export metrics under vLLM's names")
+    parser.add_argument("--queue-timeout", type=float, default=None, metavar="S",
+                        help="a request not yet scheduled S seconds after it arrived ends with 408")
     parser.add_argument("--tenants", default=None, metavar="FILE",
                         help="TOML: per tenant its weight (fair share), default priority and API keys "
                              "(scheduler/tenants.py)")
@@ -154,7 +156,8 @@ def serve(args: argparse.Namespace) -> int:
         tenants=tenants,
     )
     try:
-        llm_engine = LLMEngine(dataclasses.replace(engine_config(args), tenant_weights=tenants.weights))
+        llm_engine = LLMEngine(dataclasses.replace(engine_config(args), tenant_weights=tenants.weights,
+                                                   queue_timeout_s=args.queue_timeout))
     except (FileNotFoundError, ValueError) as error:  # a bad --model or cache size: say so, no traceback
         print(f"iterserve: {error}", file=sys.stderr)
         return 2

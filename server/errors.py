@@ -58,6 +58,14 @@ class RequestTooLargeError(APIError):
     default_code = "request_too_large"
 
 
+class RequestTimeoutError(APIError):
+    """The request's `timeout`, or the server's --queue-timeout, passed before it finished."""
+
+    status_code = 408
+    error_type = "timeout_error"
+    default_code = "request_timeout"
+
+
 class HeadersTooLargeError(APIError):
     status_code = 431
     default_code = "request_header_fields_too_large"

@@ -85,6 +85,8 @@ class GenerationRequest(APIRequest):
     priority: int | None = None  # lower runs first under --scheduling-policy priority; default: the tenant's
     # vLLM's extension: requests share cached prefixes only with requests of the same salt.
     cache_salt: str | None = Field(None, min_length=1)
+    # Seconds from arrival: unfinished by then, the request ends with a 408 (or an error event).
+    timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
 class CompletionRequest(GenerationRequest):

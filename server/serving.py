@@ -20,7 +20,7 @@ from engine.sampler import TokenLogprobs
 from scheduler import InvalidRequestError, SamplingParams
 from scheduler.tenants import Tenant, Tenants
 from server.async_engine import AsyncEngine, EngineRequest, OutputStream
-from server.errors import BadRequestError, EngineError, ModelNotFoundError
+from server.errors import APIError, BadRequestError, EngineError, ModelNotFoundError, RequestTimeoutError
 from server.metrics import EngineMetrics
 from server.protocol import GenerationRequest, Usage
 
@@ -182,6 +182,7 @@ def build_generation(serving: ServingState, body: GenerationRequest, tenant: Ten
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
     cache_salt = serving.cache_salt(body)
     priority = tenant.priority if body.priority is None else body.priority
+    deadline = None if body.timeout is None else arrival_time + body.timeout
     requests, choices = [], {}
     for prompt_index, prompt in enumerate(prompts):
         serving.llm_engine.check_prompt(prompt)
@@ -193,7 +194,7 @@ def build_generation(serving: ServingState, body: GenerationRequest, tenant: Ten
                 params = dataclasses.replace(params, seed=body.seed + sample_index)
             engine_id = f"{request_id}-{prompt_index}-{sample_index}"
             requests.append(EngineRequest(engine_id, prompt, params, arrival_time, priority, tenant.name,
-                                          cache_salt))
+                                          cache_salt, deadline))
             choices[engine_id] = ChoiceResult(index=prompt_index * body.n + sample_index)
     return Generation(request_id, prompts, requests, choices)
 
@@ -211,10 +212,21 @@ async def collect(stream: OutputStream, generation: Generation, request: Request
     if not consumer.done() or consumer.cancelled():
         raise ClientDisconnected()
     choices = consumer.result()
-    failed = [choice for choice in choices if choice.finish_reason == "error"]
-    if failed:
-        raise EngineError(failed[0].error or "the engine failed this request")
+    for choice in choices:
+        error = failure(choice.finish_reason, choice.error)
+        if error is not None:
+            raise error
     return choices
+
+
+def failure(finish_reason: str | None, message: str | None) -> APIError | None:
+    """The error a finished engine request stands for, if it did not end normally."""
+    if finish_reason == "error":
+        return EngineError(message or "the engine failed this request")
+    if finish_reason == "timeout":
+        return RequestTimeoutError("the request timed out before it finished (its `timeout`, or the server's "
+                                   "queue timeout)")
+    return None
 
 
 async def _consume(stream: OutputStream, generation: Generation) -> list[ChoiceResult]:

@@ -18,7 +18,7 @@ from engine import RequestOutput
 from server.async_engine import OutputStream
 from server.errors import APIError, EngineError
 from server.protocol import Usage
-from server.serving import ChoiceResult, Generation
+from server.serving import ChoiceResult, Generation, failure
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,9 @@ async def stream_events(stream: OutputStream, generation: Generation, formatter:
         async for output in stream:
             choice = generation.choices[output.request_id]
             choice.add(output)
-            if output.finish_reason == "error":
-                raise EngineError(output.error or "the engine failed this request")
+            error = failure(output.finish_reason, output.error)
+            if error is not None:
+                raise error
             chunk = formatter.chunk(output, choice)
             if chunk is not None:
                 yield event(chunk)

@@ -59,7 +59,7 @@ def test_request_tracks_prompt_and_outputs_together():
     assert request.num_prompt_tokens == 3 and request.output_token_ids == [9]
     assert request.status is RequestStatus.WAITING and not request.is_finished
     assert RequestStatus.WAITING.finish_reason is None
-    assert [s.finish_reason for s in RequestStatus if s.is_finished] == ["stop", "length", "abort", "error"]
+    assert [s.finish_reason for s in RequestStatus if s.is_finished] == ["stop", "length", "abort", "error", "timeout"]
 
 
 def test_scheduler_refuses_a_duplicate_id_and_an_unknown_policy():

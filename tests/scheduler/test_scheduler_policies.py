@@ -171,3 +171,34 @@ def test_config_rejects_an_unknown_policy_and_bad_weights():
         SchedulerConfig(max_model_len=64, policy="lottery")
     with pytest.raises(ValueError, match="weights"):
         SchedulerConfig(max_model_len=64, policy="fair", tenant_weights={"a": 0.0})
+
+
+# -- deadlines ------------------------------------------------------------------------------
+
+
+def test_a_deadline_ends_a_running_request_as_a_timeout_and_frees_its_blocks():
+    scheduler = make_scheduler()
+    late = request("late", max_tokens=30)
+    late.deadline = 5.0
+    on_time = request("on-time", max_tokens=3)
+    on_time.deadline = 100.0
+    scheduler.add_request(late)
+    scheduler.add_request(on_time)
+    timed_out = []
+    while scheduler.has_unfinished_requests():
+        timed_out += [r.request_id for r in step(scheduler).timed_out]
+    assert timed_out == ["late"]
+    assert late.status is RequestStatus.FINISHED_TIMEOUT and late.finished_time == 5.0
+    assert on_time.status is RequestStatus.FINISHED_LENGTH
+    assert scheduler.kv_cache.pool.num_free_blocks == scheduler.kv_cache.pool.num_blocks
+
+
+def test_the_queue_timeout_ends_only_requests_never_scheduled():
+    scheduler = make_scheduler(max_num_seqs=1, queue_timeout_s=3.0)
+    first, second = request("first", max_tokens=10), request("second", max_tokens=2)
+    scheduler.add_request(first)
+    scheduler.add_request(second)
+    plans = run(scheduler)
+    assert [r.request_id for plan in plans for r in plan.timed_out] == ["second"]
+    assert first.status is RequestStatus.FINISHED_LENGTH  # running longer than the timeout is fine
+    assert second.first_scheduled_time is None

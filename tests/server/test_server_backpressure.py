@@ -7,6 +7,8 @@ the test needs it (waiting, or mid-stream) whatever the machine's speed.
 from contextlib import ExitStack
 import json
 import socket
+import threading
+import time
 
 import httpx
 import pytest
@@ -39,8 +41,12 @@ def assert_queue_full(response: httpx.Response) -> None:
     assert response.json()["error"]["type"] == "rate_limit_error"
 
 
+def read_events(response: httpx.Response) -> list[str]:
+    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
 def read_to_the_end(response: httpx.Response) -> list[dict]:
-    events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    events = read_events(response)
     assert events[-1] == "[DONE]"
     return [json.loads(event) for event in events[:-1]]
 
@@ -118,3 +124,34 @@ def test_client_leaving_a_plain_request_aborts_it(tiny_server, step_gate):
     step_gate.open()
     assert_engine_is_empty(tiny_server)
     assert aborted(scrape(tiny_server)) == before + 1
+
+
+def test_a_request_past_its_timeout_gets_408_and_frees_its_blocks(tiny_server, step_gate, http):
+    step_gate.hold()
+    results = {}
+
+    def post():
+        with httpx.Client(base_url=tiny_server.url, headers=tiny_server.headers(), timeout=120) as own:
+            results["plain"] = own.post("/v1/completions", json={**LONG, "timeout": 0.2})
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    with http.stream("POST", "/v1/completions", json={**LONG, "stream": True, "timeout": 0.2}) as streamed:
+        assert streamed.status_code == 200  # a stream has begun, so its timeout comes as an error event
+        wait_until(lambda: tiny_server.serving.engine.num_waiting == 2, what="both requests to queue")
+        time.sleep(0.3)  # past both deadlines while the engine is held
+        step_gate.open()
+        events = read_events(streamed)
+    thread.join(120)
+    assert results["plain"].status_code == 408
+    assert results["plain"].json()["error"]["code"] == "request_timeout"
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
+    assert_engine_is_empty(tiny_server)
+    assert sample(scrape(tiny_server), "iterserve_requests_finished_total", model_name="tiny",
+                  finish_reason="timeout") >= 2
+
+
+def test_a_bad_timeout_is_a_400(http):
+    for timeout in (0, -1, "soon"):
+        response = http.post("/v1/completions", json={**LONG, "timeout": timeout})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "timeout"
