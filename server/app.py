@@ -28,7 +28,9 @@ def build_serving(llm_engine: LLMEngine, settings: ServerSettings) -> ServingSta
     # The `_created` twin of every series only doubles the scrape (vLLM turns it off too).
     disable_created_metrics()
 
-    metrics = EngineMetrics(settings.served_model_name, llm_engine.max_model_len, settings.metrics_compat)
+    tenant_names = list(settings.tenants.by_name) if settings.tenants.is_configured else None
+    metrics = EngineMetrics(settings.served_model_name, llm_engine.max_model_len, settings.metrics_compat,
+                            tenant_names)
     engine = AsyncEngine(llm_engine, observer=metrics.record_step, max_queued_requests=settings.max_queued_requests)
     tokenizer = AutoTokenizer.from_pretrained(llm_engine.model_path)
     return ServingState(settings, llm_engine, engine, metrics, tokenizer)

@@ -14,13 +14,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engine import LLMEngine, RequestOutput
+from server.tenant_metrics import FINISH_REASONS, TenantMetrics
 
 # A millisecond to ten minutes: decode steps on a fast GPU up to long CPU prompts.
 TIME_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
     1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 240.0, 480.0, 600.0,
 )
-FINISH_REASONS = ("stop", "length", "abort", "error", "timeout")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +87,8 @@ def length_buckets(max_model_len: int) -> list[int]:
 
 
 class EngineMetrics:
-    def __init__(self, model_name: str, max_model_len: int, compat: str | None = None):
+    def __init__(self, model_name: str, max_model_len: int, compat: str | None = None,
+                 tenant_names: list[str] | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
         # process_resident_memory_bytes, CPU seconds, open fds: what a soak watches (vLLM exports them too).
         ProcessCollector(registry=self.registry)
@@ -105,6 +106,8 @@ class EngineMetrics:
             self._children[spec.key] = children
         self._last_token_time: dict[str, float] = {}  # engine thread only
         self._seen = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0, "padding_tokens": 0}
+        self.tenants = (TenantMetrics(self.registry, model_name, tenant_names, TIME_BUCKETS_S)
+                        if tenant_names else None)
 
     def _family(self, spec: MetricSpec, name: str, reason_label: str, model_name: str, max_model_len: int):
         labels = ["model_name"] + ([reason_label] if spec.by_finish_reason else [])
@@ -148,6 +151,8 @@ class EngineMetrics:
         self._inc_to("prefix_queries", stats.prefix_cache_queries)
         self._inc_to("prefix_hits", stats.prefix_cache_hits)
         self._inc_to("padding_tokens", engine.scheduler.padding_tokens)
+        if self.tenants is not None:
+            self.tenants.record_step(engine)
 
     def _inc_to(self, key: str, total: int) -> None:
         """Counters the engine keeps as running totals: add what is new since last time."""
@@ -166,6 +171,8 @@ class EngineMetrics:
                 self._observe("itl", request.last_token_time - previous)
             self._last_token_time[request.request_id] = request.last_token_time
             self._inc("generation_tokens", len(output.new_token_ids))
+            if self.tenants is not None:
+                self.tenants.record_token(request, previous is None, previous, len(output.new_token_ids))
         if output.finished:
             self._record_finished(output)
 
@@ -176,6 +183,8 @@ class EngineMetrics:
             child[output.finish_reason or "error"].inc()
         finished = request.finished_time if request.finished_time is not None else request.last_token_time
         self._observe("e2e", finished - request.arrival_time)
+        if self.tenants is not None:
+            self.tenants.record_finished(output, finished)
         self._observe("prompt_length", request.num_prompt_tokens)
         self._observe("generation_length", len(request.output_token_ids))
         if request.first_scheduled_time is not None:

@@ -5,7 +5,7 @@ import httpx
 import pytest
 
 from scheduler.tenants import load_tenants
-from server_harness import StepGate, start_server, wait_until
+from server_harness import StepGate, sample, scrape, start_server, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +65,28 @@ def test_user_names_only_configured_tenants(tenant_server):
 def test_an_unknown_key_is_still_refused(tenant_server):
     response = httpx.get(f"{tenant_server.url}/v1/models", headers={"Authorization": "Bearer sk-nobody"})
     assert response.status_code == 401
+
+
+def test_metrics_carry_a_tenant_label_for_configured_tenants_only(tenant_server):
+    key = tenant_server.headers()["Authorization"].removeprefix("Bearer ")
+    before = scrape(tenant_server)
+    for api_key, user in [("sk-chat", None), ("sk-chat", None), (key, "made-up-tenant"), ("sk-batch", None)]:
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 3, **({"user": user} if user else {})}
+        response = httpx.post(f"{tenant_server.url}/v1/completions", json=body, timeout=60,
+                              headers={"Authorization": f"Bearer {api_key}"})
+        assert response.status_code == 200
+    wait_until(lambda: not tenant_server.llm_engine.has_unfinished_requests(), what="the engine to go idle")
+    after = scrape(tenant_server)
+
+    def finished(samples, tenant):
+        return sample(samples, "iterserve_tenant_requests_finished_total", model_name="tiny", tenant=tenant,
+                      finish_reason="length")
+
+    assert [finished(after, t) - finished(before, t) for t in ("chat", "default", "batch")] == [2, 1, 1]
+    tenants_seen = {dict(labels).get("tenant") for name, labels in after if name.startswith("iterserve_tenant_")}
+    assert tenants_seen == {"chat", "batch", "default"}
+    assert sample(after, "iterserve_tenant_time_to_first_token_seconds_count", model_name="tiny", tenant="chat") >= 2
+
+
+def test_without_a_tenants_file_there_are_no_tenant_series(tiny_server):
+    assert not [name for name, _ in scrape(tiny_server) if name.startswith("iterserve_tenant_")]

@@ -1,0 +1,75 @@
+"""Per-tenant series, exported only when a tenants file names tenants (`--tenants`).
+
+The label values are the configured tenant names and `default`, never a client's
+string (scheduler/tenants.py resolves every request to one of those), so a client
+cannot grow the number of series. Observed on the engine thread, from the same
+request timestamps as server/metrics.py.
+"""
+
+from collections import Counter as Tally
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from engine import LLMEngine, RequestOutput
+from scheduler import Request, RequestStatus
+
+FINISH_REASONS = tuple(status.finish_reason for status in RequestStatus if status.is_finished)
+
+
+class TenantMetrics:
+    def __init__(self, registry: CollectorRegistry, model_name: str, tenant_names: list[str],
+                 time_buckets_s: tuple[float, ...]):
+        self.tenant_names = list(tenant_names)
+        labels = ("model_name", "tenant")
+
+        def histogram(name: str, documentation: str) -> dict:
+            family = Histogram(f"iterserve_tenant_{name}", documentation, labels, registry=registry,
+                               buckets=time_buckets_s)
+            return {tenant: family.labels(model_name, tenant) for tenant in self.tenant_names}
+
+        def per_tenant(kind, name: str, documentation: str) -> dict:
+            family = kind(f"iterserve_tenant_{name}", documentation, labels, registry=registry)
+            return {tenant: family.labels(model_name, tenant) for tenant in self.tenant_names}
+
+        self.ttft = histogram("time_to_first_token_seconds", "Time from arrival to the first output token, by tenant.")
+        self.itl = histogram("inter_token_latency_seconds", "Time between consecutive output tokens, by tenant.")
+        self.e2e = histogram("e2e_request_latency_seconds", "Time from arrival to finish, by tenant.")
+        self.prompt_tokens = per_tenant(Counter, "prompt_tokens", "Prompt tokens of requests that got a first token.")
+        self.generation_tokens = per_tenant(Counter, "generation_tokens", "Output tokens generated, by tenant.")
+        self.waiting = per_tenant(Gauge, "num_requests_waiting", "Requests waiting for a seat, by tenant.")
+        self.running = per_tenant(Gauge, "num_requests_running", "Requests holding a seat, by tenant.")
+        self.kv_blocks = per_tenant(Gauge, "kv_cache_blocks", "KV blocks held by the tenant's requests.")
+        finished = Counter("iterserve_tenant_requests_finished", "Finished requests by tenant and finish reason.",
+                           labels + ("finish_reason",), registry=registry)
+        self.finished = {(tenant, reason): finished.labels(model_name, tenant, reason)
+                         for tenant in self.tenant_names for reason in FINISH_REASONS}
+
+    def record_step(self, engine: LLMEngine) -> None:
+        waiting, running, blocks = Tally(), Tally(), Tally()
+        for request in engine.scheduler.requests.values():
+            (running if request.status is RequestStatus.RUNNING else waiting)[self._tenant(request)] += 1
+            blocks[self._tenant(request)] += len(engine.kv_cache.block_ids(request.request_id))
+        for tenant in self.tenant_names:
+            self.waiting[tenant].set(waiting[tenant])
+            self.running[tenant].set(running[tenant])
+            self.kv_blocks[tenant].set(blocks[tenant])
+
+    def record_token(self, request: Request, first: bool, previous_token_time: float | None,
+                     num_new_tokens: int) -> None:
+        tenant = self._tenant(request)
+        if first:
+            self.ttft[tenant].observe(request.first_token_time - request.arrival_time)
+            self.prompt_tokens[tenant].inc(request.num_prompt_tokens)
+        elif previous_token_time is not None:
+            self.itl[tenant].observe(request.last_token_time - previous_token_time)
+        self.generation_tokens[tenant].inc(num_new_tokens)
+
+    def record_finished(self, output: RequestOutput, finished_time: float) -> None:
+        request = output.request
+        tenant = self._tenant(request)
+        self.finished[(tenant, output.finish_reason or "error")].inc()
+        self.e2e[tenant].observe(finished_time - request.arrival_time)
+
+    def _tenant(self, request: Request) -> str:
+        # Requests reach the engine with a configured name or "default"; anything else is ours to fold.
+        return request.tenant if request.tenant in self.ttft else "default"
