@@ -58,7 +58,7 @@ class Scheduler:
         self.kv_cache = kv_cache
         self.clock = clock
         self.waiting = make_waiting_queue(config.policy, config.priority_aging_s, config.tenant_weights)
-        self.running: list[Request] = []  # in admission order: the last is preempted first
+        self.running: list[Request] = []  # in rank, then admission order: the last is preempted first
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.batching = make_batching_policy(config)
@@ -101,11 +101,18 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput(timed_out=self._end_timed_out())
         budget = self.config.max_num_batched_tokens
+        # The budget goes to running requests in rank order (stable: admission order among
+        # equals, so FCFS is untouched): an urgent prompt's chunks come before a batch job's.
+        self.running.sort(key=self.waiting.rank)
         if self.waiting.preempts:
             self._make_room_for_waiting(output)
         num_preempted_before = len(output.preempted_ids)
+        # Waiting requests that outrank the worst running one are admitted first, to the front,
+        # so the budget reaches them before the requests they outrank.
+        if self.running:
+            budget = self._admit_waiting(budget, output, outranking=self.waiting.rank(self.running[-1]))
 
-        index = 0
+        index = len(output.scheduled)  # those admitted first are scheduled already
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = self._num_tokens_to_schedule(request, budget)
@@ -193,11 +200,16 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.prepend(request)
 
-    def _admit_waiting(self, budget: int, output: SchedulerOutput) -> int:
+    def _admit_waiting(self, budget: int, output: SchedulerOutput, outranking: tuple | None = None) -> int:
+        """Admit waiting requests in the policy's order while seats, budget and blocks last; with
+        `outranking`, only those ranked above it, each placed before the running requests."""
         self.batching.launch(self.waiting, self.clock())
+        num_admitted = 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
             if not self.batching.may_admit(request):
+                break
+            if outranking is not None and not self.waiting.rank(request) < outranking:
                 break
             computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
             num_new = self._num_tokens_to_schedule(request, budget, num_cached)
@@ -212,7 +224,11 @@ class Scheduler:
             request.num_computed_tokens = num_cached
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = self.clock()
-            self.running.append(request)
+            if outranking is None:
+                self.running.append(request)
+            else:
+                self.running.insert(num_admitted, request)
+                num_admitted += 1
             output.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         return budget

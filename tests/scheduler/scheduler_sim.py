@@ -107,12 +107,18 @@ def check_plan(scheduler: Scheduler, plan: SchedulerOutput, needs_before: dict[s
         blocks_written = set(s.block_ids[first:last + 1])
         assert not written & blocks_written
         written |= blocks_written
-    # Running requests are served first: if all of them fit the budget and the pool, all run
-    # (each prompt at most the long-prefill threshold), but for those whose deadline passed.
+    # Running requests are served first (after waiting ones that outrank them, admitted ahead):
+    # if all of them fit the budget and the pool, all run (each prompt at most the long-prefill
+    # threshold), but for those whose deadline passed.
     timed_out = {request.request_id for request in plan.timed_out}
     assert all(request.is_finished and request not in scheduler.running for request in plan.timed_out)
     needs_before = {request_id: need for request_id, need in needs_before.items() if request_id not in timed_out}
-    if not plan.preempted_ids and sum(needs_before.values()) <= config.max_num_batched_tokens:
+    ahead = 0
+    for s in plan.scheduled:
+        if s.request.request_id in needs_before:
+            break
+        ahead += s.num_new_tokens
+    if not plan.preempted_ids and ahead + sum(needs_before.values()) <= config.max_num_batched_tokens:
         served = {s.request.request_id: s.num_new_tokens for s in plan.scheduled}
         assert all(served.get(request_id) == need for request_id, need in needs_before.items())
 

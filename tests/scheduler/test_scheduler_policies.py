@@ -202,3 +202,25 @@ def test_the_queue_timeout_ends_only_requests_never_scheduled():
     assert [r.request_id for plan in plans for r in plan.timed_out] == ["second"]
     assert first.status is RequestStatus.FINISHED_LENGTH  # running longer than the timeout is fine
     assert second.first_scheduled_time is None
+
+
+@pytest.mark.parametrize("policy", ["priority", "sjf"])
+def test_an_outranking_arrival_gets_the_budget_before_running_prompts(policy):
+    scheduler = make_scheduler(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=16, num_blocks=256,
+                               policy=policy, priority_aging_s=None)
+    for index in range(3):
+        scheduler.add_request(request(f"batch-{index}", prompt_len=100, max_tokens=50, priority=1))
+    step(scheduler)  # a batch prompt is running, mid-prefill, and takes the whole budget
+    urgent = request("urgent", prompt_len=12, max_tokens=4, priority=0, arrival_time=scheduler.clock())
+    scheduler.add_request(urgent)
+    plan = step(scheduler)
+    assert plan.scheduled[0].request is urgent and plan.scheduled[0].num_new_tokens == 12
+    assert urgent.first_token_time is not None and not plan.preempted_ids
+
+
+def test_under_fcfs_running_prompts_keep_the_budget():
+    scheduler = make_scheduler(max_model_len=256, max_num_batched_tokens=16, num_blocks=256)
+    scheduler.add_request(request("first", prompt_len=100, priority=1))
+    step(scheduler)
+    scheduler.add_request(request("second", prompt_len=12, priority=0, arrival_time=scheduler.clock()))
+    assert [s.request.request_id for s in step(scheduler).scheduled] == ["first"]
