@@ -5,6 +5,7 @@
 #   loadtest/reports.sh batching   static vs dynamic vs continuous on chat-poisson
 #   loadtest/reports.sh chunked    chunked prefill off / on, token budget and long-prefill threshold sweep
 #   loadtest/reports.sh peer       iterserve vs vLLM CPU: chat-poisson, offline-256, a request-rate sweep
+#   loadtest/reports.sh tenants    tenant-spike under each scheduling policy, per-tenant TTFT over time
 #   loadtest/reports.sh all
 #
 # Results go to $OUT (default bench-results/load) as JSON and PNG. The peer runs need
@@ -101,10 +102,20 @@ peer() {
     --labels "iterserve (bfloat16),vLLM CPU 0.32 (bfloat16)" --out "$OUT/peer-sweep.png"
 }
 
+tenants() {
+  local policies=${POLICIES:-fcfs priority sjf fair}
+  for policy in $policies; do
+    serve_iterserve --scheduling-policy "$policy" --tenants deploy/tenants.toml
+    bench "tenants-$policy" --trace "$WORKLOADS/tenant-spike.jsonl" --deadline-s 1200
+    stop_server
+  done
+}
+
 case "${1:-all}" in
   batching) batching ;;
   chunked) chunked ;;
   peer) peer ;;
-  all) batching; chunked; peer ;;
-  *) sed -n '2,11p' "$0"; exit 2 ;;
+  tenants) tenants ;;
+  all) batching; chunked; peer; tenants ;;
+  *) sed -n '2,12p' "$0"; exit 2 ;;
 esac
