@@ -1,7 +1,8 @@
 """The request state machine and the per-step plan.
 
-Owns request state (waiting, running, preempted, finished), the waiting-queue
-policy, the batching mode (continuous, or static / dynamic batches run to
+Owns request state (waiting, running, preempted, finished), the scheduling policy
+(fcfs, priority, sjf, fair: scheduler/policy.py, scheduler/fair.py), tenants and their
+terms (scheduler/tenants.py), deadlines, the batching mode (continuous, or static / dynamic batches run to
 completion, with their padding counted), and `Scheduler.schedule()`, which decides each step who runs with how
 many tokens within the token budget, seat limit and free KV blocks. Block
 accounting is delegated to `kvcache/`. Pure Python: must not import torch or

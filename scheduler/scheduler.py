@@ -61,6 +61,7 @@ class Scheduler:
         self.running: list[Request] = []  # in rank, then admission order: the last is preempted first
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._num_with_deadline = 0  # unfinished requests with a deadline: none, and no check is needed
         self.batching = make_batching_policy(config)
 
     # -- intake -------------------------------------------------------------------
@@ -69,6 +70,7 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
+        self._num_with_deadline += request.deadline is not None
         self.waiting.add(request)
         self.batching.add(request, self.clock())
 
@@ -109,8 +111,10 @@ class Scheduler:
         num_preempted_before = len(output.preempted_ids)
         # Waiting requests that outrank the worst running one are admitted first, to the front,
         # so the budget reaches them before the requests they outrank.
-        if self.running:
-            budget = self._admit_waiting(budget, output, outranking=self.waiting.rank(self.running[-1]))
+        if self.running and self.waiting:
+            worst = self.waiting.rank(self.running[-1])
+            if self.waiting.rank(self.waiting.peek()) < worst:
+                budget = self._admit_waiting(budget, output, outranking=worst)
 
         index = len(output.scheduled)  # those admitted first are scheduled already
         while index < len(self.running) and budget > 0:
@@ -137,6 +141,8 @@ class Scheduler:
         and free their blocks, before anyone is given tokens."""
         now = self.clock()
         queue_timeout = self.config.queue_timeout_s
+        if queue_timeout is None and not self._num_with_deadline:
+            return []
         timed_out = [
             request for request in self.requests.values()
             if (request.deadline is not None and now >= request.deadline)
@@ -299,4 +305,5 @@ class Scheduler:
         self.kv_cache.free(request)
         self.batching.forget(request)
         self.waiting.finished(request)
+        self._num_with_deadline -= request.deadline is not None
         del self.requests[request.request_id]
