@@ -28,12 +28,17 @@ class KVCacheStats:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True,
+                 num_host_blocks: int = 0):
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
+        # The swap pool: host block ids, and the host blocks each swapped-out request holds.
+        self.num_host_blocks = num_host_blocks
+        self._free_host_blocks = list(range(num_host_blocks - 1, -1, -1))
+        self._host_tables: dict[str, list[int]] = {}
         self._tables: dict[str, list[KVBlock]] = {}
         self._hashes: dict[str, list[bytes]] = {}
         self._num_registered: dict[str, int] = {}
@@ -95,8 +100,51 @@ class KVCacheManager:
             self._register_full_blocks(request, num_computed + num_new_tokens)
         return new_blocks
 
+    # -- the swap pool ------------------------------------------------------------------
+
+    @property
+    def num_free_host_blocks(self) -> int:
+        return len(self._free_host_blocks)
+
+    def is_swapped(self, request_id: str) -> bool:
+        return request_id in self._host_tables
+
+    def can_swap_out(self, request: CachedRequest) -> bool:
+        return 0 < len(self._tables.get(request.request_id, ())) <= len(self._free_host_blocks)
+
+    def swap_out(self, request: CachedRequest) -> list[tuple[int, int]]:
+        """Move a request's blocks to the swap pool; returns (device block, host block) pairs
+        that the engine must copy before this step writes anything.
+
+        The device blocks are released as a free would release them: cached ones stay
+        findable by their hashes until the pool reuses them.
+        """
+        table = self._tables.pop(request.request_id)
+        host_blocks = [self._free_host_blocks.pop() for _ in table]
+        self._host_tables[request.request_id] = host_blocks
+        self.pool.release(list(reversed(table)))
+        self._num_registered.pop(request.request_id, None)  # its new device blocks get indexed anew
+        return [(block.block_id, host_block) for block, host_block in zip(table, host_blocks)]
+
+    def num_blocks_to_swap_in(self, request: CachedRequest) -> int:
+        return len(self._host_tables[request.request_id])
+
+    def swap_in(self, request: CachedRequest) -> list[tuple[int, int]] | None:
+        """Bring a swapped-out request's blocks back to fresh device blocks; returns (host block,
+        device block) pairs to copy before the step runs, or None (changing nothing) if the
+        pool lacks the room."""
+        host_blocks = self._host_tables[request.request_id]
+        if len(host_blocks) > self.pool.num_free_blocks:
+            return None
+        del self._host_tables[request.request_id]
+        table = self.pool.allocate(len(host_blocks))
+        self._tables[request.request_id] = table
+        self._free_host_blocks.extend(reversed(host_blocks))
+        return [(host_block, block.block_id) for host_block, block in zip(host_blocks, table)]
+
     def free(self, request: CachedRequest | str) -> None:
         request_id = request if isinstance(request, str) else request.request_id
+        self._free_host_blocks.extend(reversed(self._host_tables.pop(request_id, [])))
         table = self._tables.pop(request_id, [])
         # Tail blocks first, so under pressure a prefix's tail is evicted before its head.
         self.pool.release(list(reversed(table)))

@@ -19,6 +19,9 @@ class SchedulerConfig:
     priority_aging_s: float | None = DEFAULT_AGING_S
     tenant_weights: dict[str, float] = field(default_factory=dict)  # fair share; 1 where not given
     queue_timeout_s: float | None = None  # a request never scheduled this long after arrival times out
+    # A preempted request with at least this many computed tokens is swapped to the host pool
+    # (when it fits) instead of being recomputed; None: always recompute.
+    swap_threshold_tokens: int | None = None
     batching: str = "continuous"  # or "static" / "dynamic": see scheduler/batching.py
     static_batch_size: int | None = None  # requests per static or dynamic batch; None: max_num_seqs
     batch_timeout_s: float = 0.5  # longest the oldest waiting request waits for its batch to fill

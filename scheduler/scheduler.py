@@ -37,6 +37,10 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
     timed_out: list[Request] = field(default_factory=list)  # ended before this step: report them
+    # KV copies the engine makes before the step runs, outs first: (device block, host block)
+    # for requests swapped out, then (host block, device block) for those swapped back in.
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -61,6 +65,8 @@ class Scheduler:
         self.running: list[Request] = []  # in rank, then admission order: the last is preempted first
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_preemptions_by_mode = {"recompute": 0, "swap": 0}
+        self.num_blocks_swapped = {"out": 0, "in": 0}
         self._num_with_deadline = 0  # unfinished requests with a deadline: none, and no check is needed
         self.batching = make_batching_policy(config)
 
@@ -168,9 +174,7 @@ class Scheduler:
         request = self.running[index]
         while self.kv_cache.allocate_slots(request, num_new) is None:
             victim = self._worst_running(start=index)
-            self.running.remove(victim)
-            self._preempt(victim)
-            output.preempted_ids.append(victim.request_id)
+            self._preempt(victim, output)
             if victim is request:
                 return False
         return True
@@ -193,17 +197,26 @@ class Scheduler:
             victim = self._worst_running()
             if not self.waiting.rank(request) < self.waiting.rank(victim):
                 return
-            self.running.remove(victim)
-            self._preempt(victim)
-            output.preempted_ids.append(victim.request_id)
+            self._preempt(victim, output)
 
-    def _preempt(self, request: Request) -> None:
-        # Recompute, not swap: on CPU copying KV out costs as much as recomputing it.
-        self.kv_cache.free(request)
+    def _preempt(self, request: Request, output: SchedulerOutput) -> None:
+        """Take a running request's seat and blocks: its KV goes to the swap pool when it is long
+        enough to be worth the copy (and fits), else it is dropped and recomputed later."""
+        self.running.remove(request)
+        threshold = self.config.swap_threshold_tokens
+        if threshold is not None and request.num_computed_tokens >= threshold and self.kv_cache.can_swap_out(request):
+            pairs = self.kv_cache.swap_out(request)
+            output.swap_out.extend(pairs)
+            self.num_blocks_swapped["out"] += len(pairs)
+            self.num_preemptions_by_mode["swap"] += 1
+        else:
+            self.kv_cache.free(request)
+            request.num_computed_tokens = 0
+            self.num_preemptions_by_mode["recompute"] += 1
         request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
+        output.preempted_ids.append(request.request_id)
         self.waiting.prepend(request)
 
     def _admit_waiting(self, budget: int, output: SchedulerOutput, outranking: tuple | None = None) -> int:
@@ -217,17 +230,23 @@ class Scheduler:
                 break
             if outranking is not None and not self.waiting.rank(request) < outranking:
                 break
-            computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
-            num_new = self._num_tokens_to_schedule(request, budget, num_cached)
-            if num_new == 0:
-                break
-            if self.kv_cache.allocate_slots(request, num_new, computed_blocks) is None:
-                break
-            self.waiting.pop()
-            if request.status is RequestStatus.WAITING:
-                request.num_cached_tokens = num_cached
+            if self.kv_cache.is_swapped(request.request_id):
+                num_new = self._swap_in(request, budget, output)
+                if num_new == 0:
+                    break
+                self.waiting.pop()
+            else:
+                computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
+                num_new = self._num_tokens_to_schedule(request, budget, num_cached)
+                if num_new == 0:
+                    break
+                if self.kv_cache.allocate_slots(request, num_new, computed_blocks) is None:
+                    break
+                self.waiting.pop()
+                if request.status is RequestStatus.WAITING:
+                    request.num_cached_tokens = num_cached
+                request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = num_cached
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = self.clock()
             if outranking is None:
@@ -238,6 +257,18 @@ class Scheduler:
             output.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         return budget
+
+    def _swap_in(self, request: Request, budget: int, output: SchedulerOutput) -> int:
+        """Bring a swapped-out request back with room for this step's tokens; 0 if it must wait."""
+        num_new = self._num_tokens_to_schedule(request, budget)
+        num_blocks = -(-(request.num_computed_tokens + num_new) // self.kv_cache.block_size)
+        if num_new == 0 or num_blocks > self.kv_cache.pool.num_free_blocks:
+            return 0
+        pairs = self.kv_cache.swap_in(request)
+        self.kv_cache.allocate_slots(request, num_new)  # cannot fail: the room was counted above
+        output.swap_in.extend(pairs)
+        self.num_blocks_swapped["in"] += len(pairs)
+        return num_new
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         return ScheduledRequest(request, num_new, self.kv_cache.block_ids(request.request_id))

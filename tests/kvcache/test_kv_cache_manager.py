@@ -218,3 +218,37 @@ def test_reset_prefix_cache_forgets_every_prefix():
     assert kv.pool.num_cached_blocks == 0
     assert num_hit_tokens(kv, [0, 1, 2, 3, 4]) == 0
     assert kv.pool.num_free_blocks == 4
+
+
+# -- the swap pool --------------------------------------------------------------------------
+
+
+def test_swap_out_and_in_move_a_request_between_the_pools():
+    kv = KVCacheManager(num_blocks=6, block_size=2, num_host_blocks=4)
+    request = admit(kv, "a", [1, 2, 3, 4, 5])
+    device_blocks = kv.block_ids("a")
+    assert kv.can_swap_out(request)
+    pairs = kv.swap_out(request)
+    assert [device for device, _ in pairs] == device_blocks and len({host for _, host in pairs}) == 3
+    assert kv.is_swapped("a") and kv.block_ids("a") == []
+    assert kv.pool.num_free_blocks == 6 and kv.num_free_host_blocks == 1
+    back = kv.swap_in(request)
+    assert [host for host, _ in back] == [host for _, host in pairs]  # the same host blocks, in order
+    assert [device for _, device in back] == kv.block_ids("a")
+    assert not kv.is_swapped("a") and kv.num_free_host_blocks == 4 and kv.pool.num_free_blocks == 3
+    request.num_computed_tokens = 5
+    assert kv.allocate_slots(request, 1) == []  # the swapped-in table serves the next token
+    kv.free(request)
+    assert kv.pool.num_free_blocks == 6 and kv.num_free_host_blocks == 4
+
+
+def test_swap_refusals_change_nothing():
+    kv = KVCacheManager(num_blocks=4, block_size=2, num_host_blocks=2)
+    big = admit(kv, "big", [1, 2, 3, 4, 5])  # three blocks: more than the swap pool holds
+    assert not kv.can_swap_out(big)
+    small = admit(kv, "small", [7, 8])
+    kv.swap_out(small)
+    admit(kv, "filler", [9, 9])  # the device pool is full again
+    assert kv.swap_in(small) is None and kv.is_swapped("small")
+    kv.free("small")  # an abort while swapped out returns its host blocks
+    assert kv.num_free_host_blocks == 2 and not kv.is_swapped("small")

@@ -41,12 +41,12 @@ def reference_output(prompt: list[int], max_tokens: int) -> list[int]:
 def make_scheduler(
     max_model_len: int = 64, max_num_seqs: int = 8, max_num_batched_tokens: int = 64,
     enable_chunked_prefill: bool = True, num_blocks: int = 64, block_size: int = 4,
-    enable_prefix_caching: bool = True, **batching,
+    enable_prefix_caching: bool = True, num_host_blocks: int = 0, **batching,
 ) -> Scheduler:
     """`batching` takes SchedulerConfig's other knobs: batching, static_batch_size, batch_timeout_s,
     long_prefill_token_threshold."""
     config = SchedulerConfig(max_model_len, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, **batching)
-    kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+    kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks)
     return Scheduler(config, kv_cache, clock=VirtualClock())
 
 

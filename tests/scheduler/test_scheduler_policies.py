@@ -224,3 +224,54 @@ def test_under_fcfs_running_prompts_keep_the_budget():
     step(scheduler)
     scheduler.add_request(request("second", prompt_len=12, priority=0, arrival_time=scheduler.clock()))
     assert [s.request.request_id for s in step(scheduler).scheduled] == ["first"]
+
+
+# -- preemption by swap -----------------------------------------------------------------------
+
+
+def preempting_workload(scheduler, num_requests: int = 4) -> list[Request]:
+    requests = [request(f"r{index}", prompt_len=10, max_tokens=14) for index in range(num_requests)]
+    for item in requests:
+        scheduler.add_request(item)
+    return requests
+
+
+def test_long_victims_are_swapped_and_resume_without_recompute():
+    # Four requests that each grow to 24 tokens (6 blocks) in a pool of 16: some must give way.
+    swapping = make_scheduler(num_blocks=16, block_size=4, num_host_blocks=32, swap_threshold_tokens=1)
+    requests = preempting_workload(swapping)
+    plans = run(swapping)
+    assert swapping.num_preemptions_by_mode["swap"] > 0 and swapping.num_preemptions_by_mode["recompute"] == 0
+    assert swapping.num_blocks_swapped["in"] == swapping.num_blocks_swapped["out"] > 0
+    assert sum(len(plan.swap_out) for plan in plans) == swapping.num_blocks_swapped["out"]
+    for item in requests:
+        assert item.output_token_ids == reference_output(item.prompt_token_ids, 14)
+    assert swapping.kv_cache.num_free_host_blocks == 32
+
+    recomputing = make_scheduler(num_blocks=16, block_size=4)
+    preempting_workload(recomputing)
+    computed = [sum(plan.num_batched_tokens for plan in plans), sum(p.num_batched_tokens for p in run(recomputing))]
+    assert computed[0] < computed[1]  # swapped requests were not computed twice
+    assert recomputing.num_preemptions_by_mode["recompute"] > 0
+
+
+def test_short_victims_and_those_that_do_not_fit_are_recomputed():
+    scheduler = make_scheduler(num_blocks=16, block_size=4, num_host_blocks=32, swap_threshold_tokens=10_000)
+    preempting_workload(scheduler)
+    run(scheduler)
+    assert scheduler.num_preemptions_by_mode == {"recompute": scheduler.num_preemptions, "swap": 0}
+    tiny_pool = make_scheduler(num_blocks=16, block_size=4, num_host_blocks=1, swap_threshold_tokens=1)
+    preempting_workload(tiny_pool)
+    run(tiny_pool)
+    assert tiny_pool.num_preemptions_by_mode["swap"] == 0 < tiny_pool.num_preemptions
+
+
+def test_aborting_a_swapped_out_request_frees_its_host_blocks():
+    scheduler = make_scheduler(num_blocks=16, block_size=4, num_host_blocks=32, swap_threshold_tokens=1)
+    requests = preempting_workload(scheduler)
+    while not any(scheduler.kv_cache.is_swapped(item.request_id) for item in requests):
+        step(scheduler)
+    swapped = next(item for item in requests if scheduler.kv_cache.is_swapped(item.request_id))
+    scheduler.abort(swapped.request_id)
+    run(scheduler)
+    assert scheduler.kv_cache.num_free_host_blocks == 32
