@@ -25,6 +25,8 @@ class EngineConfig:
     priority_aging_s: float | None = 60.0  # a waiting request gains a priority level per this long
     tenant_weights: dict[str, float] = field(default_factory=dict)  # for the fair policy
     queue_timeout_s: float | None = None  # a request still unscheduled this long after arrival times out
+    swap_space: int = 0  # bytes of host memory for preempted requests' KV (pinned on CUDA); 0: recompute only
+    swap_threshold_tokens: int = 0  # victims with fewer computed tokens are recomputed, not swapped
     batching: str = "continuous"  # "static" or "dynamic": padded batches run to completion (for comparison)
     static_batch_size: int | None = None  # requests per static or dynamic batch; None: max_num_seqs
     batch_timeout_s: float = 0.5  # how long a static or dynamic batch waits to fill

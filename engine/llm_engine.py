@@ -71,7 +71,9 @@ class LLMEngine:
                 f"the KV cache holds {num_blocks * config.block_size} tokens, less than one request of "
                 f"max_model_len {self.max_model_len}: give it more memory or lower max_model_len"
             )
-        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        bytes_per_block = kv_bytes_per_block(loaded.model, config.block_size, self.dtype)
+        num_host_blocks = config.swap_space // bytes_per_block
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, num_host_blocks)
         max_batched = config.max_num_batched_tokens or (
             2048 if config.enable_chunked_prefill else self.max_model_len)
         self.scheduler = Scheduler(
@@ -84,6 +86,7 @@ class LLMEngine:
                 policy=config.policy,
                 priority_aging_s=config.priority_aging_s,
                 queue_timeout_s=config.queue_timeout_s,
+                swap_threshold_tokens=config.swap_threshold_tokens if num_host_blocks else None,
                 tenant_weights=dict(config.tenant_weights),
                 batching=config.batching,
                 static_batch_size=config.static_batch_size,
@@ -91,7 +94,8 @@ class LLMEngine:
             ),
             self.kv_cache,
         )
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.device, config.attention_backend)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.device, config.attention_backend,
+                                  num_host_blocks)
         if config.cuda_graphs:
             self.runner.use_static_decode(config.max_num_seqs, self.max_model_len, capture=True)
         self._texts: dict[str, _TextState] = {}
@@ -167,6 +171,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
+        # Before anything else: blocks swapped out this step may be written by it.
+        self.runner.swap_blocks(plan.swap_out, plan.swap_in)
         outputs = [self._final_output(request) for request in plan.timed_out]
         if plan.is_empty:
             return outputs

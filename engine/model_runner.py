@@ -53,7 +53,7 @@ def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dt
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", num_host_blocks: int = 0):
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -67,6 +67,12 @@ class ModelRunner:
             args.num_layers, 2, (num_blocks + 1) * block_size, args.num_kv_heads, args.head_dim,
             dtype=self.dtype, device=device,
         )
+        # The swap pool: preempted requests' blocks, in host memory (pinned, so copies to and
+        # from a GPU run at full bandwidth).
+        self.host_kv_caches = torch.zeros(
+            args.num_layers, 2, num_host_blocks * block_size, args.num_kv_heads, args.head_dim,
+            dtype=self.dtype, device="cpu", pin_memory=device.type == "cuda" and num_host_blocks > 0,
+        )
         self.sampler = Sampler(device)
         self.attention_backend = select_backend(attention_backend, device)
         # Built (or found in the cache) now, not in the middle of the first step.
@@ -76,6 +82,23 @@ class ModelRunner:
         self.attention_path = {"torch": "torch, gathered groups", "triton": "triton, one launch per layer"}.get(
             self.attention_backend) or f"C++ kernel, {self.decode_kernel.isa()} build"
         self.static_decode: StaticDecodeRunner | None = None
+
+    def swap_blocks(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Copy whole blocks device -> host (`swap_out` pairs), then host -> device (`swap_in`).
+
+        Outs go first: a device block a swapped-out request gave up may be the one a
+        swapped-in request gets back in the same step.
+        """
+        if not swap_out and not swap_in:
+            return
+        device_blocks = self.kv_caches.unflatten(2, (-1, self.block_size))
+        host_blocks = self.host_kv_caches.unflatten(2, (-1, self.block_size))
+        if swap_out:
+            source, target = zip(*swap_out)
+            host_blocks[:, :, list(target)] = device_blocks[:, :, list(source)].to("cpu")
+        if swap_in:
+            source, target = zip(*swap_in)
+            device_blocks[:, :, list(target)] = host_blocks[:, :, list(source)].to(self.device)
 
     def use_static_decode(self, max_batch: int, max_context: int, capture: bool) -> None:
         """Pad pure-decode steps to static shapes; with `capture`, replay them as CUDA graphs."""

@@ -24,6 +24,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with chunked prefill, at most N tokens of one prompt per step, so short "
                              "prompts start beside a long one (0: no cap; default 256)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--swap-space", default="0", help="host memory for preempted requests' KV, e.g. 4GiB "
+                        "(0: preempted requests are recomputed)")
+    parser.add_argument("--swap-threshold-tokens", type=int, default=0, metavar="N",
+                        help="with --swap-space, victims with fewer than N computed tokens are recomputed instead")
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "sjf", "fair"],
                         help="the order of waiting requests: first come; lower `priority` first, preempting; "
                              "shortest remaining work first; or fair share between users (VTC)")
@@ -60,6 +64,8 @@ def engine_config(args: argparse.Namespace):
         enable_chunked_prefill=args.enable_chunked_prefill,
         long_prefill_token_threshold=args.long_prefill_token_threshold,
         enable_prefix_caching=args.enable_prefix_caching,
+        swap_space=parse_size(args.swap_space),
+        swap_threshold_tokens=args.swap_threshold_tokens,
         policy=args.scheduling_policy,
         priority_aging_s=args.priority_aging_s or None,
         batching=args.batching,
