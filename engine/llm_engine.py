@@ -71,8 +71,8 @@ class LLMEngine:
                 f"the KV cache holds {num_blocks * config.block_size} tokens, less than one request of "
                 f"max_model_len {self.max_model_len}: give it more memory or lower max_model_len"
             )
-        bytes_per_block = kv_bytes_per_block(loaded.model, config.block_size, self.dtype)
-        num_host_blocks = config.swap_space // bytes_per_block
+        self.kv_bytes_per_block = kv_bytes_per_block(loaded.model, config.block_size, self.dtype)
+        num_host_blocks = config.swap_space // self.kv_bytes_per_block
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, num_host_blocks)
         max_batched = config.max_num_batched_tokens or (
             2048 if config.enable_chunked_prefill else self.max_model_len)

@@ -106,6 +106,13 @@ class EngineMetrics:
             self._children[spec.key] = children
         self._last_token_time: dict[str, float] = {}  # engine thread only
         self._seen = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0, "padding_tokens": 0}
+        by_mode = Counter("iterserve_preemptions_by_mode", "Preemptions, by how the victim's KV was handled.",
+                          ["model_name", "mode"], registry=self.registry)
+        self._preemptions_by_mode = {mode: by_mode.labels(model_name, mode) for mode in ("recompute", "swap")}
+        swapped = Counter("iterserve_kv_swapped_bytes", "KV bytes copied to the host swap pool (out) and back (in).",
+                          ["model_name", "direction"], registry=self.registry)
+        self._swapped_bytes = {direction: swapped.labels(model_name, direction) for direction in ("out", "in")}
+        self._seen_swaps = {"recompute": 0, "swap": 0, "out": 0, "in": 0}
         self.tenants = (TenantMetrics(self.registry, model_name, tenant_names, TIME_BUCKETS_S)
                         if tenant_names else None)
 
@@ -151,8 +158,18 @@ class EngineMetrics:
         self._inc_to("prefix_queries", stats.prefix_cache_queries)
         self._inc_to("prefix_hits", stats.prefix_cache_hits)
         self._inc_to("padding_tokens", engine.scheduler.padding_tokens)
+        self._record_swaps(engine)
         if self.tenants is not None:
             self.tenants.record_step(engine)
+
+    def _record_swaps(self, engine: LLMEngine) -> None:
+        scheduler = engine.scheduler
+        for mode, total in scheduler.num_preemptions_by_mode.items():
+            self._preemptions_by_mode[mode].inc(total - self._seen_swaps[mode])
+            self._seen_swaps[mode] = total
+        for direction, num_blocks in scheduler.num_blocks_swapped.items():
+            self._swapped_bytes[direction].inc((num_blocks - self._seen_swaps[direction]) * engine.kv_bytes_per_block)
+            self._seen_swaps[direction] = num_blocks
 
     def _inc_to(self, key: str, total: int) -> None:
         """Counters the engine keeps as running totals: add what is new since last time."""

@@ -41,14 +41,14 @@ class RunningServer:
 
 
 def start_server(model_path, served_name: str, max_model_len: int | None = None, num_kv_blocks: int = 256,
-                 max_num_seqs: int = 8, **settings) -> RunningServer:
+                 max_num_seqs: int = 8, engine_args: dict | None = None, **settings) -> RunningServer:
     from engine import EngineConfig, LLMEngine
     from server.app import build_app
     from server.runner import DrainingServer, uvicorn_config
     from server.serving import ServerSettings
 
     config = EngineConfig(model=str(model_path), max_model_len=max_model_len, num_kv_blocks=num_kv_blocks,
-                          max_num_seqs=max_num_seqs, num_threads=1)
+                          max_num_seqs=max_num_seqs, num_threads=1, **(engine_args or {}))
     settings.setdefault("api_key", API_KEY)
     app = build_app(LLMEngine(config), ServerSettings(served_model_name=served_name, **settings))
     sock = socket.socket()

@@ -4,9 +4,10 @@ import json
 from pathlib import Path
 import re
 
+import httpx
 import pytest
 
-from server_harness import sample, scrape
+from server_harness import sample, scrape, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -92,3 +93,22 @@ def test_the_prometheus_config_scrapes_metrics():
     job = next(job for job in config["scrape_configs"] if job["job_name"] == "iterserve")
     assert job.get("metrics_path", "/metrics") == "/metrics"
     assert job["static_configs"][0]["targets"]
+
+
+def test_preemptions_by_mode_and_swapped_bytes_are_counted(tiny_model_path, torch_threads):
+    server = start_server(tiny_model_path, "tiny", max_model_len=128, num_kv_blocks=40,
+                          engine_args={"block_size": 4, "swap_space": 16 * 1024 * 1024, "swap_threshold_tokens": 1,
+                                       "enable_prefix_caching": False})
+    try:
+        with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as http:
+            body = {"model": "tiny", "prompt": [f"Story {i} begins" for i in range(6)], "max_tokens": 40,
+                    "ignore_eos": True}
+            assert http.post("/v1/completions", json=body).status_code == 200
+        samples = scrape(server)
+        swaps = sample(samples, "iterserve_preemptions_by_mode_total", model_name="tiny", mode="swap")
+        assert swaps > 0 and swaps == sample(samples, "iterserve_num_preemptions_total", model_name="tiny")
+        swapped_out = sample(samples, "iterserve_kv_swapped_bytes_total", model_name="tiny", direction="out")
+        assert swapped_out > 0 and swapped_out % server.llm_engine.kv_bytes_per_block == 0
+        assert swapped_out == sample(samples, "iterserve_kv_swapped_bytes_total", model_name="tiny", direction="in")
+    finally:
+        server.stop()
