@@ -68,8 +68,9 @@ class ModelRunner:
             dtype=self.dtype, device=device,
         )
         # The swap pool: preempted requests' blocks, in host memory (pinned, so copies to and
-        # from a GPU run at full bandwidth).
-        self.host_kv_caches = torch.zeros(
+        # from a GPU run at full bandwidth). Empty, not zeroed: a host block is always written
+        # by a swap-out before a swap-in reads it, so untouched pages cost no memory.
+        self.host_kv_caches = torch.empty(
             args.num_layers, 2, num_host_blocks * block_size, args.num_kv_heads, args.head_dim,
             dtype=self.dtype, device="cpu", pin_memory=device.type == "cuda" and num_host_blocks > 0,
         )

@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     blocks_needed = -(-max(CONTEXTS) // 16)
     # 4 MiB a block is more than a 16-token block of any model we serve (Llama-3-8B: 2 MiB).
     engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                    num_kv_blocks=max(blocks_needed, 256),
                                     swap_space=blocks_needed * parse_size("4MiB")))
     rows = [measure(engine, context) for context in CONTEXTS if context < engine.max_model_len]
     cheaper = [row["context_tokens"] for row in rows if row["swap_is_cheaper"]]

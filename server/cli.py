@@ -24,10 +24,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with chunked prefill, at most N tokens of one prompt per step, so short "
                              "prompts start beside a long one (0: no cap; default 256)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--swap-space", default="0", help="host memory for preempted requests' KV, e.g. 4GiB "
-                        "(0: preempted requests are recomputed)")
+    # On CPU a swap out and back costs 1-7% of recomputing the same context, from 16 tokens
+    # up (BENCHMARKS.md, issue 11: python -m engine.swap_cost), so every victim that fits is swapped.
+    parser.add_argument("--swap-space", default="1GiB", help="host memory for preempted requests' KV "
+                        "(default 1GiB; 0: preempted requests are recomputed)")
     parser.add_argument("--swap-threshold-tokens", type=int, default=0, metavar="N",
-                        help="with --swap-space, victims with fewer than N computed tokens are recomputed instead")
+                        help="victims with fewer than N computed tokens are recomputed instead of swapped")
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "sjf", "fair"],
                         help="the order of waiting requests: first come; lower `priority` first, preempting; "
                              "shortest remaining work first; or fair share between users (VTC)")
