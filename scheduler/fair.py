@@ -69,7 +69,8 @@ class FairShareQueue:
         return sum(len(queue) for queue in self._queues.values())
 
     def __iter__(self) -> Iterator[Request]:
-        # The order pop would give if no service were charged meanwhile.
-        waiting = [request for queue in self._queues.values() for request in queue]
-        positions = {id(request): index for queue in self._queues.values() for index, request in enumerate(queue)}
-        return iter(sorted(waiting, key=lambda r: (positions[id(r)], self.counters[r.tenant], r.arrival_time)))
+        # The order pop gives while no service is charged (the batching modes look ahead with
+        # it): the least-served tenant's queue first, each queue in its own order.
+        tenants = sorted((tenant for tenant, queue in self._queues.items() if queue),
+                         key=lambda tenant: (self.counters[tenant], self._queues[tenant][0].arrival_time))
+        return (request for tenant in tenants for request in self._queues[tenant])

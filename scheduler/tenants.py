@@ -16,7 +16,11 @@ sending new names. `default` exists whether the file names it or not.
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (the CUDA base images): the same parser, as a package
+    import tomli as tomllib
 
 DEFAULT_TENANT = "default"
 
