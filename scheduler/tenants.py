@@ -31,6 +31,7 @@ class Tenant:
     weight: float = 1.0
     priority: int = 0
     api_keys: tuple[str, ...] = ()
+    max_queued: int | None = None  # sequences of this tenant that may wait for a seat; more get 429
 
 
 class TenantsError(ValueError):
@@ -80,17 +81,20 @@ def load_tenants(path: str | Path) -> Tenants:
         extra = set(table) - allowed
         if extra:
             raise TenantsError(f"{where}: unknown keys {sorted(extra)}; known: {sorted(allowed)}")
-        weight, priority = table.get("weight", 1.0), table.get("priority", 0)
+        weight, priority, max_queued = table.get("weight", 1.0), table.get("priority", 0), table.get("max_queued")
         keys = table.get("api_keys", [])
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
             raise TenantsError(f"{where}: weight must be a positive number, got {weight!r}")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise TenantsError(f"{where}: priority must be an integer, got {priority!r}")
+        if max_queued is not None and (isinstance(max_queued, bool) or not isinstance(max_queued, int)
+                                       or max_queued < 0):
+            raise TenantsError(f"{where}: max_queued must be a non-negative integer, got {max_queued!r}")
         if not isinstance(keys, list) or not all(isinstance(key, str) and key for key in keys):
             raise TenantsError(f"{where}: api_keys must be a list of non-empty strings")
         for key in keys:
             if key in seen_keys:
                 raise TenantsError(f"{where}: an API key is listed for {seen_keys[key]!r} too")
             seen_keys[key] = name
-        by_name[name] = Tenant(name, float(weight), priority, tuple(keys))
+        by_name[name] = Tenant(name, float(weight), priority, tuple(keys), max_queued)
     return Tenants(by_name)

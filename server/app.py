@@ -31,7 +31,10 @@ def build_serving(llm_engine: LLMEngine, settings: ServerSettings) -> ServingSta
     tenant_names = list(settings.tenants.by_name) if settings.tenants.is_configured else None
     metrics = EngineMetrics(settings.served_model_name, llm_engine.max_model_len, settings.metrics_compat,
                             tenant_names)
-    engine = AsyncEngine(llm_engine, observer=metrics.record_step, max_queued_requests=settings.max_queued_requests)
+    tenant_max_queued = {name: tenant.max_queued for name, tenant in settings.tenants.by_name.items()
+                         if tenant.max_queued is not None}
+    engine = AsyncEngine(llm_engine, observer=metrics.record_step, max_queued_requests=settings.max_queued_requests,
+                         tenant_max_queued=tenant_max_queued)
     tokenizer = AutoTokenizer.from_pretrained(llm_engine.model_path)
     return ServingState(settings, llm_engine, engine, metrics, tokenizer)
 

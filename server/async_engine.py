@@ -10,6 +10,7 @@ logprob tokens.
 """
 
 import asyncio
+from collections import Counter
 from dataclasses import dataclass
 import logging
 import queue
@@ -89,10 +90,11 @@ class OutputStream:
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, observer: StepObserver | None = None,
-                 max_queued_requests: int | None = None):
+                 max_queued_requests: int | None = None, tenant_max_queued: dict[str, int] | None = None):
         self.engine = engine
         self.observer = observer
         self.max_queued_requests = max_queued_requests
+        self.tenant_max_queued = tenant_max_queued or {}
         self.draining = False
         self.error: BaseException | None = None
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
@@ -105,6 +107,9 @@ class AsyncEngine:
         self._num_waiting = 0  # the scheduler's waiting queue, as of the last iteration
         self._num_running = 0  # and the seats taken, as of the last iteration
         self._num_in_inbox = 0  # submitted requests the engine thread has not picked up yet
+        # With per-tenant bounds: each tenant's requests in the inbox, and in the scheduler's queue.
+        self._inbox_by_tenant: Counter[str] = Counter()
+        self._waiting_by_tenant: Counter[str] = Counter()
         self._live: set[str] = set()  # engine thread only: added and not yet finished
 
     # -- event loop side ------------------------------------------------------------
@@ -141,7 +146,15 @@ class AsyncEngine:
                 raise QueueFullError(
                     f"the waiting queue is full: with these {len(requests)} sequences {num_queued} would wait for "
                     f"a seat, over the limit of {self.max_queued_requests}; retry later")
+            tenant = requests[0].tenant if requests else ""
+            limit = self.tenant_max_queued.get(tenant)
+            num_tenant_waiting = self._inbox_by_tenant[tenant] + self._waiting_by_tenant[tenant]
+            # A tenant's bound binds only when some of these would wait at all.
+            if limit is not None and num_queued and num_tenant_waiting + len(requests) > limit:
+                raise QueueFullError(f"tenant {tenant!r} has {num_tenant_waiting} sequences waiting for a seat; "
+                                     f"its limit is {limit}; retry later")
             self._num_in_inbox += len(requests)
+            self._inbox_by_tenant[tenant] += len(requests)
         stream = OutputStream(self, [request.request_id for request in requests])
         for request in requests:
             self._streams[request.request_id] = stream
@@ -239,10 +252,12 @@ class AsyncEngine:
         outputs: list[RequestOutput] = []
         failures: list[tuple[str, APIError]] = []
         num_taken = 0
+        taken_by_tenant: Counter[str] = Counter()
         stopping = False
         for kind, payload in commands:
             if kind == _ADD:
                 num_taken += len(payload)
+                taken_by_tenant.update(request.tenant for request in payload)
                 failures.extend(self._add(payload))
             elif kind == _ABORT:
                 outputs.extend(self._abort(payload))
@@ -252,6 +267,7 @@ class AsyncEngine:
             outputs.extend(self._abort(sorted(self._live)))
         with self._lock:
             self._num_in_inbox -= num_taken
+            self._inbox_by_tenant -= taken_by_tenant
             self._count_seats()
         return outputs, failures, stopping
 
@@ -279,8 +295,12 @@ class AsyncEngine:
         return outputs
 
     def _count_seats(self) -> None:
-        self._num_waiting = self.engine.scheduler.num_waiting
-        self._num_running = self.engine.scheduler.num_running
+        """The scheduler's queue and seats, for admission on the event loop (call with the lock)."""
+        scheduler = self.engine.scheduler
+        self._num_waiting = scheduler.num_waiting
+        self._num_running = scheduler.num_running
+        if self.tenant_max_queued:
+            self._waiting_by_tenant = Counter(request.tenant for request in scheduler.waiting)
 
     def _publish(self, outputs: list[RequestOutput], failures: list[tuple[str, APIError]]) -> None:
         for output in outputs:

@@ -43,6 +43,8 @@ def test_a_request_belongs_to_its_keys_tenant_else_the_one_its_user_names_else_d
     ("[tenants.a]\nweight = true\n", "weight must be a positive number"),
     ("[tenants.a]\npriority = 1.5\n", "priority must be an integer"),
     ("[tenants.a]\nslo_ttft_ms = 100\n", "unknown keys \\['slo_ttft_ms'\\]"),
+    ("[tenants.a]\nmax_queued = -1\n", "max_queued must be a non-negative integer"),
+    ("[tenants.a]\nmax_queued = 2.5\n", "max_queued must be a non-negative integer"),
     ("[tenants.a]\napi_keys = 'k'\n", "api_keys must be a list"),
     ("[tenants.a]\napi_keys = ['k']\n[tenants.b]\napi_keys = ['k']\n", "listed for 'a' too"),
     ("[other]\nx = 1\n", "unknown top-level keys"),

@@ -1,6 +1,8 @@
 """Tenants through HTTP: a tenant's API key authenticates and names the tenant, `user` names only
 configured tenants, and a tenant's priority is the default of its requests."""
 
+from contextlib import ExitStack
+
 import httpx
 import pytest
 
@@ -90,3 +92,30 @@ def test_metrics_carry_a_tenant_label_for_configured_tenants_only(tenant_server)
 
 def test_without_a_tenants_file_there_are_no_tenant_series(tiny_server):
     assert not [name for name, _ in scrape(tiny_server) if name.startswith("iterserve_tenant_")]
+
+
+def test_a_tenants_queue_bound_refuses_only_that_tenant(tiny_model_path, tmp_path, torch_threads):
+    path = tmp_path / "tenants.toml"
+    path.write_text(TENANTS.replace('api_keys = ["sk-batch"]', 'api_keys = ["sk-batch"]\nmax_queued = 1'))
+    server = start_server(tiny_model_path, "tiny", num_kv_blocks=64, max_num_seqs=1, tenants=load_tenants(path))
+    gate = StepGate(server.llm_engine)
+    gate.hold()
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "stream": True}
+    try:
+        with ExitStack() as streams:
+            def send(key):
+                client = streams.enter_context(httpx.Client(base_url=server.url, timeout=60,
+                                                            headers={"Authorization": f"Bearer {key}"}))
+                return streams.enter_context(client.stream("POST", "/v1/completions", json=body)).status_code
+
+            assert send("sk-chat") == 200  # takes the one seat
+            assert send("sk-batch") == 200  # waits: batch's one place in the queue
+            refused = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=60,
+                                 headers={"Authorization": "Bearer sk-batch"})
+            assert refused.status_code == 429 and "batch" in refused.json()["error"]["message"]
+            assert refused.headers["Retry-After"].isdigit()
+            assert send("sk-chat") == 200  # chat has no bound of its own
+            gate.open()
+    finally:
+        gate.remove()
+        server.stop()
