@@ -8,6 +8,7 @@
     [tenants.batch]
     weight = 1
     priority = 1
+    max_queued = 100      # its sequences waiting for a seat; more get 429
 
 A request's tenant is its API key's tenant, else its `user` field when that names a
 tenant, else `default`: a client cannot mint tenants (nor metric label values) by
