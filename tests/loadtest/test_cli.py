@@ -68,3 +68,17 @@ def test_loadtest_reaches_servers_only_through_http():
     repo = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
     assert result.stdout == "[]\n"
+
+
+def test_the_dashboard_check_fills_in_every_query_of_the_dashboard():
+    import json
+
+    from loadtest.dashboard_check import DEFAULT_DASHBOARD, dashboard_queries
+
+    dashboard = json.loads(DEFAULT_DASHBOARD.read_text())
+    queries = dashboard_queries(dashboard, "1m")
+    assert len(queries) == sum(len(panel.get("targets", [])) for panel in dashboard["panels"]) > 20
+    expressions = [expression for _, expression in queries]
+    assert not [expression for expression in expressions if "$" in expression]
+    assert all("[1m]" in expression for expression in expressions if "rate(" in expression)
+    assert any("iterserve_tenant_" in expression for expression in expressions)

@@ -79,7 +79,16 @@ def test_every_series_carries_model_name_and_vllm_names_mirror_ours(client, tiny
 
 
 def test_the_dashboard_only_queries_metrics_we_export(tiny_server):
-    exported = {name for name, _ in scrape(tiny_server)}
+    from prometheus_client import CollectorRegistry
+
+    from server.tenant_metrics import TenantMetrics
+
+    # The per-tenant row's series exist only on a server with --tenants: take their names
+    # from the class that exports them.
+    registry = CollectorRegistry()
+    TenantMetrics(registry, "tiny", ["default"], (1.0,))
+    tenant_series = {sample.name for family in registry.collect() for sample in family.samples}
+    exported = {name for name, _ in scrape(tiny_server)} | tenant_series
     dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
     expressions = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
     assert len(expressions) >= 9
