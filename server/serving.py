@@ -84,10 +84,12 @@ class ServingState:
         """The API key's tenant (the gate put it in the request's state), else the one `user` names."""
         return self.settings.tenants.resolve(getattr(request.state, "tenant", None), body.user)
 
-    def cache_salt(self, body: GenerationRequest) -> str:
-        """Requests share prefix-cache blocks only when their salts are equal (kvcache.hashing)."""
-        tenant = "" if self.settings.share_prefix_cache else (body.user or "")
-        return f"{tenant}\0{body.cache_salt}" if body.cache_salt else tenant
+    def cache_salt(self, body: GenerationRequest, tenant: Tenant) -> str:
+        """Requests share prefix-cache blocks only when their salts are equal (kvcache.hashing):
+        each tenant (an API key's, or the default) and each `user` within it has a cache of its
+        own unless the operator shares it; a request's `cache_salt` narrows it further."""
+        parts = [] if self.settings.share_prefix_cache else [tenant.name, body.user or ""]
+        return "\0".join(parts + [body.cache_salt]) if body.cache_salt else "\0".join(parts)
 
     def token_text(self, token_id: int) -> str:
         text = self.token_texts.get(token_id)
@@ -180,7 +182,7 @@ def build_generation(serving: ServingState, body: GenerationRequest, tenant: Ten
     """Validate every prompt and choice before any is queued, so a bad one leaves nothing behind."""
     arrival_time = time.monotonic()
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
-    cache_salt = serving.cache_salt(body)
+    cache_salt = serving.cache_salt(body, tenant)
     priority = tenant.priority if body.priority is None else body.priority
     deadline = None if body.timeout is None else arrival_time + body.timeout
     requests, choices = [], {}

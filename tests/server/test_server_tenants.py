@@ -119,3 +119,20 @@ def test_a_tenants_queue_bound_refuses_only_that_tenant(tiny_model_path, tmp_pat
     finally:
         gate.remove()
         server.stop()
+
+
+def test_tenants_do_not_share_cached_prefixes(tenant_server):
+    prompt = "You are a careful assistant who answers in one short sentence. " * 4 + "Name a colour."
+    kv_cache = tenant_server.llm_engine.kv_cache
+
+    def hits(key: str) -> int:
+        before = kv_cache.prefix_cache_hits
+        response = httpx.post(f"{tenant_server.url}/v1/completions", timeout=60,
+                              json={"model": "tiny", "prompt": prompt, "max_tokens": 1},
+                              headers={"Authorization": f"Bearer {key}"})
+        assert response.status_code == 200
+        return kv_cache.prefix_cache_hits - before
+
+    hits("sk-chat")
+    assert hits("sk-batch") == 0  # no user field: the API key's tenant alone keeps them apart
+    assert hits("sk-chat") > 0
