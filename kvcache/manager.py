@@ -126,9 +126,6 @@ class KVCacheManager:
         self._num_registered.pop(request.request_id, None)  # its new device blocks get indexed anew
         return [(block.block_id, host_block) for block, host_block in zip(table, host_blocks)]
 
-    def num_blocks_to_swap_in(self, request: CachedRequest) -> int:
-        return len(self._host_tables[request.request_id])
-
     def swap_in(self, request: CachedRequest) -> list[tuple[int, int]] | None:
         """Bring a swapped-out request's blocks back to fresh device blocks; returns (host block,
         device block) pairs to copy before the step runs, or None (changing nothing) if the

@@ -64,7 +64,6 @@ class Scheduler:
         self.waiting = make_waiting_queue(config.policy, config.priority_aging_s, config.tenant_weights)
         self.running: list[Request] = []  # in rank, then admission order: the last is preempted first
         self.requests: dict[str, Request] = {}
-        self.num_preemptions = 0
         self.num_preemptions_by_mode = {"recompute": 0, "swap": 0}
         self.num_blocks_swapped = {"out": 0, "in": 0}
         self._num_with_deadline = 0  # unfinished requests with a deadline: none, and no check is needed
@@ -87,6 +86,10 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self.running)
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(self.num_preemptions_by_mode.values())
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -215,7 +218,6 @@ class Scheduler:
             self.num_preemptions_by_mode["recompute"] += 1
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
-        self.num_preemptions += 1
         output.preempted_ids.append(request.request_id)
         self.waiting.prepend(request)
 
