@@ -38,6 +38,10 @@ class RequestStatus(enum.Enum):
         return self.value if self.is_finished else None
 
 
+# Every way a request can end, as OpenAI's `finish_reason` (and metrics' label values).
+FINISH_REASONS = tuple(status.finish_reason for status in RequestStatus if status.is_finished)
+
+
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int = 16

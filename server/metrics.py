@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engine import LLMEngine, RequestOutput
-from server.tenant_metrics import FINISH_REASONS, TenantMetrics
+from scheduler.request import FINISH_REASONS
+from server.tenant_metrics import TenantMetrics
 
 # A millisecond to ten minutes: decode steps on a fast GPU up to long CPU prompts.
 TIME_BUCKETS_S = (
@@ -105,14 +106,13 @@ class EngineMetrics:
                     children.append(self._family(spec, prefix + name, reason_label, model_name, max_model_len))
             self._children[spec.key] = children
         self._last_token_time: dict[str, float] = {}  # engine thread only
-        self._seen = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0, "padding_tokens": 0}
+        self._seen: dict[str, int] = {}  # the engine's running totals, as of the last step
         by_mode = Counter("iterserve_preemptions_by_mode", "Preemptions, by how the victim's KV was handled.",
                           ["model_name", "mode"], registry=self.registry)
         self._preemptions_by_mode = {mode: by_mode.labels(model_name, mode) for mode in ("recompute", "swap")}
         swapped = Counter("iterserve_kv_swapped_bytes", "KV bytes copied to the host swap pool (out) and back (in).",
                           ["model_name", "direction"], registry=self.registry)
         self._swapped_bytes = {direction: swapped.labels(model_name, direction) for direction in ("out", "in")}
-        self._seen_swaps = {"recompute": 0, "swap": 0, "out": 0, "in": 0}
         self.tenants = (TenantMetrics(self.registry, model_name, tenant_names, TIME_BUCKETS_S)
                         if tenant_names else None)
 
@@ -165,16 +165,19 @@ class EngineMetrics:
     def _record_swaps(self, engine: LLMEngine) -> None:
         scheduler = engine.scheduler
         for mode, total in scheduler.num_preemptions_by_mode.items():
-            self._preemptions_by_mode[mode].inc(total - self._seen_swaps[mode])
-            self._seen_swaps[mode] = total
+            self._preemptions_by_mode[mode].inc(self._new_since_last_step(f"preempted by {mode}", total))
         for direction, num_blocks in scheduler.num_blocks_swapped.items():
-            self._swapped_bytes[direction].inc((num_blocks - self._seen_swaps[direction]) * engine.kv_bytes_per_block)
-            self._seen_swaps[direction] = num_blocks
+            num_new = self._new_since_last_step(f"blocks swapped {direction}", num_blocks)
+            self._swapped_bytes[direction].inc(num_new * engine.kv_bytes_per_block)
 
     def _inc_to(self, key: str, total: int) -> None:
-        """Counters the engine keeps as running totals: add what is new since last time."""
-        self._inc(key, total - self._seen[key])
+        self._inc(key, self._new_since_last_step(key, total))
+
+    def _new_since_last_step(self, key: str, total: int) -> int:
+        """Counters the engine keeps as running totals: what is new since last time."""
+        new = total - self._seen.get(key, 0)
         self._seen[key] = total
+        return new
 
     def _record_output(self, output: RequestOutput) -> None:
         request = output.request

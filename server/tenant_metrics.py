@@ -12,8 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from engine import LLMEngine, RequestOutput
 from scheduler import Request, RequestStatus
-
-FINISH_REASONS = tuple(status.finish_reason for status in RequestStatus if status.is_finished)
+from scheduler.request import FINISH_REASONS
 
 
 class TenantMetrics:
