@@ -24,6 +24,8 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.cli import first_model
+
 WORDS = ("river stone light quiet market engine garden winter paper signal orange window letter "
          "mountain silver number cloud morning bridge story").split()
 HANG_LIMIT_S = 300.0
@@ -179,7 +181,7 @@ async def soak(args: argparse.Namespace) -> dict:
     limits = httpx.Limits(max_connections=args.concurrency * 2 + 4)
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, limits=limits,
                                  timeout=HANG_LIMIT_S) as http:
-        model = args.model or (await http.get("/v1/models")).json()["data"][0]["id"]
+        model = args.model or await first_model(http)
         start = time.monotonic()
         samples = [await sample_server(http, start)]
         stats = {name: ActionStats() for name, _ in ACTIONS}

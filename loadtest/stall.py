@@ -20,6 +20,8 @@ import time
 
 import httpx
 
+from loadtest.cli import first_model
+
 
 async def witness(http: httpx.AsyncClient, model: str, max_tokens: int, started: asyncio.Event) -> list[float]:
     body = {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0.0,
@@ -72,7 +74,7 @@ async def one_run(http: httpx.AsyncClient, model: str, args: argparse.Namespace,
 async def measure(args: argparse.Namespace) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=600) as http:
-        model = args.model or (await http.get("/v1/models")).json()["data"][0]["id"]
+        model = args.model or await first_model(http)
         alone = await one_run(http, model, args, 0)
         loaded = await one_run(http, model, args, args.large_requests)
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "base_url": args.base_url,
