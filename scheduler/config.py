@@ -14,10 +14,15 @@ class SchedulerConfig:
     # With chunking on, no prompt takes more than this many tokens of one step (0: no cap),
     # so a long prompt's prefill leaves room for short ones to start beside it.
     long_prefill_token_threshold: int = 0
-    policy: str = "fcfs"  # or priority, sjf, fair: see scheduler/policy.py
+    policy: str = "fcfs"  # or priority, sjf, fair, slo: see scheduler/policy.py
     # A waiting request gains one priority level per this many seconds (None: no aging).
     priority_aging_s: float | None = DEFAULT_AGING_S
     tenant_weights: dict[str, float] = field(default_factory=dict)  # fair share; 1 where not given
+    # No more than this share of the KV blocks per tenant while another tenant's requests wait.
+    tenant_kv_fractions: dict[str, float] = field(default_factory=dict)
+    # slo policy: a request whose TTFT target cannot be met is refused ("reject", a 429) or
+    # runs without its target, after the requests that have one ("best-effort").
+    slo_infeasible: str = "reject"
     queue_timeout_s: float | None = None  # a request never scheduled this long after arrival times out
     # A preempted request with at least this many computed tokens is swapped to the host pool
     # (when it fits) instead of being recomputed; None: always recompute.
@@ -53,6 +58,10 @@ class SchedulerConfig:
             raise ValueError(f"priority_aging_s must be positive or None, got {self.priority_aging_s}")
         if any(weight <= 0 for weight in self.tenant_weights.values()):
             raise ValueError(f"tenant weights must be positive, got {self.tenant_weights}")
+        if any(not 0 < fraction <= 1 for fraction in self.tenant_kv_fractions.values()):
+            raise ValueError(f"tenant KV fractions must be in (0, 1], got {self.tenant_kv_fractions}")
+        if self.slo_infeasible not in ("reject", "best-effort"):
+            raise ValueError(f"slo_infeasible must be 'reject' or 'best-effort', got {self.slo_infeasible!r}")
         if self.queue_timeout_s is not None and self.queue_timeout_s <= 0:
             raise ValueError(f"queue_timeout_s must be positive or None, got {self.queue_timeout_s}")
         if self.batch_timeout_s < 0:

@@ -13,6 +13,14 @@ class InvalidRequestError(ValueError):
         self.code = code
 
 
+class RequestRejectedError(Exception):
+    """The scheduler refuses a valid request at the door (a 429): its SLO cannot be met."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
 # Below this a temperature is greedy, as in vLLM: dividing logits by 1e-38 overflows
 # float32 to inf, and the softmax of infinities is NaN (every token came out as EOS).
 MIN_SAMPLING_TEMPERATURE = 1e-5
@@ -114,6 +122,8 @@ class Request:
     tenant: str = ""
     cache_salt: str = ""  # see kvcache.hashing.root_hash
     deadline: float | None = None  # on the scheduler's clock: unfinished by then, it ends as a timeout
+    slo_ttft_s: float | None = None  # targets for the slo policy: time to first token,
+    slo_tpot_s: float | None = None  # and time per output token after it
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     # The one counter chunked prefill, prefix hits, recompute and decode all advance.

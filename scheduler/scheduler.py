@@ -5,6 +5,7 @@ One rule covers prefill, chunked prefill, prefix-cache hits, recompute and decod
 and each step hands out a token budget to make that happen.
 """
 
+from collections import Counter
 from dataclasses import dataclass, field
 import time
 from typing import Callable
@@ -12,8 +13,19 @@ from typing import Callable
 from kvcache import KVCacheManager
 from scheduler.batching import make_batching_policy
 from scheduler.config import SchedulerConfig
+from scheduler.cost_model import StepCostModel, StepShape
 from scheduler.policy import make_waiting_queue
-from scheduler.request import Request, RequestStatus
+from scheduler.request import Request, RequestRejectedError, RequestStatus
+
+# slo policy: plan decode steps to take at most this share of the tightest TPOT target,
+# leaving room for the cost model's error.
+SLO_TPOT_HEADROOM = 0.8
+# A step always has room for this many prompt tokens, so prompts progress however tight
+# the targets (one block of SmolLM2 prefill is a few milliseconds on a CPU).
+MIN_PREFILL_TOKENS = 16
+# New prompts leave free the blocks that the running decodes will fill in this many steps,
+# so admitting a prompt does not soon preempt a decode (and break its TPOT).
+SLO_KV_LOOKAHEAD_STEPS = 32
 
 
 @dataclass(slots=True)
@@ -50,6 +62,18 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
+    def shape(self) -> StepShape:
+        """The step's work for the cost model (call before `Scheduler.update` advances it)."""
+        prefill = decodes = context = 0
+        for s in self.scheduled:
+            request = s.request
+            if s.num_new_tokens == 1 and request.num_computed_tokens >= request.num_prompt_tokens:
+                decodes += 1
+            else:
+                prefill += s.num_new_tokens
+            context += request.num_computed_tokens + s.num_new_tokens
+        return StepShape(prefill, decodes, context)
+
 
 class Scheduler:
     def __init__(
@@ -57,11 +81,21 @@ class Scheduler:
         config: SchedulerConfig,
         kv_cache: KVCacheManager,
         clock: Callable[[], float] = time.monotonic,
+        cost_model: StepCostModel | None = None,
     ):
         self.config = config
         self.kv_cache = kv_cache
         self.clock = clock
-        self.waiting = make_waiting_queue(config.policy, config.priority_aging_s, config.tenant_weights)
+        # The engine feeds it each step's measured time (`observe`); the slo policy plans with it.
+        self.cost_model = cost_model or StepCostModel()
+        self.waiting = make_waiting_queue(config.policy, config.priority_aging_s, config.tenant_weights,
+                                          self._output_token_cost)
+        self.token_budget = config.max_num_batched_tokens  # this step's, after the slo policy's adjustments
+        num_blocks = kv_cache.pool.num_blocks
+        self._kv_caps = {tenant: int(fraction * num_blocks) for tenant, fraction in config.tenant_kv_fractions.items()}
+        self._tenant_blocks: Counter[str] = Counter()  # with KV caps: blocks held by running requests, per tenant
+        self._capped_out: set[str] = set()  # capped tenants that others wait behind, this step
+        self._capped_full: set[str] = set()  # of those, the ones that had no room for a request this step
         self.running: list[Request] = []  # in rank, then admission order: the last is preempted first
         self.requests: dict[str, Request] = {}
         self.num_preemptions_by_mode = {"recompute": 0, "swap": 0}
@@ -72,8 +106,12 @@ class Scheduler:
     # -- intake -------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
+        """Queue a request; RequestRejectedError (before any state changes) if the slo policy
+        finds its TTFT target out of reach and is configured to refuse such requests."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        if self.config.policy == "slo" and request.slo_ttft_s is not None:
+            self._check_ttft_reachable(request)
         self.requests[request.request_id] = request
         self._num_with_deadline += request.deadline is not None
         self.waiting.add(request)
@@ -94,6 +132,117 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def _output_token_cost(self) -> float:
+        """What one output token costs in prompt tokens, by the cost model (for sjf)."""
+        c = self.cost_model.coefficients
+        return c.decode_seq_s / c.prefill_token_s if c.prefill_token_s > 0 else 1.0
+
+    # -- the slo policy's estimates ------------------------------------------------
+
+    def estimate_ttft(self, request: Request) -> float:
+        """Seconds from now to `request`'s first token if it were queued now: the prompt
+        tokens of everything ahead of it (waiting with an earlier deadline, and the running
+        prefills) and its own uncached prompt, at the prompt tokens a step has room for
+        beside the running decodes, each step timed by the cost model."""
+        rank = self.waiting.rank(request)
+        ahead = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting if self.waiting.rank(r) < rank)
+        decoding = 0
+        for r in self.running:
+            if r.num_computed_tokens >= r.num_prompt_tokens:
+                decoding += 1
+            else:
+                ahead += r.num_tokens - r.num_computed_tokens
+        _, num_cached = self.kv_cache.get_computed_blocks(request)
+        own = request.num_tokens - num_cached
+        per_step = max(self.token_budget - decoding, 1)
+        num_steps = -(-(ahead + own) // per_step)
+        threshold = self.config.long_prefill_token_threshold if self.config.enable_chunked_prefill else 0
+        if threshold:
+            num_steps = max(num_steps, -(-own // threshold))
+        context = sum(r.num_tokens for r in self.running)
+        step = StepShape(min(per_step, ahead + own), decoding, context)
+        return num_steps * self.cost_model.predict(step)
+
+    def _check_ttft_reachable(self, request: Request) -> None:
+        if not self.cost_model.is_calibrated:
+            return  # nothing measured yet: no grounds to refuse anyone
+        estimate = self.estimate_ttft(request)
+        if self.clock() + estimate <= request.arrival_time + request.slo_ttft_s:
+            return
+        if self.config.slo_infeasible == "best-effort":
+            request.slo_ttft_s = None  # queued after the requests that can still make theirs
+            return
+        raise RequestRejectedError(
+            f"the TTFT target of {request.slo_ttft_s * 1000:.0f} ms cannot be met: the work queued ahead and "
+            f"this prompt take about {estimate * 1000:.0f} ms more at the measured step times; retry later or "
+            "raise the target", code="slo_unreachable")
+
+    def _plan_token_budget(self) -> int:
+        """slo policy: the step's tokens, so that it takes no longer than the tightest TPOT
+        target of the running decodes allows (by the cost model), and so that new prompt
+        tokens leave the blocks those decodes will soon need. Other policies: the configured
+        budget."""
+        limit = self.config.max_num_batched_tokens
+        if self.config.policy != "slo":
+            return limit
+        decoding = [r for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens]
+        targets = [r.slo_tpot_s for r in decoding if r.slo_tpot_s is not None]
+        prefill = limit
+        if targets and self.cost_model.is_calibrated:
+            context = sum(r.num_tokens for r in self.running)
+            prefill = self.cost_model.prefill_tokens_within(min(targets) * SLO_TPOT_HEADROOM, len(decoding), context)
+        block_size = self.kv_cache.block_size
+        reserve = -(-len(decoding) * SLO_KV_LOOKAHEAD_STEPS // block_size)
+        prefill = min(prefill, max(0, self.kv_cache.pool.num_free_blocks - reserve) * block_size)
+        return min(limit, len(decoding) + max(prefill, MIN_PREFILL_TOKENS))
+
+    # -- per-tenant KV caps ----------------------------------------------------------
+
+    def _count_tenant_blocks(self) -> None:
+        """With caps: each tenant's blocks, and the tenants that must not grow this step
+        (at their cap while a request of a tenant under its own cap waits)."""
+        self._tenant_blocks = Counter()
+        for request in self.running:
+            self._tenant_blocks[request.tenant] += len(self.kv_cache.block_ids(request.request_id))
+        waiting_tenants = {request.tenant for request in self.waiting}
+        under = {tenant for tenant in waiting_tenants if not self._at_cap(tenant, 0)}
+        self._capped_out = {tenant for tenant in self._kv_caps if under - {tenant}}
+        self._capped_full = set()
+
+    def _at_cap(self, tenant: str, num_new_blocks: int) -> bool:
+        cap = self._kv_caps.get(tenant)
+        return cap is not None and self._tenant_blocks[tenant] + num_new_blocks > cap
+
+    def _over_cap(self, request: Request, num_new_tokens: int, num_computed_tokens: int | None = None) -> bool:
+        """Whether giving `request` these tokens (from `num_computed_tokens` on: a new request's
+        cached prefix) would take its tenant past its KV cap while others wait."""
+        if request.tenant not in self._capped_out:
+            return False
+        start = request.num_computed_tokens if num_computed_tokens is None else num_computed_tokens
+        needed = -(-(start + num_new_tokens) // self.kv_cache.block_size)
+        held = len(self.kv_cache.block_ids(request.request_id))
+        return self._at_cap(request.tenant, needed - held)
+
+    def _enforce_kv_caps(self, output: "SchedulerOutput") -> None:
+        """Tenants over their cap while others wait give blocks back, worst-ranked request first."""
+        for tenant in self._capped_out:
+            while self._at_cap(tenant, 0):
+                victims = [r for r in self.running if r.tenant == tenant]
+                if not victims:
+                    break
+                self._preempt(max(victims, key=self.waiting.rank), output)
+
+    def _next_admissible(self) -> Request | None:
+        """The waiting request to offer a seat: the policy's next, or with KV caps the next
+        whose tenant is not capped out."""
+        request = self.waiting.peek()
+        if not self._capped_out or not self._no_room(request.tenant):
+            return request
+        return next((r for r in self.waiting if not self._no_room(r.tenant)), None)
+
+    def _no_room(self, tenant: str) -> bool:
+        return tenant in self._capped_full or (tenant in self._capped_out and self._at_cap(tenant, 1))
+
     @property
     def padding_tokens(self) -> int:
         """Tokens a padded static or dynamic batch would have computed for nothing; 0 when continuous."""
@@ -111,25 +260,34 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput(timed_out=self._end_timed_out())
-        budget = self.config.max_num_batched_tokens
         # The budget goes to running requests in rank order (stable: admission order among
         # equals, so FCFS is untouched): an urgent prompt's chunks come before a batch job's.
         self.running.sort(key=self.waiting.rank)
+        if self._kv_caps:
+            self._count_tenant_blocks()
+            self._enforce_kv_caps(output)
         if self.waiting.preempts:
             self._make_room_for_waiting(output)
+        budget = self.token_budget = self._plan_token_budget()
+        # Under slo the decodes' one token each is set aside first: a prompt ranked ahead of
+        # them must not take a step's whole (TPOT-sized) budget.
+        reserved = 0
+        if self.config.policy == "slo":
+            self.running.sort(key=lambda r: r.num_computed_tokens < r.num_prompt_tokens)
+            reserved = min(budget - 1, sum(r.num_computed_tokens >= r.num_prompt_tokens for r in self.running))
         num_preempted_before = len(output.preempted_ids)
         # Waiting requests that outrank the worst running one are admitted first, to the front,
         # so the budget reaches them before the requests they outrank.
         if self.running and self.waiting:
-            worst = self.waiting.rank(self.running[-1])
+            worst = self.waiting.rank(self._worst_running())
             if self.waiting.rank(self.waiting.peek()) < worst:
-                budget = self._admit_waiting(budget, output, outranking=worst)
+                budget = reserved + self._admit_waiting(budget - reserved, output, outranking=worst)
 
         index = len(output.scheduled)  # those admitted first are scheduled already
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = self._num_tokens_to_schedule(request, budget)
-            if num_new == 0:
+            if num_new == 0 or (self._capped_out and self._over_cap(request, num_new)):
                 index += 1
                 continue
             if not self._allocate_or_preempt(index, num_new, output):
@@ -175,25 +333,38 @@ class Scheduler:
         """Blocks for running[index], preempting the worst-ranked request not yet scheduled this
         step (the last admitted among equals, which is all of them under FCFS) until they fit."""
         request = self.running[index]
-        while self.kv_cache.allocate_slots(request, num_new) is None:
+        while (blocks := self.kv_cache.allocate_slots(request, num_new)) is None:
             victim = self._worst_running(start=index)
             self._preempt(victim, output)
             if victim is request:
                 return False
+        self._tenant_blocks[request.tenant] += len(blocks)
         return True
 
     def _worst_running(self, start: int = 0) -> Request:
+        """The next victim: with KV caps, a request of a tenant over its cap comes first."""
         rank = self.waiting.rank
-        position = max(range(start, len(self.running)), key=lambda i: (rank(self.running[i]), i))
-        return self.running[position]
+        if self._kv_caps:
+            def key(i: int) -> tuple:
+                request = self.running[i]
+                return (self._at_cap(request.tenant, 0), rank(request), i)
+        else:
+            def key(i: int) -> tuple:
+                return (rank(self.running[i]), i)
+        return self.running[max(range(start, len(self.running)), key=key)]
 
     def _make_room_for_waiting(self, output: SchedulerOutput) -> None:
         """Preemptive policies: while the best waiting request finds no seat or no blocks for its
         first chunk, the worst running request it outranks gives them up."""
         block_size = self.kv_cache.block_size
         while self.waiting and self.running:
-            request = self.waiting.peek()
-            num_blocks = -(-min(request.num_tokens, self.config.max_num_batched_tokens) // block_size)
+            request = self._next_admissible()
+            if request is None:
+                return
+            num_first = min(request.num_tokens, self.config.max_num_batched_tokens)
+            if self._capped_out and self._over_cap(request, num_first, 0):
+                return  # its tenant's cap would hold it back anyway
+            num_blocks = -(-num_first // block_size)
             if (len(self.running) < self.config.max_num_seqs
                     and num_blocks <= self.kv_cache.pool.num_free_blocks):
                 return
@@ -206,6 +377,10 @@ class Scheduler:
         """Take a running request's seat and blocks: its KV goes to the swap pool when it is long
         enough to be worth the copy (and fits), else it is dropped and recomputed later."""
         self.running.remove(request)
+        if self._kv_caps:
+            self._tenant_blocks[request.tenant] -= len(self.kv_cache.block_ids(request.request_id))
+            if not self._at_cap(request.tenant, 0):  # it now waits: the other capped tenants must not grow
+                self._capped_out |= set(self._kv_caps) - {request.tenant}
         threshold = self.config.swap_threshold_tokens
         if threshold is not None and request.num_computed_tokens >= threshold and self.kv_cache.can_swap_out(request):
             pairs = self.kv_cache.swap_out(request)
@@ -227,28 +402,38 @@ class Scheduler:
         self.batching.launch(self.waiting, self.clock())
         num_admitted = 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting.peek()
-            if not self.batching.may_admit(request):
+            request = self._next_admissible()
+            if request is None or not self.batching.may_admit(request):
                 break
+            if request.status is RequestStatus.PREEMPTED and request.request_id in output.preempted_ids:
+                break  # it gave its seat up this very step, to someone who could not take it after all
             if outranking is not None and not self.waiting.rank(request) < outranking:
                 break
             if self.kv_cache.is_swapped(request.request_id):
+                if self._capped_out and self._over_cap(request, self._num_tokens_to_schedule(request, budget)):
+                    self._capped_full.add(request.tenant)
+                    continue
                 num_new = self._swap_in(request, budget, output)
                 if num_new == 0:
                     break
-                self.waiting.pop()
+                self.waiting.remove(request)
             else:
                 computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
                 num_new = self._num_tokens_to_schedule(request, budget, num_cached)
                 if num_new == 0:
                     break
+                if self._capped_out and self._over_cap(request, num_new, num_cached):
+                    self._capped_full.add(request.tenant)
+                    continue
                 if self.kv_cache.allocate_slots(request, num_new, computed_blocks) is None:
                     break
-                self.waiting.pop()
+                self.waiting.remove(request)
                 if request.status is RequestStatus.WAITING:
                     request.num_cached_tokens = num_cached
                 request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
+            if self._kv_caps:
+                self._tenant_blocks[request.tenant] += len(self.kv_cache.block_ids(request.request_id))
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = self.clock()
             if outranking is None:

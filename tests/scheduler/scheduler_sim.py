@@ -7,7 +7,7 @@ also checks the token budget, the seat limit and the block tables.
 from typing import Callable
 
 from kvcache import KVCacheManager
-from scheduler import Request, RequestStatus, SamplingParams, Scheduler, SchedulerConfig, SchedulerOutput
+from scheduler import Request, RequestStatus, SamplingParams, Scheduler, SchedulerConfig, SchedulerOutput, StepShape
 
 VOCAB = 50
 Model = Callable[[Request], int]
@@ -55,26 +55,38 @@ def make_request(request_id: str, prompt: list[int], max_tokens: int = 8, eos: f
     return Request(request_id, list(prompt), SamplingParams(max_tokens=max_tokens, **params), eos_token_ids=eos)
 
 
-def step(scheduler: Scheduler, model: Model = fake_model) -> SchedulerOutput:
-    """One engine step: schedule, check the plan, run the fake model, apply its tokens."""
+def step(scheduler: Scheduler, model: Model = fake_model,
+         step_cost: Callable[[StepShape], float] | None = None) -> SchedulerOutput:
+    """One engine step: schedule, check the plan, run the fake model, apply its tokens.
+
+    The virtual clock moves a second per step, or `step_cost(shape)` seconds, which the
+    scheduler's cost model then observes as the engine's measured step time.
+    """
     threshold = scheduler.config.long_prefill_token_threshold
     needs_before = {r.request_id: r.num_tokens - r.num_computed_tokens for r in scheduler.running}
     if threshold:
         needs_before = {request_id: min(need, threshold) for request_id, need in needs_before.items()}
     plan = scheduler.schedule()
     check_plan(scheduler, plan, needs_before)
+    shape = plan.shape()
     sampled = {s.request.request_id: model(s.request) for s in plan.scheduled if s.samples}
     scheduler.update(plan, sampled)
-    scheduler.clock.now += 1.0
+    if step_cost is None:
+        scheduler.clock.now += 1.0
+    elif not plan.is_empty:
+        seconds = step_cost(shape)
+        scheduler.cost_model.observe(shape, seconds)
+        scheduler.clock.now += seconds
     return plan
 
 
-def run(scheduler: Scheduler, model: Model = fake_model, max_steps: int = 2000) -> list[SchedulerOutput]:
+def run(scheduler: Scheduler, model: Model = fake_model, max_steps: int = 2000,
+        step_cost: Callable[[StepShape], float] | None = None) -> list[SchedulerOutput]:
     """Step until every request is finished; the pool must then be fully free."""
     plans = []
     while scheduler.has_unfinished_requests():
         assert len(plans) < max_steps, "the scheduler stopped making progress"
-        plans.append(step(scheduler, model))
+        plans.append(step(scheduler, model, step_cost))
     assert_pool_free(scheduler)
     return plans
 
@@ -87,7 +99,7 @@ def assert_pool_free(scheduler: Scheduler) -> None:
 
 def check_plan(scheduler: Scheduler, plan: SchedulerOutput, needs_before: dict[str, int]) -> None:
     config, block_size = scheduler.config, scheduler.kv_cache.block_size
-    assert plan.num_batched_tokens <= config.max_num_batched_tokens
+    assert plan.num_batched_tokens <= scheduler.token_budget <= config.max_num_batched_tokens
     assert len(plan.scheduled) <= config.max_num_seqs
     assert scheduler.num_running <= config.max_num_seqs
     scheduled_ids = [s.request.request_id for s in plan.scheduled]
@@ -109,7 +121,7 @@ def check_plan(scheduler: Scheduler, plan: SchedulerOutput, needs_before: dict[s
         written |= blocks_written
     # Running requests are served first (after waiting ones that outrank them, admitted ahead):
     # if all of them fit the budget and the pool, all run (each prompt at most the long-prefill
-    # threshold), but for those whose deadline passed.
+    # threshold), but for those whose deadline passed and those a tenant's KV cap holds back.
     timed_out = {request.request_id for request in plan.timed_out}
     assert all(request.is_finished and request not in scheduler.running for request in plan.timed_out)
     needs_before = {request_id: need for request_id, need in needs_before.items() if request_id not in timed_out}
@@ -118,7 +130,9 @@ def check_plan(scheduler: Scheduler, plan: SchedulerOutput, needs_before: dict[s
         if s.request.request_id in needs_before:
             break
         ahead += s.num_new_tokens
-    if not plan.preempted_ids and ahead + sum(needs_before.values()) <= config.max_num_batched_tokens:
+    if config.tenant_kv_fractions:
+        return
+    if not plan.preempted_ids and ahead + sum(needs_before.values()) <= scheduler.token_budget:
         served = {s.request.request_id: s.num_new_tokens for s in plan.scheduled}
         assert all(served.get(request_id) == need for request_id, need in needs_before.items())
 

@@ -77,13 +77,16 @@ def test_when_blocks_run_out_the_lowest_priority_running_request_gives_them_up()
 @pytest.mark.parametrize("policy", ["priority", "sjf"])
 def test_aging_bounds_how_long_a_request_can_be_overtaken(policy):
     """A request three levels worse than a stream of rivals (priority 3 against 0; or 3 x 256
-    tokens more work) is overtaken only by rivals that arrive within 3 x aging_s of it."""
+    prompt tokens' worth more work, output tokens weighed by the cost model) is overtaken only
+    by rivals that arrive within 3 x aging_s of it."""
     aging_s, levels = 5.0, 3
     scheduler = make_scheduler(max_num_seqs=1, policy=policy, priority_aging_s=aging_s)
     if policy == "priority":
         victim = request("victim", max_tokens=2, priority=levels)
     else:
-        victim = request("victim", max_tokens=2 + levels * 256)
+        output_token_cost = scheduler.waiting.output_token_cost()
+        assert output_token_cost > 1  # the prior: a decode costs more than a prompt token on a CPU
+        victim = request("victim", max_tokens=2 + round(levels * 256 / output_token_cost))
     scheduler.add_request(victim)
     rivals = []
     while victim.first_scheduled_time is None:
@@ -133,6 +136,46 @@ def test_vtc_keeps_two_backlogged_tenants_within_the_bound(arrivals, weights):
         if backlogged == {"a", "b"}:
             assert abs(queue.counters["a"] - queue.counters["b"]) <= bound
     run(scheduler)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(1, 24), st.integers(1, 16), st.integers(0, 2)),
+                min_size=30, max_size=80),
+       st.sampled_from([(1.0, 1.0), (1.0, 2.0), (3.0, 1.0)]))
+def test_vtc_service_difference_stays_within_the_papers_bound(arrivals, weights):
+    """Sheng et al. (OSDI 2024), Theorem 4.2: over any interval in which two clients are both
+    backlogged, their service differs by at most 2U, U = max(w_p * L_input, w_q * M), with
+    L_input the longest prompt and M the most tokens the KV cache holds. Weighted, as here,
+    service is counted per unit of weight and the bound divided by the smaller weight."""
+    num_blocks, block_size, max_prompt = 32, 4, 24
+    scheduler = make_scheduler(max_model_len=64, max_num_seqs=6, max_num_batched_tokens=32, num_blocks=num_blocks,
+                               block_size=block_size, policy="fair", tenant_weights={"a": weights[0], "b": weights[1]})
+    queue = scheduler.waiting
+    bound = 2 * max(queue.prompt_token_weight * max_prompt,
+                    queue.output_token_weight * num_blocks * block_size) / min(weights)
+    for tenant in ("a", "b"):
+        for index in range(3):
+            scheduler.add_request(request(f"{tenant}-seed-{index}", prompt_len=12, max_tokens=12, tenant=tenant))
+    differences: list[float] = []  # counter a - counter b, over the current both-backlogged stretch
+    longest = 0
+    pending = list(enumerate(arrivals))
+    while pending or scheduler.has_unfinished_requests():
+        if pending:
+            index, (tenant, prompt_len, max_tokens, gap) = pending.pop(0)
+            scheduler.add_request(request(f"{tenant}-{index}", prompt_len=prompt_len, max_tokens=max_tokens,
+                                          tenant=tenant, arrival_time=scheduler.clock()))
+            for _ in range(gap):
+                step(scheduler)
+        step(scheduler)
+        if {r.tenant for r in scheduler.waiting} == {"a", "b"}:
+            differences.append(queue.counters["a"] - queue.counters["b"])
+            assert max(differences) - min(differences) <= bound
+            longest = max(longest, len(differences))
+        else:
+            differences = []
+        assert scheduler.clock() < 5000
+    assert longest >= 5  # the bound was put to the test
+    assert scheduler.kv_cache.pool.num_free_blocks == num_blocks
 
 
 def test_vtc_serves_weights_one_and_two_in_the_ratio_one_to_two():

@@ -1,0 +1,184 @@
+"""The slo policy on a virtual clock whose steps take what a linear cost says (and the cost
+model learns it): earliest deadline first, refusal of unreachable TTFT targets at the door,
+a token budget sized to the TPOT targets; and per-tenant KV caps under every policy."""
+
+from hypothesis import given, settings, strategies as st
+import pytest
+
+from scheduler import Request, RequestRejectedError, RequestStatus, SamplingParams, StepShape
+from scheduler_sim import make_scheduler, reference_output, run, step
+
+
+def cost(shape: StepShape) -> float:
+    """The fake engine's step time: 10 ms, 1 ms per prompt token, 2 ms per decode."""
+    return 0.010 + 0.001 * shape.prefill_tokens + 0.002 * shape.decode_seqs
+
+
+def request(request_id: str, prompt_len: int = 4, max_tokens: int = 8, arrival_time: float = 0.0,
+            slo_ttft_s: float | None = None, slo_tpot_s: float | None = None, tenant: str = "") -> Request:
+    prompt = [(hash(request_id) + index) % 50 for index in range(prompt_len)]
+    return Request(request_id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                   arrival_time=arrival_time, tenant=tenant, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s)
+
+
+def calibrated(**knobs):
+    scheduler = make_scheduler(policy="slo", **knobs)
+    for index in range(8):
+        scheduler.add_request(request(f"warm-{index}", prompt_len=12, max_tokens=10))
+    run(scheduler, step_cost=cost)
+    assert scheduler.cost_model.is_calibrated
+    return scheduler
+
+
+def admitted_order(plans) -> list[str]:
+    order = []
+    for plan in plans:
+        order += [s.request.request_id for s in plan.scheduled if s.request.request_id not in order]
+    return order
+
+
+def test_waiting_requests_are_admitted_earliest_ttft_deadline_first():
+    scheduler = make_scheduler(max_num_seqs=1, policy="slo", priority_aging_s=100.0)
+    for request_id, arrival, target in [("best-effort", 0.0, None), ("loose", 0.0, 50.0), ("tight", 1.0, 5.0),
+                                        ("tighter-later", 2.0, 3.5)]:
+        scheduler.add_request(request(request_id, arrival_time=arrival, slo_ttft_s=target))
+    # Deadlines: tight 6, tighter-later 5.5, loose 50, best effort 100 (its arrival plus the aging).
+    assert admitted_order(run(scheduler)) == ["tighter-later", "tight", "loose", "best-effort"]
+
+
+def test_an_unreachable_ttft_target_is_refused_at_the_door_and_a_reachable_one_admitted():
+    scheduler = calibrated(max_model_len=256, num_blocks=256, max_num_batched_tokens=64)
+    now = scheduler.clock()
+    alone = request("alone", prompt_len=40, arrival_time=now, slo_ttft_s=0.5)
+    assert scheduler.estimate_ttft(alone) == pytest.approx(0.010 + 0.040, rel=0.2)
+    # Forty prompts due in a second queue ahead: 2,000 prompt tokens, ~32 steps of ~74 ms.
+    for index in range(40):
+        scheduler.add_request(request(f"ahead-{index}", prompt_len=50, arrival_time=now - 29.0, slo_ttft_s=30.0))
+    assert len(scheduler.requests) == 40  # each one alone was reachable
+    free_before = scheduler.kv_cache.pool.num_free_blocks
+    late = request("late", prompt_len=40, arrival_time=now, slo_ttft_s=1.5)
+    with pytest.raises(RequestRejectedError, match="TTFT target of 1500 ms cannot be met") as refused:
+        scheduler.add_request(late)
+    assert refused.value.code == "slo_unreachable"
+    assert "late" not in scheduler.requests and scheduler.kv_cache.pool.num_free_blocks == free_before
+    patient = request("patient", prompt_len=40, arrival_time=now, slo_ttft_s=3.5)
+    scheduler.add_request(patient)  # behind the same queue, with a target it can make
+    run(scheduler, step_cost=cost)
+    assert 2.0 < patient.first_token_time - patient.arrival_time <= 3.5
+
+
+def test_an_unreachable_target_can_run_best_effort_after_the_rest():
+    scheduler = calibrated(max_model_len=256, num_blocks=256, max_num_batched_tokens=64,
+                           slo_infeasible="best-effort", max_num_seqs=2)
+    now = scheduler.clock()
+    for index in range(30):
+        scheduler.add_request(request(f"ahead-{index}", prompt_len=50, arrival_time=now - 29.0, slo_ttft_s=30.0))
+    late = request("late", prompt_len=40, arrival_time=now, slo_ttft_s=1.2)
+    scheduler.add_request(late)
+    assert late.slo_ttft_s is None
+    order = admitted_order(run(scheduler, step_cost=cost))
+    assert order.index("late") == len(order) - 1
+    assert late.status is RequestStatus.FINISHED_LENGTH
+
+
+def test_nothing_is_refused_before_the_cost_model_has_measured_a_step():
+    scheduler = make_scheduler(policy="slo", max_model_len=256, num_blocks=256)
+    for index in range(20):
+        scheduler.add_request(request(f"r{index}", prompt_len=50, slo_ttft_s=0.001))
+    assert len(scheduler.requests) == 20
+
+
+@pytest.mark.parametrize("target_s, expect_shrunk", [(0.050, True), (1.0, False)])
+def test_the_token_budget_fits_the_tightest_tpot_target(target_s, expect_shrunk):
+    scheduler = calibrated(max_model_len=256, num_blocks=256, max_num_batched_tokens=64, max_num_seqs=8)
+    for index in range(4):
+        scheduler.add_request(request(f"decoder-{index}", prompt_len=4, max_tokens=60, slo_tpot_s=target_s,
+                                      arrival_time=scheduler.clock()))
+    for _ in range(3):
+        step(scheduler, step_cost=cost)  # all four are decoding now
+    for index in range(4):
+        scheduler.add_request(request(f"long-{index}", prompt_len=200, max_tokens=2, arrival_time=scheduler.clock()))
+    step_times = [cost(step(scheduler, step_cost=cost).shape()) for _ in range(8)]
+    if expect_shrunk:
+        # 4 decodes and room for 0.8 x 50 ms: (40 - 10 - 8) ms of prompt tokens at 1 ms each,
+        # as far as the fitted model knows the costs.
+        assert 4 + 16 <= scheduler.token_budget <= 4 + 28
+        assert max(step_times) <= target_s
+    else:
+        assert scheduler.token_budget == 64
+    run(scheduler, step_cost=cost)
+
+
+def test_under_slo_the_decodes_keep_their_token_when_an_earlier_deadline_prompt_is_admitted():
+    scheduler = make_scheduler(policy="slo", max_model_len=256, num_blocks=256, max_num_batched_tokens=16)
+    decoders = [request(f"decoder-{index}", prompt_len=4, max_tokens=30, slo_ttft_s=100.0) for index in range(3)]
+    for decoder in decoders:
+        scheduler.add_request(decoder)
+    step(scheduler)
+    urgent = request("urgent", prompt_len=100, max_tokens=2, slo_ttft_s=0.5, arrival_time=scheduler.clock())
+    scheduler.add_request(urgent)
+    plan = step(scheduler)
+    served = {s.request.request_id: s.num_new_tokens for s in plan.scheduled}
+    assert served["urgent"] == 13 and all(served[d.request_id] == 1 for d in decoders)
+
+
+# -- per-tenant KV caps ---------------------------------------------------------------------
+
+
+def held_blocks(scheduler, tenant: str) -> int:
+    return sum(len(scheduler.kv_cache.block_ids(r.request_id)) for r in scheduler.running if r.tenant == tenant)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["fcfs", "priority", "sjf", "fair", "slo"]), st.booleans(),
+       st.lists(st.tuples(st.sampled_from(["capped", "other"]), st.integers(1, 30), st.integers(1, 20)),
+                min_size=5, max_size=40))
+def test_a_tenant_holds_no_more_than_its_kv_share_while_another_waits(policy, swap, arrivals):
+    """Checked after every step that began with another tenant's request waiting: the capped
+    tenant gave blocks back first, and grew no further. (A request that starts waiting in
+    mid-step, preempted for lack of blocks, is protected from the next step on.)"""
+    fraction, num_blocks = 0.25, 32
+    scheduler = make_scheduler(max_model_len=64, max_num_seqs=6, max_num_batched_tokens=32, num_blocks=num_blocks,
+                               block_size=4, policy=policy, tenant_kv_fractions={"capped": fraction},
+                               num_host_blocks=16 if swap else 0, swap_threshold_tokens=1 if swap else None)
+    cap = int(fraction * num_blocks)
+    pending = list(enumerate(arrivals))
+    requests = []
+    while pending or scheduler.has_unfinished_requests():
+        for _ in range(2):
+            if pending:
+                index, (tenant, prompt_len, max_tokens) = pending.pop(0)
+                requests.append(request(f"{tenant}-{index}", prompt_len=prompt_len, max_tokens=max_tokens,
+                                        tenant=tenant, arrival_time=scheduler.clock()))
+                scheduler.add_request(requests[-1])
+        another_waits = any(r.tenant == "other" for r in scheduler.waiting)
+        step(scheduler)
+        if another_waits:
+            assert held_blocks(scheduler, "capped") <= cap
+        assert scheduler.clock() < 2000, "the scheduler stopped making progress"
+    for item in requests:
+        assert item.output_token_ids == reference_output(item.prompt_token_ids, item.sampling_params.max_tokens)
+    assert scheduler.kv_cache.pool.num_free_blocks == num_blocks
+
+
+def test_the_cap_binds_only_while_another_tenant_waits():
+    scheduler = make_scheduler(max_model_len=64, max_num_seqs=6, num_blocks=32, block_size=4,
+                               tenant_kv_fractions={"capped": 0.25})
+    for index in range(6):
+        scheduler.add_request(request(f"capped-{index}", prompt_len=16, max_tokens=8, tenant="capped"))
+    step(scheduler)
+    assert held_blocks(scheduler, "capped") > 8  # alone, it may use the whole pool
+    scheduler.add_request(request("other", prompt_len=16, max_tokens=8, tenant="other",
+                                  arrival_time=scheduler.clock()))
+    plan = step(scheduler)
+    assert plan.preempted_ids  # it gives blocks back at once
+    assert held_blocks(scheduler, "capped") <= 8
+    assert any(s.request.request_id == "other" for s in plan.scheduled)
+    run(scheduler)
+
+
+def test_a_tenant_kv_fraction_must_be_a_share():
+    with pytest.raises(ValueError, match="fractions"):
+        make_scheduler(tenant_kv_fractions={"a": 1.5})
+    with pytest.raises(ValueError, match="slo_infeasible"):
+        make_scheduler(policy="slo", slo_infeasible="sometimes")
