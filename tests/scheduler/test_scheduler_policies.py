@@ -154,7 +154,7 @@ def test_vtc_service_difference_stays_within_the_papers_bound(arrivals, weights)
     bound = 2 * max(queue.prompt_token_weight * max_prompt,
                     queue.output_token_weight * num_blocks * block_size) / min(weights)
     for tenant in ("a", "b"):
-        for index in range(3):
+        for index in range(8):  # both backlogged from the start
             scheduler.add_request(request(f"{tenant}-seed-{index}", prompt_len=12, max_tokens=12, tenant=tenant))
     differences: list[float] = []  # counter a - counter b, over the current both-backlogged stretch
     longest = 0
