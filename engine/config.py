@@ -21,9 +21,12 @@ class EngineConfig:
     # behind long ones on mixed-long-short (BENCHMARKS.md, chunked prefill report).
     long_prefill_token_threshold: int = 256
     enable_prefix_caching: bool = True
-    policy: str = "fcfs"  # or priority, sjf, fair (scheduler/policy.py)
+    policy: str = "fcfs"  # or priority, sjf, fair, slo (scheduler/policy.py)
     priority_aging_s: float | None = 60.0  # a waiting request gains a priority level per this long
     tenant_weights: dict[str, float] = field(default_factory=dict)  # for the fair policy
+    tenant_kv_fractions: dict[str, float] = field(default_factory=dict)  # per-tenant KV caps while others wait
+    slo_infeasible: str = "reject"  # slo policy: refuse unreachable TTFT targets, or run them "best-effort"
+    cost_model: str | None = None  # a step cost model saved by `iterserve calibrate`, refined online from there
     queue_timeout_s: float | None = None  # a request still unscheduled this long after arrival times out
     swap_space: int = 0  # bytes of host memory for preempted requests' KV (pinned on CUDA); 0: recompute only
     swap_threshold_tokens: int = 0  # victims with fewer computed tokens are recomputed, not swapped

@@ -17,6 +17,7 @@ from kvcache import KVCacheManager
 from scheduler import (
     InvalidRequestError, Request, RequestStatus, SamplingParams, Scheduler, SchedulerConfig, SchedulerOutput,
 )
+from scheduler.cost_model import load_cost_model
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +89,14 @@ class LLMEngine:
                 queue_timeout_s=config.queue_timeout_s,
                 swap_threshold_tokens=config.swap_threshold_tokens if num_host_blocks else None,
                 tenant_weights=dict(config.tenant_weights),
+                tenant_kv_fractions=dict(config.tenant_kv_fractions),
+                slo_infeasible=config.slo_infeasible,
                 batching=config.batching,
                 static_batch_size=config.static_batch_size,
                 batch_timeout_s=config.batch_timeout_s,
             ),
             self.kv_cache,
+            cost_model=load_cost_model(config.cost_model) if config.cost_model else None,
         )
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.device, config.attention_backend,
                                   num_host_blocks)
@@ -127,8 +131,11 @@ class LLMEngine:
         tenant: str = "",
         cache_salt: str = "",
         deadline: float | None = None,
+        slo_ttft_s: float | None = None,
+        slo_tpot_s: float | None = None,
     ) -> str:
-        """Validate and queue a request; InvalidRequestError leaves the engine untouched."""
+        """Validate and queue a request; InvalidRequestError, or RequestRejectedError from the
+        slo policy, leaves the engine untouched."""
         params = sampling_params or SamplingParams()
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(token_ids)
@@ -142,6 +149,8 @@ class LLMEngine:
             tenant=tenant,
             cache_salt=cache_salt,
             deadline=deadline,
+            slo_ttft_s=slo_ttft_s,
+            slo_tpot_s=slo_tpot_s,
         )
         self.scheduler.add_request(request)
         self._texts[request.request_id] = _TextState(
@@ -170,12 +179,14 @@ class LLMEngine:
     # -- one step -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         # Before anything else: blocks swapped out this step may be written by it.
         self.runner.swap_blocks(plan.swap_out, plan.swap_in)
         outputs = [self._final_output(request) for request in plan.timed_out]
         if plan.is_empty:
             return outputs
+        shape = plan.shape()
         try:
             result = self.runner.execute(plan)
         except Exception as error:  # noqa: BLE001 - a bad step must not take the engine down
@@ -183,6 +194,8 @@ class LLMEngine:
         for request in self.scheduler.update(plan, result.sampled_token_ids):
             logprobs = result.logprobs.get(request.request_id)
             outputs.append(self._output(request, request.output_token_ids[-1], logprobs))
+        # The whole iteration, as a request waiting on it sees it: what TTFT and TPOT are made of.
+        self.scheduler.cost_model.observe(shape, time.perf_counter() - started)
         return outputs
 
     def _fail_step(self, plan: SchedulerOutput, error: Exception) -> list[RequestOutput]:

@@ -15,7 +15,9 @@ replays a workload with it; operators see its coefficients and its error in /met
 """
 
 from dataclasses import asdict, astuple, dataclass
+import json
 import math
+from pathlib import Path
 
 # The features are scaled so the normal equations stay well conditioned: a step has
 # ~1 overhead, ~10^3 prompt tokens, ~10^2 decodes and ~10^5 context tokens.
@@ -146,9 +148,22 @@ class StepCostModel:
 
     @classmethod
     def from_json(cls, document: dict, **kwargs) -> "StepCostModel":
-        """A model that predicts with saved coefficients (from `iterserve calibrate`), refined
-        online from there."""
+        """A model that predicts with saved coefficients (from `iterserve calibrate`) from the
+        first step, refined online from there."""
+        kwargs.setdefault("min_observed", 0)
         return cls(prior=Coefficients(**document["coefficients"]), **kwargs)
+
+
+def load_cost_model(path: str | Path) -> StepCostModel:
+    """A model saved with `save_cost_model` (by `iterserve calibrate`); ValueError names the file."""
+    try:
+        return StepCostModel.from_json(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a cost model saved by `iterserve calibrate`: {error}") from None
+
+
+def save_cost_model(model: StepCostModel, path: str | Path, **context) -> None:
+    Path(path).write_text(json.dumps({**model.to_json(), **context}, indent=2) + "\n")
 
 
 def _solve_linear(matrix: list[list[float]], rhs: list[float]) -> list[float]:

@@ -196,7 +196,7 @@ class DeadlineQueue(RankedQueue):
         return (self.deadline(request), request.arrival_time)
 
     def deadline(self, request: Request) -> float:
-        if request.slo_ttft_s is not None:
+        if request.slo_ttft_s is not None and not request.best_effort:
             return request.arrival_time + request.slo_ttft_s
         return request.arrival_time + (self.aging_s if self.aging_s is not None else float("inf"))
 

@@ -50,6 +50,24 @@ class RequestStatus(enum.Enum):
 FINISH_REASONS = tuple(status.finish_reason for status in RequestStatus if status.is_finished)
 
 
+def within_slo(request: "Request") -> bool:
+    """Whether a finished request counts toward goodput: it ended normally (stop or length),
+    its first token came within its TTFT target and its mean time per output token after
+    that within its TPOT target (a request without targets only has to end normally)."""
+    if request.status not in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+        return False
+    if request.first_token_time is None:
+        return False
+    if request.slo_ttft_s is not None and request.first_token_time - request.arrival_time > request.slo_ttft_s:
+        return False
+    num_after_first = len(request.output_token_ids) - 1
+    if request.slo_tpot_s is not None and num_after_first > 0:
+        tpot = (request.last_token_time - request.first_token_time) / num_after_first
+        if tpot > request.slo_tpot_s:
+            return False
+    return True
+
+
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -124,6 +142,7 @@ class Request:
     deadline: float | None = None  # on the scheduler's clock: unfinished by then, it ends as a timeout
     slo_ttft_s: float | None = None  # targets for the slo policy: time to first token,
     slo_tpot_s: float | None = None  # and time per output token after it
+    best_effort: bool = False  # its TTFT target was out of reach at the door: it runs after those with targets
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     # The one counter chunked prefill, prefix hits, recompute and decode all advance.

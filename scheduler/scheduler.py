@@ -170,7 +170,7 @@ class Scheduler:
         if self.clock() + estimate <= request.arrival_time + request.slo_ttft_s:
             return
         if self.config.slo_infeasible == "best-effort":
-            request.slo_ttft_s = None  # queued after the requests that can still make theirs
+            request.best_effort = True  # queued after the requests that can still make theirs
             return
         raise RequestRejectedError(
             f"the TTFT target of {request.slo_ttft_s * 1000:.0f} ms cannot be met: the work queued ahead and "

@@ -16,7 +16,7 @@ from server.errors import BadRequestError, ServiceUnavailableError, install_erro
 from server.metrics import EngineMetrics
 from server.middleware import RequestGate
 from server.protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
-from server.serving import ClientDisconnected, ServerSettings, ServingState
+from server.serving import ClientDisconnected, ServerSettings, ServingState, seconds
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +28,17 @@ def build_serving(llm_engine: LLMEngine, settings: ServerSettings) -> ServingSta
     # The `_created` twin of every series only doubles the scrape (vLLM turns it off too).
     disable_created_metrics()
 
-    tenant_names = list(settings.tenants.by_name) if settings.tenants.is_configured else None
+    tenants = settings.tenants.by_name
+    tenant_names = list(tenants) if settings.tenants.is_configured else None
+    tenant_slos = {name: (seconds(tenant.slo_ttft_ms), seconds(tenant.slo_tpot_ms)) for name, tenant in tenants.items()}
     metrics = EngineMetrics(settings.served_model_name, llm_engine.max_model_len, settings.metrics_compat,
-                            tenant_names)
-    tenant_max_queued = {name: tenant.max_queued for name, tenant in settings.tenants.by_name.items()
-                         if tenant.max_queued is not None}
-    engine = AsyncEngine(llm_engine, observer=metrics.record_step, max_queued_requests=settings.max_queued_requests,
-                         tenant_max_queued=tenant_max_queued)
+                            tenant_names, tenant_slos)
+    engine = AsyncEngine(
+        llm_engine, observer=metrics.record_step, max_queued_requests=settings.max_queued_requests,
+        tenant_max_queued={name: t.max_queued for name, t in tenants.items() if t.max_queued is not None},
+        tenant_tokens_per_minute={name: t.tokens_per_minute for name, t in tenants.items()
+                                  if t.tokens_per_minute is not None},
+        on_reject=metrics.record_rejection)
     tokenizer = AutoTokenizer.from_pretrained(llm_engine.model_path)
     return ServingState(settings, llm_engine, engine, metrics, tokenizer)
 

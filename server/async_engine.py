@@ -18,12 +18,16 @@ import threading
 from typing import Callable
 
 from engine import LLMEngine, RequestOutput
-from scheduler import InvalidRequestError, SamplingParams
+from scheduler import InvalidRequestError, RequestRejectedError, SamplingParams
 from server.errors import APIError, EngineError, QueueFullError, ServiceUnavailableError, from_invalid_request
+from server.rate_limit import RateLimited, TokenBucket
 
 logger = logging.getLogger(__name__)
 
 StepObserver = Callable[[list[RequestOutput], LLMEngine], None]
+# Told of every refusal at the door: (tenant, reason, number of sequences). Called on the event
+# loop for the queue bounds and rate limits, on the engine thread for the slo policy's refusals.
+RejectionObserver = Callable[[str, str, int], None]
 
 _ADD, _ABORT, _STOP = "add", "abort", "stop"
 
@@ -40,6 +44,8 @@ class EngineRequest:
     tenant: str = ""
     cache_salt: str = ""
     deadline: float | None = None  # time.monotonic() by which it must finish
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
 
 
 class OutputStream:
@@ -90,11 +96,15 @@ class OutputStream:
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, observer: StepObserver | None = None,
-                 max_queued_requests: int | None = None, tenant_max_queued: dict[str, int] | None = None):
+                 max_queued_requests: int | None = None, tenant_max_queued: dict[str, int] | None = None,
+                 tenant_tokens_per_minute: dict[str, int] | None = None,
+                 on_reject: RejectionObserver | None = None):
         self.engine = engine
         self.observer = observer
+        self.on_reject = on_reject
         self.max_queued_requests = max_queued_requests
         self.tenant_max_queued = tenant_max_queued or {}
+        self._buckets = {tenant: TokenBucket(rate) for tenant, rate in (tenant_tokens_per_minute or {}).items()}
         self.draining = False
         self.error: BaseException | None = None
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
@@ -140,27 +150,50 @@ class AsyncEngine:
             raise ServiceUnavailableError("the engine is not running", code="engine_dead")
         if self.draining:
             raise ServiceUnavailableError("the server is shutting down", code="draining")
-        with self._lock:
-            num_queued = self._num_queued_with(len(requests))
-            if self.max_queued_requests is not None and num_queued > self.max_queued_requests:
-                raise QueueFullError(
-                    f"the waiting queue is full: with these {len(requests)} sequences {num_queued} would wait for "
-                    f"a seat, over the limit of {self.max_queued_requests}; retry later")
-            tenant = requests[0].tenant if requests else ""
-            limit = self.tenant_max_queued.get(tenant)
-            num_tenant_waiting = self._inbox_by_tenant[tenant] + self._waiting_by_tenant[tenant]
-            # A tenant's bound binds only when some of these would wait at all.
-            if limit is not None and num_queued and num_tenant_waiting + len(requests) > limit:
-                raise QueueFullError(f"tenant {tenant!r} has {num_tenant_waiting} sequences waiting for a seat; "
-                                     f"its limit is {limit}; retry later")
-            self._num_in_inbox += len(requests)
-            self._inbox_by_tenant[tenant] += len(requests)
+        tenant = requests[0].tenant if requests else ""
+        try:
+            self._admit(requests, tenant)
+        except QueueFullError as error:
+            self._rejected(tenant, error.code, len(requests))
+            raise
         stream = OutputStream(self, [request.request_id for request in requests])
         for request in requests:
             self._streams[request.request_id] = stream
         self._idle.clear()
         self._inbox.put((_ADD, requests))
         return stream
+
+    def _admit(self, requests: list[EngineRequest], tenant: str) -> None:
+        """The door: the queue bounds, then the tenant's token rate; QueueFullError (a 429) if shut."""
+        with self._lock:
+            num_queued = self._num_queued_with(len(requests))
+            if self.max_queued_requests is not None and num_queued > self.max_queued_requests:
+                raise QueueFullError(
+                    f"the waiting queue is full: with these {len(requests)} sequences {num_queued} would wait for "
+                    f"a seat, over the limit of {self.max_queued_requests}; retry later")
+            limit = self.tenant_max_queued.get(tenant)
+            num_tenant_waiting = self._inbox_by_tenant[tenant] + self._waiting_by_tenant[tenant]
+            # A tenant's bound binds only when some of these would wait at all.
+            if limit is not None and num_queued and num_tenant_waiting + len(requests) > limit:
+                raise QueueFullError(f"tenant {tenant!r} has {num_tenant_waiting} sequences waiting for a seat; "
+                                     f"its limit is {limit}; retry later", code="tenant_queue_full")
+            bucket = self._buckets.get(tenant)
+            if bucket is not None:
+                num_tokens = sum(len(r.prompt_token_ids) + r.sampling_params.max_tokens for r in requests)
+                try:
+                    bucket.take(num_tokens, tenant)
+                except RateLimited as error:
+                    raise QueueFullError(str(error), retry_after_s=error.retry_after_s,
+                                         code="rate_limit_exceeded") from None
+            self._num_in_inbox += len(requests)
+            self._inbox_by_tenant[tenant] += len(requests)
+
+    def _rejected(self, tenant: str, reason: str, num_sequences: int) -> None:
+        if self.on_reject is not None:
+            try:
+                self.on_reject(tenant, reason, num_sequences)
+            except Exception:  # noqa: BLE001 - metrics must never take the engine down
+                logger.exception("the rejection observer failed")
 
     def _num_queued_with(self, num_new: int) -> int:
         """Sequences that would wait for a seat if `num_new` more came now (call with the lock).
@@ -278,10 +311,14 @@ class AsyncEngine:
                 self.engine.add_request(
                     request.prompt_token_ids, request.sampling_params, request_id=request.request_id,
                     arrival_time=request.arrival_time, priority=request.priority, tenant=request.tenant,
-                    cache_salt=request.cache_salt, deadline=request.deadline)
+                    cache_salt=request.cache_salt, deadline=request.deadline, slo_ttft_s=request.slo_ttft_s,
+                    slo_tpot_s=request.slo_tpot_s)
                 self._live.add(request.request_id)
             except InvalidRequestError as error:
                 failures.append((request.request_id, from_invalid_request(error)))
+            except RequestRejectedError as error:
+                failures.append((request.request_id, QueueFullError(str(error), code=error.code)))
+                self._rejected(request.tenant, error.code, 1)
             except Exception as error:  # noqa: BLE001 - e.g. a duplicate id: fail this request only
                 failures.append((request.request_id, EngineError(f"{type(error).__name__}: {error}")))
         return failures

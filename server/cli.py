@@ -30,12 +30,20 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 1GiB; 0: preempted requests are recomputed)")
     parser.add_argument("--swap-threshold-tokens", type=int, default=0, metavar="N",
                         help="victims with fewer than N computed tokens are recomputed instead of swapped")
-    parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "sjf", "fair"],
+    parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "sjf", "fair", "slo"],
                         help="the order of waiting requests: first come; lower `priority` first, preempting; "
-                             "shortest remaining work first; or fair share between users (VTC)")
+                             "shortest remaining work first; fair share between tenants (VTC); or earliest TTFT "
+                             "deadline first, with TTFT and TPOT targets (slo)")
     parser.add_argument("--priority-aging-s", type=float, default=60.0, metavar="S",
                         help="priority and sjf: a waiting request gains one level per S seconds, so nothing "
-                             "starves (0: no aging)")
+                             "starves; slo: a request without a TTFT target is due S seconds after it came "
+                             "(0: no aging)")
+    parser.add_argument("--slo-infeasible", default="reject", choices=["reject", "best-effort"],
+                        help="slo: a request whose TTFT target cannot be met at the measured step times gets "
+                             "429 (reject), or runs without its target after those that can make theirs")
+    parser.add_argument("--cost-model", default=None, metavar="FILE",
+                        help="start the step cost model from this calibration (iterserve calibrate) instead "
+                             "of measuring from nothing")
     parser.add_argument("--batching", default="continuous", choices=["continuous", "dynamic", "static"],
                         help="continuous admits every step; static and dynamic run padded batches to completion")
     parser.add_argument("--static-batch-size", type=int, default=None,
@@ -70,6 +78,8 @@ def engine_config(args: argparse.Namespace):
         swap_threshold_tokens=args.swap_threshold_tokens,
         policy=args.scheduling_policy,
         priority_aging_s=args.priority_aging_s or None,
+        slo_infeasible=args.slo_infeasible,
+        cost_model=args.cost_model,
         batching=args.batching,
         static_batch_size=args.static_batch_size,
         batch_timeout_s=args.batch_timeout_s,
@@ -120,8 +130,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-timeout", type=float, default=None, metavar="S",
                         help="a request not yet scheduled S seconds after it arrived ends with 408")
     parser.add_argument("--tenants", default=None, metavar="FILE",
-                        help="TOML: per tenant its weight (fair share), default priority and API keys "
-                             "(scheduler/tenants.py)")
+                        help="TOML: per tenant its weight (fair share), default priority, API keys, TTFT and "
+                             "TPOT targets, KV share, queue bound and token rate limit (scheduler/tenants.py)")
     parser.add_argument("--share-prefix-cache", action="store_true",
                         help="let requests of different users (the `user` field) share cached prefixes; off by "
                              "default, since a fast first token tells one user that another sent the same prefix")
@@ -165,6 +175,7 @@ def serve(args: argparse.Namespace) -> int:
     )
     try:
         llm_engine = LLMEngine(dataclasses.replace(engine_config(args), tenant_weights=tenants.weights,
+                                                   tenant_kv_fractions=tenants.kv_fractions,
                                                    queue_timeout_s=args.queue_timeout))
     except (FileNotFoundError, ValueError) as error:  # a bad --model or cache size: say so, no traceback
         print(f"iterserve: {error}", file=sys.stderr)

@@ -76,8 +76,8 @@ class QueueFullError(APIError):
     error_type = "rate_limit_error"
     default_code = "queue_full"
 
-    def __init__(self, message: str, retry_after_s: int = 1):
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+    def __init__(self, message: str, retry_after_s: int = 1, code: str | None = None):
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)}, code=code)
 
 
 class EngineError(APIError):

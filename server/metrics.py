@@ -14,8 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engine import LLMEngine, RequestOutput
-from scheduler.request import FINISH_REASONS
-from server.tenant_metrics import TenantMetrics
+from scheduler.request import FINISH_REASONS, within_slo
+from server.tenant_metrics import REJECTION_REASONS, TenantMetrics
+
+COST_TERMS = ("base", "prefill_token", "decode_seq", "context_token")  # scheduler.cost_model.Coefficients
 
 # A millisecond to ten minutes: decode steps on a fast GPU up to long CPU prompts.
 TIME_BUCKETS_S = (
@@ -89,7 +91,8 @@ def length_buckets(max_model_len: int) -> list[int]:
 
 class EngineMetrics:
     def __init__(self, model_name: str, max_model_len: int, compat: str | None = None,
-                 tenant_names: list[str] | None = None):
+                 tenant_names: list[str] | None = None,
+                 tenant_slos: dict[str, tuple[float | None, float | None]] | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
         # process_resident_memory_bytes, CPU seconds, open fds: what a soak watches (vLLM exports them too).
         ProcessCollector(registry=self.registry)
@@ -113,7 +116,24 @@ class EngineMetrics:
         swapped = Counter("iterserve_kv_swapped_bytes", "KV bytes copied to the host swap pool (out) and back (in).",
                           ["model_name", "direction"], registry=self.registry)
         self._swapped_bytes = {direction: swapped.labels(model_name, direction) for direction in ("out", "in")}
-        self.tenants = (TenantMetrics(self.registry, model_name, tenant_names, TIME_BUCKETS_S)
+        rejected = Counter("iterserve_requests_rejected", "Sequences refused at the door (429), by reason: "
+                           "queue_full, tenant_queue_full, rate_limit_exceeded, slo_unreachable.",
+                           ["model_name", "reason"], registry=self.registry)
+        self._rejected = {reason: rejected.labels(model_name, reason) for reason in REJECTION_REASONS}
+        self._within_slo = Counter("iterserve_requests_within_slo", "Requests that finished (stop or length) "
+                                   "within their TTFT and TPOT targets, if they had any: goodput.",
+                                   ["model_name"], registry=self.registry).labels(model_name)
+        self._token_budget = Gauge("iterserve_step_token_budget", "The last step's token budget (the slo policy "
+                                   "sizes it to the TPOT targets).", ["model_name"],
+                                   registry=self.registry).labels(model_name)
+        cost = Gauge("iterserve_cost_model_seconds", "The step cost model's coefficients: seconds per step (base), "
+                     "per prompt token, per decode sequence and per context token read.", ["model_name", "term"],
+                     registry=self.registry)
+        self._cost_terms = {term: cost.labels(model_name, term) for term in COST_TERMS}
+        self._cost_error = Gauge("iterserve_cost_model_relative_error", "Mean relative error of the cost model's "
+                                 "step-time predictions (recent steps weigh more).", ["model_name"],
+                                 registry=self.registry).labels(model_name)
+        self.tenants = (TenantMetrics(self.registry, model_name, tenant_names, TIME_BUCKETS_S, tenant_slos or {})
                         if tenant_names else None)
 
     def _family(self, spec: MetricSpec, name: str, reason_label: str, model_name: str, max_model_len: int):
@@ -159,8 +179,22 @@ class EngineMetrics:
         self._inc_to("prefix_hits", stats.prefix_cache_hits)
         self._inc_to("padding_tokens", engine.scheduler.padding_tokens)
         self._record_swaps(engine)
+        scheduler = engine.scheduler
+        self._token_budget.set(scheduler.token_budget)
+        coefficients = scheduler.cost_model.coefficients
+        for term, child in self._cost_terms.items():
+            child.set(getattr(coefficients, f"{term}_s"))
+        self._cost_error.set(scheduler.cost_model.mean_relative_error)
         if self.tenants is not None:
             self.tenants.record_step(engine)
+
+    def record_rejection(self, tenant: str, reason: str, num_sequences: int) -> None:
+        """A refusal at the door (any thread: prometheus_client's counters are thread-safe)."""
+        child = self._rejected.get(reason)
+        if child is not None:
+            child.inc(num_sequences)
+        if self.tenants is not None:
+            self.tenants.record_rejection(tenant, reason, num_sequences)
 
     def _record_swaps(self, engine: LLMEngine) -> None:
         scheduler = engine.scheduler
@@ -203,6 +237,8 @@ class EngineMetrics:
             child[output.finish_reason or "error"].inc()
         finished = request.finished_time if request.finished_time is not None else request.last_token_time
         self._observe("e2e", finished - request.arrival_time)
+        if within_slo(request):
+            self._within_slo.inc()
         if self.tenants is not None:
             self.tenants.record_finished(output, finished)
         self._observe("prompt_length", request.num_prompt_tokens)

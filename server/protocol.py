@@ -87,6 +87,9 @@ class GenerationRequest(APIRequest):
     cache_salt: str | None = Field(None, min_length=1)
     # Seconds from arrival: unfinished by then, the request ends with a 408 (or an error event).
     timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # Targets for --scheduling-policy slo (default: the tenant's): time to first token, time per output token.
+    slo_ttft_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
+    slo_tpot_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
 class CompletionRequest(GenerationRequest):

@@ -185,6 +185,8 @@ def build_generation(serving: ServingState, body: GenerationRequest, tenant: Ten
     cache_salt = serving.cache_salt(body, tenant)
     priority = tenant.priority if body.priority is None else body.priority
     deadline = None if body.timeout is None else arrival_time + body.timeout
+    slo_ttft_s = seconds(body.slo_ttft_ms if body.slo_ttft_ms is not None else tenant.slo_ttft_ms)
+    slo_tpot_s = seconds(body.slo_tpot_ms if body.slo_tpot_ms is not None else tenant.slo_tpot_ms)
     requests, choices = [], {}
     for prompt_index, prompt in enumerate(prompts):
         serving.llm_engine.check_prompt(prompt)
@@ -196,9 +198,13 @@ def build_generation(serving: ServingState, body: GenerationRequest, tenant: Ten
                 params = dataclasses.replace(params, seed=body.seed + sample_index)
             engine_id = f"{request_id}-{prompt_index}-{sample_index}"
             requests.append(EngineRequest(engine_id, prompt, params, arrival_time, priority, tenant.name,
-                                          cache_salt, deadline))
+                                          cache_salt, deadline, slo_ttft_s, slo_tpot_s))
             choices[engine_id] = ChoiceResult(index=prompt_index * body.n + sample_index)
     return Generation(request_id, prompts, requests, choices)
+
+
+def seconds(milliseconds: float | None) -> float | None:
+    return None if milliseconds is None else milliseconds / 1000
 
 
 async def collect(stream: OutputStream, generation: Generation, request: Request) -> list[ChoiceResult]:

@@ -12,12 +12,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from engine import LLMEngine, RequestOutput
 from scheduler import Request, RequestStatus
-from scheduler.request import FINISH_REASONS
+from scheduler.request import FINISH_REASONS, within_slo
+
+# The codes of the 429s the door gives (server/async_engine.py), as label values.
+REJECTION_REASONS = ("queue_full", "tenant_queue_full", "rate_limit_exceeded", "slo_unreachable")
 
 
 class TenantMetrics:
     def __init__(self, registry: CollectorRegistry, model_name: str, tenant_names: list[str],
-                 time_buckets_s: tuple[float, ...]):
+                 time_buckets_s: tuple[float, ...], slos: dict[str, tuple[float | None, float | None]]):
         self.tenant_names = list(tenant_names)
         labels = ("model_name", "tenant")
 
@@ -42,6 +45,22 @@ class TenantMetrics:
                            labels + ("finish_reason",), registry=registry)
         self.finished = {(tenant, reason): finished.labels(model_name, tenant, reason)
                          for tenant in self.tenant_names for reason in FINISH_REASONS}
+        self.within_slo = per_tenant(Counter, "requests_within_slo", "Requests that finished within their TTFT "
+                                     "and TPOT targets (goodput), by tenant.")
+        rejected = Counter("iterserve_tenant_requests_rejected", "Sequences refused at the door (429), by tenant "
+                           "and reason.", labels + ("reason",), registry=registry)
+        self.rejected = {(tenant, reason): rejected.labels(model_name, tenant, reason)
+                         for tenant in self.tenant_names for reason in REJECTION_REASONS}
+        # The targets, so a dashboard can draw them beside the percentiles (absent: no target).
+        ttft_target = Gauge("iterserve_tenant_slo_ttft_seconds", "The tenant's TTFT target.", labels,
+                            registry=registry)
+        tpot_target = Gauge("iterserve_tenant_slo_tpot_seconds", "The tenant's TPOT target.", labels,
+                            registry=registry)
+        for tenant, (ttft_s, tpot_s) in slos.items():
+            if tenant in self.ttft and ttft_s is not None:
+                ttft_target.labels(model_name, tenant).set(ttft_s)
+            if tenant in self.ttft and tpot_s is not None:
+                tpot_target.labels(model_name, tenant).set(tpot_s)
 
     def record_step(self, engine: LLMEngine) -> None:
         waiting, running, blocks = Tally(), Tally(), Tally()
@@ -68,6 +87,13 @@ class TenantMetrics:
         tenant = self._tenant(request)
         self.finished[(tenant, output.finish_reason or "error")].inc()
         self.e2e[tenant].observe(finished_time - request.arrival_time)
+        if within_slo(request):
+            self.within_slo[tenant].inc()
+
+    def record_rejection(self, tenant: str, reason: str, num_sequences: int) -> None:
+        child = self.rejected.get((tenant if tenant in self.ttft else "default", reason))
+        if child is not None:
+            child.inc(num_sequences)
 
     def _tenant(self, request: Request) -> str:
         # Requests reach the engine with a configured name or "default"; anything else is ours to fold.

@@ -86,7 +86,7 @@ def test_the_dashboard_only_queries_metrics_we_export(tiny_server):
     # The per-tenant row's series exist only on a server with --tenants: take their names
     # from the class that exports them.
     registry = CollectorRegistry()
-    TenantMetrics(registry, "tiny", ["default"], (1.0,))
+    TenantMetrics(registry, "tiny", ["default"], (1.0,), {"default": (1.0, 0.1)})
     tenant_series = {sample.name for family in registry.collect() for sample in family.samples}
     exported = {name for name, _ in scrape(tiny_server)} | tenant_series
     dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
