@@ -30,7 +30,7 @@ class TokenBucket:
         """Charge `num_tokens`, or raise RateLimited (charging nothing) with how long to wait."""
         if num_tokens > self.tokens_per_minute:
             raise RateLimited(f"this request may use {num_tokens} tokens (its prompt plus max_tokens for each "
-                              f"choice), more than tenant {tenant!r}'s limit of {self.tokens_per_minute} tokens "
+                              f"choice), more than the limit of tenant {tenant!r}, {self.tokens_per_minute} tokens "
                               "per minute: lower max_tokens or shorten the prompt", retry_after_s=60)
         now = self.clock()
         rate_per_s = self.tokens_per_minute / 60
