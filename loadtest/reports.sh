@@ -103,7 +103,7 @@ peer() {
 }
 
 tenants() {
-  local policies=${POLICIES:-fcfs priority sjf fair}
+  local policies=${POLICIES:-fcfs priority sjf fair slo}
   for policy in $policies; do
     serve_iterserve --scheduling-policy "$policy" --tenants deploy/tenants.toml
     bench "tenants-$policy" --trace "$WORKLOADS/tenant-spike.jsonl" --deadline-s 1200
