@@ -64,7 +64,8 @@ class StepCostModel:
         self.prior_weight = prior_weight
         self.min_observed = min_observed  # below this many steps, predictions come from the prior
         self.num_observed = 0
-        self.mean_relative_error = 0.0  # of predictions made just before each step was observed (decayed)
+        self._error_sum = 0.0  # of predictions made just before each step was observed, decayed
+        self._error_weight = 0.0
         n = len(_SCALES)
         self._xtx = [[0.0] * n for _ in range(n)]
         self._xty = [0.0] * n
@@ -74,6 +75,11 @@ class StepCostModel:
     @property
     def is_calibrated(self) -> bool:
         return self.num_observed >= self.min_observed
+
+    @property
+    def mean_relative_error(self) -> float:
+        """How far off the predictions made just before each step ran were, recent steps weighing more."""
+        return self._error_sum / self._error_weight if self._error_weight else 0.0
 
     @property
     def coefficients(self) -> Coefficients:
@@ -90,7 +96,8 @@ class StepCostModel:
             return
         if self.is_calibrated and seconds > 0:
             error = abs(self.predict(shape) - seconds) / seconds
-            self.mean_relative_error = self.decay * self.mean_relative_error + (1 - self.decay) * error
+            self._error_sum = self.decay * self._error_sum + error
+            self._error_weight = self.decay * self._error_weight + 1.0
         x = shape.features()
         for i, xi in enumerate(x):
             row = self._xtx[i]
