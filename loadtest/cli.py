@@ -38,7 +38,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--extra-body", type=json_object, default={}, help="JSON merged into every request body")
     target.add_argument("--send-priority", action=argparse.BooleanOptionalAction, default=True,
                         help="send the trace's non-zero priorities (vLLM needs --scheduling-policy priority)")
-    load = parser.add_argument_group("load")
+    add_load_arguments(parser.add_argument_group("load"))
+    add_report_arguments(parser.add_argument_group("report"))
+    parser.add_argument("--labels", default=None, help="plot: comma-separated names for the files")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def add_load_arguments(load, live: bool = True) -> None:
+    """The workload's flags, shared by `bench` and `simulate` (`live`: those only a live run has)."""
     load.add_argument("--trace", default=None, help="jsonl: id, arrival_s, prompt_len, output_len, tenant, priority")
     load.add_argument("--dataset", default="random", choices=["random", "sharegpt-like", "mixed"])
     load.add_argument("--num-prompts", type=int, default=None, help="default: the whole trace, or 100")
@@ -49,19 +56,20 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                       help="Poisson arrivals per second; inf: all at once (default: a trace's own times, else inf)")
     load.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps; 1 is Poisson")
     load.add_argument("--sweep-rates", default=None, help="r1,r2,...: one pass per request rate")
-    load.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     load.add_argument("--seed", type=int, default=0)
-    load.add_argument("--deadline-s", type=float, default=600.0,
-                      help="per pass: requests not finished by then are cancelled and count as failed")
-    report = parser.add_argument_group("report")
+    if live:
+        load.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+        load.add_argument("--deadline-s", type=float, default=600.0,
+                          help="per pass: requests not finished by then are cancelled and count as failed")
+
+
+def add_report_arguments(report) -> None:
     report.add_argument("--slo-ttft-ms", type=float, default=None)
     report.add_argument("--slo-tpot-ms", type=float, default=None)
     report.add_argument("--out", default=None, help="result JSON (for plot: the PNG)")
     report.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
                         help="also draw the result next to --out, as a PNG")
     report.add_argument("--label", default=None, help="the result's name on plots (default: the file's name)")
-    report.add_argument("--labels", default=None, help="plot: comma-separated names for the files")
-    report.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 
 def json_object(text: str) -> dict:

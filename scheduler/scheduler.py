@@ -141,11 +141,11 @@ class Scheduler:
 
     def estimate_ttft(self, request: Request) -> float:
         """Seconds from now to `request`'s first token if it were queued now: the prompt
-        tokens of everything ahead of it (waiting with an earlier deadline, and the running
-        prefills) and its own uncached prompt, at the prompt tokens a step has room for
-        beside the running decodes, each step timed by the cost model."""
+        tokens of everything ahead of it (waiting and ranked no worse, since equals keep their
+        order; and the running prefills) and its own uncached prompt, at the prompt tokens a
+        step has room for beside the running decodes, each step timed by the cost model."""
         rank = self.waiting.rank(request)
-        ahead = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting if self.waiting.rank(r) < rank)
+        ahead = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting if self.waiting.rank(r) <= rank)
         decoding = 0
         for r in self.running:
             if r.num_computed_tokens >= r.num_prompt_tokens:

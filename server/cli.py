@@ -191,6 +191,23 @@ def bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def simulate(args: argparse.Namespace) -> int:
+    from loadtest.simulate import run
+
+    return run(args)
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    from engine.calibrate import main
+
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return main(args, engine_config(args))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"iterserve: {error}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="iterserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -215,6 +232,22 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser = commands.add_parser("bench", help="load-test an OpenAI-compatible server, or plot results")
     add_bench_arguments(bench_parser)
     bench_parser.set_defaults(run=bench)
+
+    from loadtest.simulate import add_simulate_arguments  # stdlib only at import, as bench
+
+    sim = commands.add_parser("simulate", help="a workload through the real scheduler on a virtual clock")
+    add_engine_arguments(sim)
+    add_simulate_arguments(sim)
+    sim.set_defaults(run=simulate)
+
+    cal = commands.add_parser("calibrate", help="fit the step cost model to this engine's measured steps")
+    add_engine_arguments(cal)
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--out", required=True, help="where to write the cost model (JSON)")
+    cal.add_argument("--batch-sizes", default="1,4,16,64", help="requests that run together")
+    cal.add_argument("--prompt-lens", default="32,256,1024", help="prompt tokens of each request")
+    cal.add_argument("--output-len", type=int, default=32, help="tokens each request generates")
+    cal.set_defaults(run=calibrate)
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in commands.choices:

@@ -1,0 +1,239 @@
+"""`iterserve simulate`: a workload through the real scheduler on a virtual clock, reported as
+`iterserve bench` reports a live run (the same JSON fields and plots, `per_tenant` included).
+
+  iterserve simulate --cost-model cpu.json --trace chat-poisson.jsonl --out sim.json
+  iterserve simulate --hardware h100 --model llama-3-8b --dataset sharegpt-like --num-prompts 100000 \\
+      --request-rate 20 --out h100.json
+  iterserve simulate --hardware h100 --model llama-3-70b --tensor-parallel-size 4 --dataset sharegpt-like \\
+      --sweep-rates 2,4,8,16,32 --slo-ttft-ms 2000 --slo-tpot-ms 100 --target-rate 50
+
+Step times come from a calibration (`--cost-model FILE`, written by `iterserve calibrate`)
+or from the hardware's peaks and the model's shapes (`--hardware`, scheduler/roofline.py).
+The scheduler's flags are `iterserve serve`'s. With `--sweep-rates` and SLOs, it reports the
+highest rate at which `--slo-attainment` of the requests meet them, and with
+`--target-rate` the replicas that rate needs. No HTTP and no model: loadtest's one part that
+does not talk to a server, because it stands in for one.
+"""
+
+import argparse
+from dataclasses import asdict
+from datetime import datetime, timezone
+import math
+import sys
+import time
+
+KEEP_ITL_UP_TO = 20_000  # requests; beyond, inter-token latencies are not kept (memory), TPOT still is
+
+
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    from loadtest.cli import add_load_arguments, add_report_arguments
+
+    parser.description = __doc__.split("\n\n")[0]
+    # --cost-model FILE (an engine flag, as for serve) gives the step times of a calibration.
+    machine = parser.add_argument_group("machine")
+    machine.add_argument("--hardware", default=None, choices=["h100", "h200", "a100"],
+                         help="step times from this device's peaks and --model's shapes (a preset name: "
+                              "smollm2-135m, llama-3-8b, llama-3-70b; or a Hugging Face folder)")
+    machine.add_argument("--tensor-parallel-size", type=int, default=1)
+    machine.add_argument("--step-overhead-ms", type=float, default=2.0,
+                         help="--hardware: host time per step beyond the device's (default 2 ms)")
+    add_load_arguments(parser.add_argument_group("load"), live=False)
+    report = parser.add_argument_group("report")
+    add_report_arguments(report)
+    report.add_argument("--slo-attainment", type=float, default=0.9,
+                        help="--sweep-rates: a rate meets the SLOs when this share of its requests do")
+    report.add_argument("--target-rate", type=float, default=None,
+                        help="--sweep-rates: how many replicas this request rate needs")
+    parser.add_argument("--tenants", default=None, metavar="FILE", help="as for serve")
+    parser.add_argument("--queue-timeout", type=float, default=None, metavar="S", help="as for serve")
+
+
+def run(args: argparse.Namespace) -> int:
+    from loadtest.cli import BenchError, load_requests, parse_rates, write_results
+    from loadtest.trace import TraceError
+    from scheduler.tenants import TenantsError
+
+    try:
+        machine = Machine.from_args(args)
+        requests = load_requests(args)
+        rates = parse_rates(args.sweep_rates) if args.sweep_rates else [args.request_rate]
+        runs = [simulate_pass(args, machine, requests, rate) for rate in rates]
+    except (BenchError, TraceError, TenantsError, ValueError, OSError) as error:
+        print(f"iterserve simulate: {error}", file=sys.stderr)
+        return 2
+    if args.sweep_rates:
+        report_capacity(args, runs)
+    write_results(args, runs)
+    return 0
+
+
+class Machine:
+    """Where the simulated steps run: their time, and the KV cache's size in blocks."""
+
+    def __init__(self, step_time, kv_bytes_per_block: float, num_blocks: int, description: dict):
+        self.step_time = step_time
+        self.kv_bytes_per_block = kv_bytes_per_block
+        self.num_blocks = num_blocks
+        self.description = description
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Machine":
+        from engine.config import parse_size
+        from scheduler.cost_model import load_cost_model
+        from scheduler.roofline import HARDWARE, MODELS, ModelShape, RooflineStepTime
+
+        if (args.cost_model is None) == (args.hardware is None):
+            raise ValueError("give one of --cost-model FILE (from iterserve calibrate) and --hardware")
+        if args.cost_model is not None:
+            import json
+            from pathlib import Path
+
+            saved = json.loads(Path(args.cost_model).read_text())
+            model = load_cost_model(args.cost_model)
+            if "kv_bytes_per_block" not in saved:
+                raise ValueError(f"{args.cost_model}: no kv_bytes_per_block; recalibrate with iterserve calibrate")
+            per_block = saved["kv_bytes_per_block"] * args.block_size / saved.get("block_size", args.block_size)
+            num_blocks = args.num_kv_blocks or int(parse_size(args.kv_cache_memory) // per_block)
+            return cls(model.predict, per_block, num_blocks,
+                       {"cost_model": args.cost_model, **{k: v for k, v in saved.items() if k != "num_observed"}})
+        if args.model is None or args.model in MODELS:
+            shape = MODELS[args.model or "smollm2-135m"]
+        else:
+            shape = ModelShape.from_hf_config(args.model)
+        roofline = RooflineStepTime(HARDWARE[args.hardware], shape, args.tensor_parallel_size,
+                                    step_overhead_s=args.step_overhead_ms / 1000)
+        per_block = shape.kv_bytes_per_token * args.block_size
+        num_blocks = args.num_kv_blocks or int(roofline.kv_cache_bytes() // per_block)
+        return cls(roofline, per_block, num_blocks,
+                   {"hardware": roofline.hardware.name, "model": shape.name,
+                    "tensor_parallel_size": args.tensor_parallel_size, "step_overhead_ms": args.step_overhead_ms})
+
+
+def simulate_pass(args: argparse.Namespace, machine: Machine, requests: list, rate: float | None) -> dict:
+    from loadtest.cli import _rate_value
+    from loadtest.metrics import format_summary, summarize, summarize_by_tenant
+    from loadtest.trace import retime
+    from scheduler.simulator import Deployment, simulate
+
+    if rate is not None:
+        requests = retime(requests, rate, args.burstiness, args.seed)
+    tenants = load_tenants(args)
+    sim_requests = [sim_request(request, tenants) for request in requests]
+    deployment = Deployment(scheduler_config(args, tenants, requests), machine.num_blocks, args.block_size,
+                            num_host_blocks=int(_swap_bytes(args) // machine.kv_bytes_per_block))
+    started = time.perf_counter()
+    result = simulate(sim_requests, deployment, machine.step_time, keep_itl=len(requests) <= KEEP_ITL_UP_TO)
+    wall_s = time.perf_counter() - started
+    records = [record(outcome) for outcome in result.outcomes]
+    duration_s = max((r.start_s + r.e2el_ms / 1000 for r in records if r.e2el_ms is not None), default=0.0)
+    summary = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "label": args.label,
+        "simulated": {**machine.description, "num_kv_blocks": machine.num_blocks, "num_steps": result.num_steps,
+                      "num_preemptions": result.num_preemptions, "wall_s": wall_s,
+                      "scheduling_policy": args.scheduling_policy},
+        "trace": args.trace,
+        "dataset": None if args.trace else args.dataset,
+        "num_prompts": len(requests),
+        "request_rate": _rate_value(rate, args),
+        "burstiness": args.burstiness,
+        "seed": args.seed,
+        "slo_ttft_ms": args.slo_ttft_ms,
+        "slo_tpot_ms": args.slo_tpot_ms,
+    }
+    summary |= summarize(records, duration_s, args.slo_ttft_ms, args.slo_tpot_ms)
+    summary["per_tenant"] = summarize_by_tenant(records, duration_s, args.slo_ttft_ms, args.slo_tpot_ms)
+    summary["requests"] = [asdict(r) for r in records]
+    print(format_summary(summary))
+    print(f"simulated {len(requests)} requests in {result.num_steps} steps, {wall_s:.1f} s of wall time")
+    return summary
+
+
+def load_tenants(args: argparse.Namespace):
+    from scheduler.tenants import Tenants, load_tenants as read
+
+    return read(args.tenants) if args.tenants else Tenants.default_only()
+
+
+def sim_request(request, tenants):
+    """As `serve` would queue it from `iterserve bench`: the trace's tenant sent as `user`, its
+    priority when it has one, else the tenant's, and the tenant's targets."""
+    from scheduler.simulator import SimRequest
+
+    tenant = tenants.resolve(None, request.tenant)
+    return SimRequest(request.id, request.arrival_s, request.prompt_len, request.output_len, tenant.name,
+                      request.priority or tenant.priority, _seconds(tenant.slo_ttft_ms), _seconds(tenant.slo_tpot_ms))
+
+
+def scheduler_config(args: argparse.Namespace, tenants, requests: list):
+    from scheduler.config import SchedulerConfig
+
+    max_model_len = args.max_model_len or max(r.prompt_len + r.output_len for r in requests)
+    chunked = args.enable_chunked_prefill
+    return SchedulerConfig(
+        max_model_len=max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens or (2048 if chunked else max_model_len),
+        enable_chunked_prefill=chunked,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
+        policy=args.scheduling_policy,
+        priority_aging_s=args.priority_aging_s or None,
+        tenant_weights=tenants.weights,
+        tenant_kv_fractions=tenants.kv_fractions,
+        slo_infeasible=args.slo_infeasible,
+        queue_timeout_s=args.queue_timeout,
+        swap_threshold_tokens=args.swap_threshold_tokens if _swap_bytes(args) else None,
+        batching=args.batching,
+        static_batch_size=args.static_batch_size,
+        batch_timeout_s=args.batch_timeout_s,
+    )
+
+
+def record(outcome):
+    """What `iterserve bench` would have recorded of this request, in its units."""
+    from loadtest.client import RequestRecord
+
+    request = outcome.request
+    result = RequestRecord(request.id, request.tenant, request.priority, request.arrival_s, request.prompt_len,
+                           request.output_len, start_s=request.arrival_s, prompt_tokens=request.prompt_len)
+    if outcome.finish_reason != "length":
+        result.error = outcome.error or f"finished with {outcome.finish_reason}"
+        return result
+    result.success, result.error = True, None
+    result.output_tokens = outcome.num_output_tokens
+    result.ttft_ms = (outcome.first_token_s - request.arrival_s) * 1000
+    result.e2el_ms = (outcome.finished_s - request.arrival_s) * 1000
+    if outcome.num_output_tokens > 1:
+        result.tpot_ms = (result.e2el_ms - result.ttft_ms) / (outcome.num_output_tokens - 1)
+    result.itl_ms = [seconds * 1000 for seconds in outcome.itl_s]
+    return result
+
+
+def report_capacity(args: argparse.Namespace, runs: list[dict]) -> None:
+    """The highest swept rate whose requests meet the SLOs often enough, and replicas for a target."""
+    if args.slo_ttft_ms is None and args.slo_tpot_ms is None:
+        return
+    meeting = [run["request_rate"] for run in runs
+               if run["num_prompts"] and run["goodput"] * run["duration"] >= args.slo_attainment * run["num_prompts"]]
+    best = max(meeting, default=None)
+    for run in runs:
+        run["max_rate_within_slo"] = best
+    if best is None:
+        print(f"no swept rate met the SLOs for {args.slo_attainment:.0%} of its requests")
+        return
+    print(f"highest swept rate with {args.slo_attainment:.0%} of requests within the SLOs: {best} req/s")
+    if args.target_rate:
+        replicas = math.ceil(args.target_rate / best)
+        for run in runs:
+            run["replicas_for_target_rate"] = {"target_rate": args.target_rate, "replicas": replicas}
+        print(f"replicas for {args.target_rate} req/s: {replicas}")
+
+
+def _swap_bytes(args: argparse.Namespace) -> int:
+    from engine.config import parse_size
+
+    return parse_size(args.swap_space)
+
+
+def _seconds(milliseconds: float | None) -> float | None:
+    return None if milliseconds is None else milliseconds / 1000
