@@ -124,7 +124,9 @@ def simulate_pass(args: argparse.Namespace, machine: Machine, requests: list, ra
     started = time.perf_counter()
     result = simulate(sim_requests, deployment, machine.step_time, keep_itl=len(requests) <= KEEP_ITL_UP_TO)
     wall_s = time.perf_counter() - started
-    records = [record(outcome) for outcome in result.outcomes]
+    # Reported by the trace's tenant, as bench reports them, whichever tenant served them.
+    trace_tenants = {request.id: request.tenant for request in requests}
+    records = [record(outcome, trace_tenants[outcome.request.id]) for outcome in result.outcomes]
     duration_s = max((r.start_s + r.e2el_ms / 1000 for r in records if r.e2el_ms is not None), default=0.0)
     summary = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -189,12 +191,12 @@ def scheduler_config(args: argparse.Namespace, tenants, requests: list):
     )
 
 
-def record(outcome):
+def record(outcome, tenant: str):
     """What `iterserve bench` would have recorded of this request, in its units."""
     from loadtest.client import RequestRecord
 
     request = outcome.request
-    result = RequestRecord(request.id, request.tenant, request.priority, request.arrival_s, request.prompt_len,
+    result = RequestRecord(request.id, tenant, request.priority, request.arrival_s, request.prompt_len,
                            request.output_len, start_s=request.arrival_s, prompt_tokens=request.prompt_len)
     if outcome.finish_reason != "length":
         result.error = outcome.error or f"finished with {outcome.finish_reason}"

@@ -169,8 +169,9 @@ def load_cost_model(path: str | Path) -> StepCostModel:
         raise ValueError(f"{path}: not a cost model saved by `iterserve calibrate`: {error}") from None
 
 
-def save_cost_model(model: StepCostModel, path: str | Path, **context) -> None:
-    Path(path).write_text(json.dumps({**model.to_json(), **context}, indent=2) + "\n")
+def save_cost_model(cost_model: StepCostModel, path: str | Path, **context) -> None:
+    """The coefficients, and whatever `context` says of where they were measured."""
+    Path(path).write_text(json.dumps({**cost_model.to_json(), **context}, indent=2) + "\n")
 
 
 def _solve_linear(matrix: list[list[float]], rhs: list[float]) -> list[float]:
