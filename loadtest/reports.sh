@@ -6,6 +6,7 @@
 #   loadtest/reports.sh chunked    chunked prefill off / on, token budget and long-prefill threshold sweep
 #   loadtest/reports.sh peer       iterserve vs vLLM CPU: chat-poisson, offline-256, a request-rate sweep
 #   loadtest/reports.sh tenants    tenant-spike under each scheduling policy, per-tenant TTFT over time
+#                                  (POLICIES="slo priority" AGING=300 to choose policies and aging)
 #   loadtest/reports.sh all
 #
 # Results go to $OUT (default bench-results/load) as JSON and PNG. The peer runs need
@@ -102,11 +103,15 @@ peer() {
     --labels "iterserve (bfloat16),vLLM CPU 0.32 (bfloat16)" --out "$OUT/peer-sweep.png"
 }
 
-tenants() {
+tenants() {  # AGING=S runs with --priority-aging-s S (its results named tenants-POLICY-agingS)
   local policies=${POLICIES:-fcfs priority sjf fair slo}
+  local -a aging=() suffix=""
+  if [ -n "${AGING:-}" ]; then aging=(--priority-aging-s "$AGING"); suffix="-aging$AGING"; fi
   for policy in $policies; do
-    serve_iterserve --scheduling-policy "$policy" --tenants deploy/tenants.toml
-    bench "tenants-$policy" --trace "$WORKLOADS/tenant-spike.jsonl" --deadline-s 1200
+    serve_iterserve --scheduling-policy "$policy" --tenants deploy/tenants.toml "${aging[@]}"
+    bench "tenants-$policy$suffix" --trace "$WORKLOADS/tenant-spike.jsonl" --deadline-s 1200
+    curl -sf "http://127.0.0.1:$PORT/metrics" | grep -E '^iterserve_(tenant_requests_(within_slo|rejected)|cost_model|step_token)' \
+      >"$OUT/tenants-$policy$suffix.metrics.txt" || true
     stop_server
   done
 }

@@ -23,6 +23,9 @@ SLO_TPOT_HEADROOM = 0.8
 # A step always has room for this many prompt tokens, so prompts progress however tight
 # the targets (one block of SmolLM2 prefill is a few milliseconds on a CPU).
 MIN_PREFILL_TOKENS = 16
+# When the running decodes alone take longer than the tightest TPOT target allows, holding
+# prompts back cannot meet it: prompt tokens may then stretch the step by this fraction.
+SLO_UNREACHABLE_STRETCH = 0.5
 # New prompts leave free the blocks that the running decodes will fill in this many steps,
 # so admitting a prompt does not soon preempt a decode (and break its TPOT).
 SLO_KV_LOOKAHEAD_STEPS = 32
@@ -141,16 +144,18 @@ class Scheduler:
 
     def estimate_ttft(self, request: Request) -> float:
         """Seconds from now to `request`'s first token if it were queued now: the prompt
-        tokens of everything ahead of it (waiting and ranked no worse, since equals keep their
-        order; and the running prefills) and its own uncached prompt, at the prompt tokens a
-        step has room for beside the running decodes, each step timed by the cost model."""
-        rank = self.waiting.rank(request)
-        ahead = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting if self.waiting.rank(r) <= rank)
+        tokens of everything ahead of it (waiting or running, ranked no worse: the budget goes
+        in rank order, and equals keep theirs) and its own uncached prompt, at the prompt
+        tokens a step has room for beside the running decodes, each step timed by the cost
+        model."""
+        rank = self.waiting.rank
+        own_rank = rank(request)
+        ahead = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting if rank(r) <= own_rank)
         decoding = 0
         for r in self.running:
             if r.num_computed_tokens >= r.num_prompt_tokens:
                 decoding += 1
-            else:
+            elif rank(r) <= own_rank:
                 ahead += r.num_tokens - r.num_computed_tokens
         _, num_cached = self.kv_cache.get_computed_blocks(request)
         own = request.num_tokens - num_cached
@@ -190,7 +195,11 @@ class Scheduler:
         prefill = limit
         if targets and self.cost_model.is_calibrated:
             context = sum(r.num_tokens for r in self.running)
-            prefill = self.cost_model.prefill_tokens_within(min(targets) * SLO_TPOT_HEADROOM, len(decoding), context)
+            step_s = min(targets) * SLO_TPOT_HEADROOM
+            decodes_only_s = self.cost_model.predict(StepShape(0, len(decoding), context))
+            if decodes_only_s > step_s:
+                step_s = decodes_only_s * (1 + SLO_UNREACHABLE_STRETCH)
+            prefill = self.cost_model.prefill_tokens_within(step_s, len(decoding), context)
         block_size = self.kv_cache.block_size
         reserve = -(-len(decoding) * SLO_KV_LOOKAHEAD_STEPS // block_size)
         prefill = min(prefill, max(0, self.kv_cache.pool.num_free_blocks - reserve) * block_size)

@@ -63,11 +63,30 @@ class OutputStream:
         self._queue: asyncio.Queue[RequestOutput | APIError] = asyncio.Queue()
         self._num_finished_read = 0
         self._closed = False
+        self._not_yet_queued = set(request_ids)  # until the engine thread has taken them in
+        self._queued = asyncio.Event()
+        self._refusal: APIError | None = None
 
     def push(self, item: RequestOutput | APIError) -> None:
         if isinstance(item, RequestOutput) and item.finished:
             self.unfinished.discard(item.request_id)
+        if isinstance(item, APIError) and self._refusal is None:
+            self._refusal = item
+            self._queued.set()
         self._queue.put_nowait(item)
+
+    def mark_queued(self, request_id: str) -> None:
+        self._not_yet_queued.discard(request_id)
+        if not self._not_yet_queued:
+            self._queued.set()
+
+    async def queued(self) -> None:
+        """Wait until the engine has queued every request, or raise the error it refused one
+        with: a streaming response can then still answer with that error's status (a 429 from
+        the slo policy, say) instead of an error event after a 200."""
+        await self._queued.wait()
+        if self._refusal is not None:
+            raise self._refusal
 
     def __aiter__(self) -> "OutputStream":
         return self
@@ -134,6 +153,13 @@ class AsyncEngine:
     @property
     def is_healthy(self) -> bool:
         return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def refuses_at_queueing(self) -> bool:
+        """Whether the scheduler may refuse a valid request when it is queued (the slo policy's
+        unreachable targets): streaming responses then wait for the engine to take a request in
+        before they start, so a refusal keeps its status. Otherwise they start at once."""
+        return self.engine.scheduler.config.policy == "slo"
 
     @property
     def num_waiting(self) -> int:
@@ -245,6 +271,12 @@ class AsyncEngine:
                 stream.unfinished.discard(request_id)
                 stream.push(error)
 
+    def _mark_queued(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.mark_queued(request_id)
+
     def _fail_all(self, error: APIError) -> None:
         for stream in set(self._streams.values()):
             stream.unfinished.clear()
@@ -259,6 +291,12 @@ class AsyncEngine:
                 idle = not self.engine.has_unfinished_requests()
                 commands = self._take_commands(None if idle else self.engine.scheduler.seconds_until_launch())
                 outputs, failures, stopping = self._apply(commands)
+                if failures:  # refusals first, so a stream waiting to be queued hears why at once
+                    self._call_loop(self._deliver, [], failures)
+                    failures = []
+                queued = [request.request_id for kind, payload in commands if kind == _ADD for request in payload]
+                if queued:
+                    self._call_loop(self._mark_queued, queued)
                 if not stopping and self.engine.has_unfinished_requests():
                     outputs.extend(self.engine.step())
                 self._publish(outputs, failures)

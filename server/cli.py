@@ -197,6 +197,37 @@ def simulate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def plan(args: argparse.Namespace) -> int:
+    from scheduler.planner import PlanCosts, PlanError, PlanLimits, PlanRequest, plan as make_plan
+
+    try:
+        requests = []
+        for number, line in enumerate(Path(args.requests).read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    requests.append(PlanRequest(str(row["id"]), int(row["prompt_len"]), int(row["gen_len"])))
+                except (ValueError, KeyError, TypeError) as error:
+                    raise PlanError(f"{args.requests}, line {number}: needs id, prompt_len and gen_len ({error})")
+        costs = PlanCosts(args.batch_overhead, args.compile_cost, args.prefill_cost, args.decode_step_cost,
+                          args.decode_token_cost)
+        limits = PlanLimits(args.max_shapes, args.align, args.max_batch, args.max_padding_ratio,
+                            args.max_p95_latency)
+        result = make_plan(requests, costs, limits)
+    except (OSError, PlanError) as error:
+        print(f"iterserve plan: {error}", file=sys.stderr)
+        return 2
+    Path(args.out).write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    metrics = result.metrics
+    print(f"{len(requests)} requests in {metrics['num_batches']} batches of {metrics['num_shapes']} shapes "
+          f"{result.shapes}: cost {metrics['total_cost']:.1f}, padding {metrics['padding_ratio']:.1%}, "
+          f"P95 latency {metrics['p95_latency']:.1f}; wrote {args.out}")
+    for name, check in metrics["limits"].items():
+        if not check["ok"]:
+            print(f"iterserve plan: limit {name} = {check['limit']} not met: {check['value']:.3f}", file=sys.stderr)
+    return 0 if metrics["feasible"] else 1
+
+
 def calibrate(args: argparse.Namespace) -> int:
     from engine.calibrate import main
 
@@ -239,6 +270,23 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_arguments(sim)
     add_simulate_arguments(sim)
     sim.set_defaults(run=simulate)
+
+    planner = commands.add_parser("plan", help="batch known requests into at most K padded shapes at least cost")
+    planner.add_argument("requests", metavar="REQUESTS.jsonl", help="one JSON object a line: id, prompt_len, gen_len")
+    planner.add_argument("--max-shapes", type=int, required=True, metavar="K")
+    planner.add_argument("--align", type=int, default=64, metavar="A", help="shapes are multiples of A")
+    planner.add_argument("--out", required=True, metavar="PLAN.json")
+    planner.add_argument("--max-batch", type=int, default=64, help="requests per batch at most")
+    planner.add_argument("--max-padding-ratio", type=float, default=None,
+                         help="padded prompt tokens over real ones, minus 1, at most")
+    planner.add_argument("--max-p95-latency", type=float, default=None, help="in cost units, from the start")
+    planner.add_argument("--batch-overhead", type=float, default=5.0, help="cost of launching one batch")
+    planner.add_argument("--compile-cost", type=float, default=1e-4, help="per shape, times its length squared")
+    planner.add_argument("--prefill-cost", type=float, default=0.01, help="per padded prompt token")
+    planner.add_argument("--decode-step-cost", type=float, default=1.0,
+                         help="per decode step of a batch (it runs to its longest generation)")
+    planner.add_argument("--decode-token-cost", type=float, default=0.01, help="per request per decode step")
+    planner.set_defaults(run=plan)
 
     cal = commands.add_parser("calibrate", help="fit the step cost model to this engine's measured steps")
     add_engine_arguments(cal)

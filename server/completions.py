@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, Response
 
 from engine import RequestOutput
 from engine.sampler import TokenLogprobs
-from server.errors import BadRequestError
+from server.errors import APIError, BadRequestError
 from server.protocol import (
     MAX_PROMPTS, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage,
 )
@@ -27,6 +27,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         formatter = CompletionChunks(serving, generation, body.logprobs is not None)
+        if serving.engine.refuses_at_queueing:
+            try:
+                await stream.queued()
+            except APIError:
+                stream.close()
+                raise
         return EventStreamResponse(stream_events(stream, generation, formatter, include_usage), stream)
     with stream:
         choices = await collect(stream, generation, request)

@@ -80,6 +80,22 @@ def test_a_burst_is_admitted_while_its_ttft_target_is_reachable_and_refused_afte
     assert "later" in scheduler.requests
 
 
+def test_running_prompts_with_later_deadlines_are_not_counted_ahead():
+    scheduler = calibrated(max_model_len=256, num_blocks=256, max_num_batched_tokens=64,
+                           long_prefill_token_threshold=8)
+    now = scheduler.clock()
+    for index in range(20):  # best effort: due in a minute, and already running their prefill
+        scheduler.add_request(request(f"batch-{index}", prompt_len=200, arrival_time=now))
+    step(scheduler, step_cost=cost)
+    assert sum(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running) >= 8
+    urgent = request("urgent", prompt_len=40, arrival_time=scheduler.clock(), slo_ttft_s=0.5)
+    # Its five 8-token chunks, not the 4,000 batch tokens: the budget goes to it first.
+    assert scheduler.estimate_ttft(urgent) < 0.4
+    scheduler.add_request(urgent)
+    run(scheduler, step_cost=cost)
+    assert urgent.first_token_time - urgent.arrival_time < 0.5
+
+
 def test_an_unreachable_target_can_run_best_effort_after_the_rest():
     scheduler = calibrated(max_model_len=256, num_blocks=256, max_num_batched_tokens=64,
                            slo_infeasible="best-effort", max_num_seqs=2)

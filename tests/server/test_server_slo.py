@@ -66,6 +66,18 @@ def test_an_unreachable_ttft_target_is_refused_with_the_reason_and_a_reachable_o
     assert slo_server.llm_engine.kv_cache.pool.num_free_blocks == slo_server.llm_engine.kv_cache.pool.num_blocks
 
 
+@pytest.mark.parametrize("endpoint, body", [
+    ("/v1/completions", {"prompt": "Hi"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+])
+def test_a_streaming_request_refused_by_the_engine_still_gets_its_status(slo_server, endpoint, body):
+    with httpx.stream("POST", f"{slo_server.url}{endpoint}", timeout=60, headers={"Authorization": "Bearer sk-chat"},
+                      json={"model": "tiny", "max_tokens": 3, "stream": True, "slo_ttft_ms": 0.001, **body}) as reply:
+        assert reply.status_code == 429
+        assert json.loads(reply.read())["error"]["code"] == "slo_unreachable"
+    assert not slo_server.llm_engine.has_unfinished_requests()
+
+
 def test_a_tenants_targets_reach_its_requests_unless_a_request_gives_its_own(slo_server):
     engine = slo_server.llm_engine
     seen = []
