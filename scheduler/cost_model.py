@@ -7,9 +7,11 @@ tokens computed, attention with the KV read, and every step pays a fixed overhea
                    + context_token * context tokens read
 
 The engine times each step and calls `observe`; the coefficients are a least-squares
-fit in which old steps fade (a half-life in steps), regularised toward a prior, so a
-term the recent steps did not exercise (no prefill for a while, say) keeps its last
-value instead of drifting. The slo policy asks it how long a queue of prompts takes
+fit of the relative error (each step weighted by one over its time squared: a 60 ms
+decode step matters as much as a 2 s prefill step, and TPOT is made of the former), in
+which old steps fade (a half-life in steps), regularised toward a prior, so a term the
+recent steps did not exercise (no prefill for a while, say) keeps its last value instead
+of drifting. The slo policy asks it how long a queue of prompts takes
 and how many prompt tokens fit a step under a TPOT target; the simulator (issue 12)
 replays a workload with it; operators see its coefficients and its error in /metrics.
 """
@@ -69,7 +71,7 @@ class StepCostModel:
         n = len(_SCALES)
         self._xtx = [[0.0] * n for _ in range(n)]
         self._xty = [0.0] * n
-        self._weight = 0.0  # the decayed number of steps observed
+        self._weight = 0.0  # the decayed sum of the observed steps' weights
         self._fitted: Coefficients | None = prior
 
     @property
@@ -99,12 +101,13 @@ class StepCostModel:
             self._error_sum = self.decay * self._error_sum + error
             self._error_weight = self.decay * self._error_weight + 1.0
         x = shape.features()
+        weight = 1.0 / max(seconds, 1e-4) ** 2
         for i, xi in enumerate(x):
             row = self._xtx[i]
             for j, xj in enumerate(x):
-                row[j] = self.decay * row[j] + xi * xj
-            self._xty[i] = self.decay * self._xty[i] + xi * seconds
-        self._weight = self.decay * self._weight + 1.0
+                row[j] = self.decay * row[j] + weight * xi * xj
+            self._xty[i] = self.decay * self._xty[i] + weight * xi * seconds
+        self._weight = self.decay * self._weight + weight
         self.num_observed += 1
         self._fitted = None
 
