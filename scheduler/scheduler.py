@@ -5,30 +5,18 @@ One rule covers prefill, chunked prefill, prefix-cache hits, recompute and decod
 and each step hands out a token budget to make that happen.
 """
 
-from collections import Counter
 from dataclasses import dataclass, field
 import time
 from typing import Callable
 
 from kvcache import KVCacheManager
+from scheduler import slo
 from scheduler.batching import make_batching_policy
 from scheduler.config import SchedulerConfig
 from scheduler.cost_model import StepCostModel, StepShape
+from scheduler.kv_caps import TenantKVCaps
 from scheduler.policy import make_waiting_queue
-from scheduler.request import Request, RequestRejectedError, RequestStatus
-
-# slo policy: plan decode steps to take at most this share of the tightest TPOT target,
-# leaving room for the cost model's error.
-SLO_TPOT_HEADROOM = 0.8
-# A step always has room for this many prompt tokens, so prompts progress however tight
-# the targets (one block of SmolLM2 prefill is a few milliseconds on a CPU).
-MIN_PREFILL_TOKENS = 16
-# When the running decodes alone take longer than the tightest TPOT target allows, holding
-# prompts back cannot meet it: prompt tokens may then stretch the step by this fraction.
-SLO_UNREACHABLE_STRETCH = 0.5
-# New prompts leave free the blocks that the running decodes will fill in this many steps,
-# so admitting a prompt does not soon preempt a decode (and break its TPOT).
-SLO_KV_LOOKAHEAD_STEPS = 32
+from scheduler.request import Request, RequestStatus
 
 
 @dataclass(slots=True)
@@ -94,11 +82,9 @@ class Scheduler:
         self.waiting = make_waiting_queue(config.policy, config.priority_aging_s, config.tenant_weights,
                                           self._output_token_cost)
         self.token_budget = config.max_num_batched_tokens  # this step's, after the slo policy's adjustments
-        num_blocks = kv_cache.pool.num_blocks
-        self._kv_caps = {tenant: int(fraction * num_blocks) for tenant, fraction in config.tenant_kv_fractions.items()}
-        self._tenant_blocks: Counter[str] = Counter()  # with KV caps: blocks held by running requests, per tenant
-        self._capped_out: set[str] = set()  # capped tenants that others wait behind, this step
-        self._capped_full: set[str] = set()  # of those, the ones that had no room for a request this step
+        self.recent_ttft_targets = slo.RecentMinimum(slo.TTFT_TARGET_MEMORY_S)  # the slo policy's
+        self.kv_caps = TenantKVCaps(config.tenant_kv_fractions, kv_cache.pool.num_blocks, kv_cache.block_size,
+                                    kv_cache.block_ids)
         self.running: list[Request] = []  # in rank, then admission order: the last is preempted first
         self.requests: dict[str, Request] = {}
         self.num_preemptions_by_mode = {"recompute": 0, "swap": 0}
@@ -114,7 +100,8 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         if self.config.policy == "slo" and request.slo_ttft_s is not None:
-            self._check_ttft_reachable(request)
+            self.recent_ttft_targets.add(self.clock(), request.slo_ttft_s)  # refused or not: it was asked for
+            slo.check_ttft_reachable(self, request)
         self.requests[request.request_id] = request
         self._num_with_deadline += request.deadline is not None
         self.waiting.add(request)
@@ -140,102 +127,16 @@ class Scheduler:
         c = self.cost_model.coefficients
         return c.decode_seq_s / c.prefill_token_s if c.prefill_token_s > 0 else 1.0
 
-    # -- the slo policy's estimates ------------------------------------------------
-
     def estimate_ttft(self, request: Request) -> float:
-        """Seconds from now to `request`'s first token if it were queued now: the prompt
-        tokens of everything ahead of it (waiting or running, ranked no worse: the budget goes
-        in rank order, and equals keep theirs) and its own uncached prompt, at the prompt
-        tokens a step has room for beside the running decodes, each step timed by the cost
-        model."""
-        rank = self.waiting.rank
-        own_rank = rank(request)
-        ahead = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting if rank(r) <= own_rank)
-        decoding = 0
-        for r in self.running:
-            if r.num_computed_tokens >= r.num_prompt_tokens:
-                decoding += 1
-            elif rank(r) <= own_rank:
-                ahead += r.num_tokens - r.num_computed_tokens
-        _, num_cached = self.kv_cache.get_computed_blocks(request)
-        own = request.num_tokens - num_cached
-        per_step = max(self.token_budget - decoding, 1)
-        num_steps = -(-(ahead + own) // per_step)
-        threshold = self.config.long_prefill_token_threshold if self.config.enable_chunked_prefill else 0
-        if threshold:
-            num_steps = max(num_steps, -(-own // threshold))
-        context = sum(r.num_tokens for r in self.running)
-        step = StepShape(min(per_step, ahead + own), decoding, context)
-        return num_steps * self.cost_model.predict(step)
-
-    def _check_ttft_reachable(self, request: Request) -> None:
-        if not self.cost_model.is_calibrated:
-            return  # nothing measured yet: no grounds to refuse anyone
-        estimate = self.estimate_ttft(request)
-        if self.clock() + estimate <= request.arrival_time + request.slo_ttft_s:
-            return
-        if self.config.slo_infeasible == "best-effort":
-            request.best_effort = True  # queued after the requests that can still make theirs
-            return
-        raise RequestRejectedError(
-            f"the TTFT target of {request.slo_ttft_s * 1000:.0f} ms cannot be met: the work queued ahead and "
-            f"this prompt take about {estimate * 1000:.0f} ms more at the measured step times; retry later or "
-            "raise the target", code="slo_unreachable")
-
-    def _plan_token_budget(self) -> int:
-        """slo policy: the step's tokens, so that it takes no longer than the tightest TPOT
-        target of the running decodes allows (by the cost model), and so that new prompt
-        tokens leave the blocks those decodes will soon need. Other policies: the configured
-        budget."""
-        limit = self.config.max_num_batched_tokens
-        if self.config.policy != "slo":
-            return limit
-        decoding = [r for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens]
-        targets = [r.slo_tpot_s for r in decoding if r.slo_tpot_s is not None]
-        prefill = limit
-        if targets and self.cost_model.is_calibrated:
-            context = sum(r.num_tokens for r in self.running)
-            step_s = min(targets) * SLO_TPOT_HEADROOM
-            decodes_only_s = self.cost_model.predict(StepShape(0, len(decoding), context))
-            if decodes_only_s > step_s:
-                step_s = decodes_only_s * (1 + SLO_UNREACHABLE_STRETCH)
-            prefill = self.cost_model.prefill_tokens_within(step_s, len(decoding), context)
-        block_size = self.kv_cache.block_size
-        reserve = -(-len(decoding) * SLO_KV_LOOKAHEAD_STEPS // block_size)
-        prefill = min(prefill, max(0, self.kv_cache.pool.num_free_blocks - reserve) * block_size)
-        return min(limit, len(decoding) + max(prefill, MIN_PREFILL_TOKENS))
+        """slo policy: seconds from now to `request`'s first token if it were queued now."""
+        return slo.estimate_ttft(self, request)
 
     # -- per-tenant KV caps ----------------------------------------------------------
 
-    def _count_tenant_blocks(self) -> None:
-        """With caps: each tenant's blocks, and the tenants that must not grow this step
-        (at their cap while a request of a tenant under its own cap waits)."""
-        self._tenant_blocks = Counter()
-        for request in self.running:
-            self._tenant_blocks[request.tenant] += len(self.kv_cache.block_ids(request.request_id))
-        waiting_tenants = {request.tenant for request in self.waiting}
-        under = {tenant for tenant in waiting_tenants if not self._at_cap(tenant, 0)}
-        self._capped_out = {tenant for tenant in self._kv_caps if under - {tenant}}
-        self._capped_full = set()
-
-    def _at_cap(self, tenant: str, num_new_blocks: int) -> bool:
-        cap = self._kv_caps.get(tenant)
-        return cap is not None and self._tenant_blocks[tenant] + num_new_blocks > cap
-
-    def _over_cap(self, request: Request, num_new_tokens: int, num_computed_tokens: int | None = None) -> bool:
-        """Whether giving `request` these tokens (from `num_computed_tokens` on: a new request's
-        cached prefix) would take its tenant past its KV cap while others wait."""
-        if request.tenant not in self._capped_out:
-            return False
-        start = request.num_computed_tokens if num_computed_tokens is None else num_computed_tokens
-        needed = -(-(start + num_new_tokens) // self.kv_cache.block_size)
-        held = len(self.kv_cache.block_ids(request.request_id))
-        return self._at_cap(request.tenant, needed - held)
-
     def _enforce_kv_caps(self, output: "SchedulerOutput") -> None:
         """Tenants over their cap while others wait give blocks back, worst-ranked request first."""
-        for tenant in self._capped_out:
-            while self._at_cap(tenant, 0):
+        for tenant in list(self.kv_caps.binding):  # preempting may widen it
+            while self.kv_caps.over(tenant):
                 victims = [r for r in self.running if r.tenant == tenant]
                 if not victims:
                     break
@@ -243,14 +144,11 @@ class Scheduler:
 
     def _next_admissible(self) -> Request | None:
         """The waiting request to offer a seat: the policy's next, or with KV caps the next
-        whose tenant is not capped out."""
+        whose tenant has room."""
         request = self.waiting.peek()
-        if not self._capped_out or not self._no_room(request.tenant):
+        if not self.kv_caps.binding or not self.kv_caps.has_no_room(request.tenant):
             return request
-        return next((r for r in self.waiting if not self._no_room(r.tenant)), None)
-
-    def _no_room(self, tenant: str) -> bool:
-        return tenant in self._capped_full or (tenant in self._capped_out and self._at_cap(tenant, 1))
+        return next((r for r in self.waiting if not self.kv_caps.has_no_room(r.tenant)), None)
 
     @property
     def padding_tokens(self) -> int:
@@ -272,18 +170,19 @@ class Scheduler:
         # The budget goes to running requests in rank order (stable: admission order among
         # equals, so FCFS is untouched): an urgent prompt's chunks come before a batch job's.
         self.running.sort(key=self.waiting.rank)
-        if self._kv_caps:
-            self._count_tenant_blocks()
+        if self.kv_caps:
+            self.kv_caps.begin_step(self.running, self.waiting)
             self._enforce_kv_caps(output)
         if self.waiting.preempts:
             self._make_room_for_waiting(output)
-        budget = self.token_budget = self._plan_token_budget()
+        slo_policy = self.config.policy == "slo"
+        budget = self.token_budget = slo.plan_token_budget(self) if slo_policy else self.config.max_num_batched_tokens
         # Under slo the decodes' one token each is set aside first: a prompt ranked ahead of
         # them must not take a step's whole (TPOT-sized) budget.
         reserved = 0
-        if self.config.policy == "slo":
-            self.running.sort(key=lambda r: r.num_computed_tokens < r.num_prompt_tokens)
-            reserved = min(budget - 1, sum(r.num_computed_tokens >= r.num_prompt_tokens for r in self.running))
+        if slo_policy:
+            self.running.sort(key=lambda r: not slo.is_decoding(r))
+            reserved = min(budget - 1, sum(map(slo.is_decoding, self.running)))
         num_preempted_before = len(output.preempted_ids)
         # Waiting requests that outrank the worst running one are admitted first, to the front,
         # so the budget reaches them before the requests they outrank.
@@ -296,7 +195,7 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = self._num_tokens_to_schedule(request, budget)
-            if num_new == 0 or (self._capped_out and self._over_cap(request, num_new)):
+            if num_new == 0 or self.kv_caps.holds_back(request, num_new):
                 index += 1
                 continue
             if not self._allocate_or_preempt(index, num_new, output):
@@ -347,16 +246,16 @@ class Scheduler:
             self._preempt(victim, output)
             if victim is request:
                 return False
-        self._tenant_blocks[request.tenant] += len(blocks)
+        self.kv_caps.gained(request.tenant, len(blocks))
         return True
 
     def _worst_running(self, start: int = 0) -> Request:
         """The next victim: with KV caps, a request of a tenant over its cap comes first."""
         rank = self.waiting.rank
-        if self._kv_caps:
+        if self.kv_caps:
             def key(i: int) -> tuple:
                 request = self.running[i]
-                return (self._at_cap(request.tenant, 0), rank(request), i)
+                return (self.kv_caps.over(request.tenant), rank(request), i)
         else:
             def key(i: int) -> tuple:
                 return (rank(self.running[i]), i)
@@ -371,7 +270,7 @@ class Scheduler:
             if request is None:
                 return
             num_first = min(request.num_tokens, self.config.max_num_batched_tokens)
-            if self._capped_out and self._over_cap(request, num_first, 0):
+            if self.kv_caps.holds_back(request, num_first, 0):
                 return  # its tenant's cap would hold it back anyway
             num_blocks = -(-num_first // block_size)
             if (len(self.running) < self.config.max_num_seqs
@@ -386,10 +285,8 @@ class Scheduler:
         """Take a running request's seat and blocks: its KV goes to the swap pool when it is long
         enough to be worth the copy (and fits), else it is dropped and recomputed later."""
         self.running.remove(request)
-        if self._kv_caps:
-            self._tenant_blocks[request.tenant] -= len(self.kv_cache.block_ids(request.request_id))
-            if not self._at_cap(request.tenant, 0):  # it now waits: the other capped tenants must not grow
-                self._capped_out |= set(self._kv_caps) - {request.tenant}
+        if self.kv_caps:
+            self.kv_caps.released(request)
         threshold = self.config.swap_threshold_tokens
         if threshold is not None and request.num_computed_tokens >= threshold and self.kv_cache.can_swap_out(request):
             pairs = self.kv_cache.swap_out(request)
@@ -419,8 +316,8 @@ class Scheduler:
             if outranking is not None and not self.waiting.rank(request) < outranking:
                 break
             if self.kv_cache.is_swapped(request.request_id):
-                if self._capped_out and self._over_cap(request, self._num_tokens_to_schedule(request, budget)):
-                    self._capped_full.add(request.tenant)
+                if self.kv_caps.holds_back(request, self._num_tokens_to_schedule(request, budget)):
+                    self.kv_caps.mark_full(request.tenant)
                     continue
                 num_new = self._swap_in(request, budget, output)
                 if num_new == 0:
@@ -431,8 +328,8 @@ class Scheduler:
                 num_new = self._num_tokens_to_schedule(request, budget, num_cached)
                 if num_new == 0:
                     break
-                if self._capped_out and self._over_cap(request, num_new, num_cached):
-                    self._capped_full.add(request.tenant)
+                if self.kv_caps.holds_back(request, num_new, num_cached):
+                    self.kv_caps.mark_full(request.tenant)
                     continue
                 if self.kv_cache.allocate_slots(request, num_new, computed_blocks) is None:
                     break
@@ -441,8 +338,8 @@ class Scheduler:
                     request.num_cached_tokens = num_cached
                 request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
-            if self._kv_caps:
-                self._tenant_blocks[request.tenant] += len(self.kv_cache.block_ids(request.request_id))
+            if self.kv_caps:
+                self.kv_caps.gained(request.tenant, len(self.kv_cache.block_ids(request.request_id)))
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = self.clock()
             if outranking is None:

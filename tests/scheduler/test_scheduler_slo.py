@@ -7,7 +7,7 @@ import zlib
 from hypothesis import given, settings, strategies as st
 import pytest
 
-from scheduler import Request, RequestRejectedError, RequestStatus, SamplingParams, StepShape
+from scheduler import Request, RequestRejectedError, RequestStatus, SamplingParams, StepShape, slo
 from scheduler_sim import make_scheduler, reference_output, run, step
 
 
@@ -140,6 +140,29 @@ def test_the_token_budget_fits_the_tightest_tpot_target(target_s, expect_shrunk)
     run(scheduler, step_cost=cost)
 
 
+def test_steps_stay_short_enough_for_a_recent_ttft_target():
+    scheduler = calibrated(max_model_len=2048, num_blocks=1024, max_num_batched_tokens=2048)
+    scheduler.add_request(request("long", prompt_len=1500, max_tokens=2, arrival_time=scheduler.clock()))
+    step(scheduler, step_cost=cost)
+    assert scheduler.token_budget == 2048  # no target seen: one step takes the whole prompt
+    scheduler.add_request(request("chat", prompt_len=10, max_tokens=2, slo_ttft_s=1.0, arrival_time=scheduler.clock()))
+    run(scheduler, step_cost=cost)
+    scheduler.add_request(request("long-2", prompt_len=1500, max_tokens=2, arrival_time=scheduler.clock()))
+    plan = step(scheduler, step_cost=cost)
+    # 0.4 of the 1 s target: (400 - 10) ms of prompt at 1 ms a token, as far as the fit knows.
+    assert 300 <= plan.num_batched_tokens <= 450 and cost(plan.shape()) <= 0.45
+    scheduler.clock.now += 61  # a minute without such targets: long steps again
+    assert slo.plan_token_budget(scheduler) == 2048
+
+
+def test_the_recent_minimum_forgets_after_its_window():
+    recent = slo.RecentMinimum(window_s=10)
+    recent.add(0.0, 5.0)
+    recent.add(1.0, 2.0)
+    recent.add(2.0, 3.0)
+    assert recent.get(2.0) == 2.0 and recent.get(11.5) == 3.0 and recent.get(12.5) is None
+
+
 def test_under_slo_the_decodes_keep_their_token_when_an_earlier_deadline_prompt_is_admitted():
     scheduler = make_scheduler(policy="slo", max_model_len=256, num_blocks=256, max_num_batched_tokens=16)
     decoders = [request(f"decoder-{index}", prompt_len=4, max_tokens=30, slo_ttft_s=100.0) for index in range(3)]
@@ -162,15 +185,16 @@ def held_blocks(scheduler, tenant: str) -> int:
 
 @settings(max_examples=40, deadline=None)
 @given(st.sampled_from(["fcfs", "priority", "sjf", "fair", "slo"]), st.booleans(),
-       st.lists(st.tuples(st.sampled_from(["capped", "other"]), st.integers(1, 30), st.integers(1, 20)),
+       st.lists(st.tuples(st.sampled_from(["capped", "other", "second"]), st.integers(1, 30), st.integers(1, 20)),
                 min_size=5, max_size=40))
 def test_a_tenant_holds_no_more_than_its_kv_share_while_another_waits(policy, swap, arrivals):
     """Checked after every step that began with another tenant's request waiting: the capped
     tenant gave blocks back first, and grew no further. (A request that starts waiting in
-    mid-step, preempted for lack of blocks, is protected from the next step on.)"""
+    mid-step, preempted for lack of blocks, is protected from the next step on.) A second
+    capped tenant shares the pool, so caps also bind against each other."""
     fraction, num_blocks = 0.25, 32
     scheduler = make_scheduler(max_model_len=64, max_num_seqs=6, max_num_batched_tokens=32, num_blocks=num_blocks,
-                               block_size=4, policy=policy, tenant_kv_fractions={"capped": fraction},
+                               block_size=4, policy=policy, tenant_kv_fractions={"capped": fraction, "second": 0.5},
                                num_host_blocks=16 if swap else 0, swap_threshold_tokens=1 if swap else None)
     cap = int(fraction * num_blocks)
     pending = list(enumerate(arrivals))
