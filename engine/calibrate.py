@@ -10,7 +10,6 @@ the same grid is thrown away: it warms the kernels and the allocator, which woul
 otherwise show as slow early steps.
 """
 
-import argparse
 from datetime import datetime, timezone
 import itertools
 import time
@@ -46,24 +45,17 @@ def _run_grid(engine: LLMEngine, grid: list[tuple[int, int]], output_len: int, s
             engine.step()
 
 
-def main(args: argparse.Namespace, config: EngineConfig) -> int:
+def main(config: EngineConfig, out: str, batch_sizes: list[int], prompt_lens: list[int], output_len: int) -> int:
     engine = LLMEngine(config)
     started = time.perf_counter()
-    model = calibrate(engine, _ints(args.batch_sizes), _ints(args.prompt_lens), args.output_len)
+    model = calibrate(engine, batch_sizes, prompt_lens, output_len)
     coefficients = model.coefficients
-    save_cost_model(model, args.out, date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    save_cost_model(model, out, date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                     model=str(engine.model_path), dtype=str(engine.dtype).removeprefix("torch."),
                     device=str(engine.device), host=host.current().summary(), block_size=config.block_size,
                     kv_bytes_per_block=engine.kv_bytes_per_block, max_num_seqs=config.max_num_seqs)
     print(f"{model.num_observed} steps in {time.perf_counter() - started:.0f} s; step time = "
           f"{coefficients.base_s * 1000:.2f} ms + {coefficients.prefill_token_s * 1e6:.1f} us per prompt token + "
           f"{coefficients.decode_seq_s * 1e6:.1f} us per decode + {coefficients.context_token_s * 1e9:.2f} ns per "
-          f"context token; mean error {model.mean_relative_error:.1%}; wrote {args.out}")
+          f"context token; mean error {model.mean_relative_error:.1%}; wrote {out}")
     return 0
-
-
-def _ints(text: str) -> list[int]:
-    values = [int(part) for part in text.split(",") if part.strip()]
-    if not values or min(values) < 1:
-        raise ValueError(f"expected positive integers separated by commas, got {text!r}")
-    return values

@@ -103,6 +103,8 @@ class LLMEngine:
         if config.cuda_graphs:
             self.runner.use_static_decode(config.max_num_seqs, self.max_model_len, capture=True)
         self._texts: dict[str, _TextState] = {}
+        self.observe_steps = True  # feed each step's time to the scheduler's cost model
+        self.last_step_shape = None  # the last step's work, for a caller that times steps itself
         # Which kernels this host got: logged once, and shown by the server's /version.
         self.paths = {"linear": linear_path(self.dtype, self.device),
                       "attention": self.runner.attention_path}
@@ -180,13 +182,14 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
+        self.last_step_shape = None
         plan = self.scheduler.schedule()
         # Before anything else: blocks swapped out this step may be written by it.
         self.runner.swap_blocks(plan.swap_out, plan.swap_in)
         outputs = [self._final_output(request) for request in plan.timed_out]
         if plan.is_empty:
             return outputs
-        shape = plan.shape()
+        shape = self.last_step_shape = plan.shape()
         try:
             result = self.runner.execute(plan)
         except Exception as error:  # noqa: BLE001 - a bad step must not take the engine down
@@ -194,8 +197,10 @@ class LLMEngine:
         for request in self.scheduler.update(plan, result.sampled_token_ids):
             logprobs = result.logprobs.get(request.request_id)
             outputs.append(self._output(request, request.output_token_ids[-1], logprobs))
-        # The whole iteration, as a request waiting on it sees it: what TTFT and TPOT are made of.
-        self.scheduler.cost_model.observe(shape, time.perf_counter() - started)
+        # The whole iteration, as a request waiting on it sees it: what TTFT and TPOT are made of
+        # (a server's loop, which does more per iteration, times it itself).
+        if self.observe_steps:
+            self.scheduler.cost_model.observe(shape, time.perf_counter() - started)
         return outputs
 
     def _fail_step(self, plan: SchedulerOutput, error: Exception) -> list[RequestOutput]:

@@ -16,7 +16,6 @@ does not talk to a server, because it stands in for one.
 """
 
 import argparse
-from dataclasses import asdict
 from datetime import datetime, timezone
 import math
 import sys
@@ -111,6 +110,7 @@ class Machine:
 
 def simulate_pass(args: argparse.Namespace, machine: Machine, requests: list, rate: float | None) -> dict:
     from loadtest.cli import _rate_value
+    from loadtest.client import RequestRecord
     from loadtest.metrics import format_summary, summarize, summarize_by_tenant
     from loadtest.trace import retime
     from scheduler.simulator import Deployment, simulate
@@ -145,7 +145,8 @@ def simulate_pass(args: argparse.Namespace, machine: Machine, requests: list, ra
     }
     summary |= summarize(records, duration_s, args.slo_ttft_ms, args.slo_tpot_ms)
     summary["per_tenant"] = summarize_by_tenant(records, duration_s, args.slo_ttft_ms, args.slo_tpot_ms)
-    summary["requests"] = [asdict(r) for r in records]
+    # Not dataclasses.asdict: its deep copy took a tenth of a 10,000-request simulation.
+    summary["requests"] = [{name: getattr(r, name) for name in RequestRecord.__slots__} for r in records]
     print(format_summary(summary))
     print(f"simulated {len(requests)} requests in {result.num_steps} steps, {wall_s:.1f} s of wall time")
     return summary

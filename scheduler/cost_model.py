@@ -16,7 +16,7 @@ and how many prompt tokens fit a step under a TPOT target; the simulator (issue 
 replays a workload with it; operators see its coefficients and its error in /metrics.
 """
 
-from dataclasses import asdict, astuple, dataclass
+from dataclasses import asdict, dataclass
 import json
 import math
 from pathlib import Path
@@ -47,7 +47,8 @@ class Coefficients:
     context_token_s: float
 
     def scaled(self) -> list[float]:
-        return [value * scale for value, scale in zip(astuple(self), _SCALES)]
+        values = (self.base_s, self.prefill_token_s, self.decode_seq_s, self.context_token_s)
+        return [value * scale for value, scale in zip(values, _SCALES)]
 
     @classmethod
     def from_scaled(cls, values: list[float]) -> "Coefficients":

@@ -1,9 +1,10 @@
 """Per-tenant KV caps (`max_kv_fraction`): while a request of another tenant waits, a tenant
 holds no more than its share of the blocks.
 
-"Another tenant waits" means a tenant under its own cap has a waiting request: if every
-waiting tenant is at its cap, none is held back for the others, which would leave blocks
-idle for nobody. The scheduler asks `begin_step` once a step, then keeps the counts current
+"Another tenant waits" means a tenant with room under its own cap has a waiting request: if
+every waiting tenant is at its cap, none is held back for the others, which would leave
+blocks idle for nobody (two tenants at their caps, each waiting behind the other, would
+never move). The scheduler asks `begin_step` once a step, then keeps the counts current
 as it allocates and preempts; when a request starts waiting in mid-step (preempted for lack
 of blocks), the other capped tenants stop growing from then on.
 """
@@ -23,6 +24,7 @@ class TenantKVCaps:
         self.held: Counter[str] = Counter()  # blocks of running requests, per tenant
         self.binding: set[str] = set()  # capped tenants that another tenant waits behind, this step
         self._full: set[str] = set()  # of those, the ones found with no room for a request this step
+        self.num_lifted = 0  # steps in which the caps were lifted so that something could run
 
     def __bool__(self) -> bool:
         return bool(self.caps)
@@ -31,7 +33,8 @@ class TenantKVCaps:
         self.held = Counter()
         for request in running:
             self.held[request.tenant] += len(self._blocks_of(request.request_id))
-        under = {request.tenant for request in waiting if not self.over(request.tenant)}
+        # A tenant at its cap cannot take even a block more: it does not hold others back.
+        under = {request.tenant for request in waiting if not self.over(request.tenant, 1)}
         self.binding = {tenant for tenant in self.caps if under - {tenant}}
         self._full = set()
 
@@ -51,6 +54,11 @@ class TenantKVCaps:
 
     def has_no_room(self, tenant: str) -> bool:
         return tenant in self._full or (tenant in self.binding and self.over(tenant, 1))
+
+    def lift(self) -> None:
+        """No cap binds for the rest of this step (the scheduler found nothing else to run)."""
+        self.binding = set()
+        self.num_lifted += 1
 
     def mark_full(self, tenant: str) -> None:
         self._full.add(tenant)

@@ -191,7 +191,22 @@ class Scheduler:
             if self.waiting.rank(self.waiting.peek()) < worst:
                 budget = reserved + self._admit_waiting(budget - reserved, output, outranking=worst)
 
-        index = len(output.scheduled)  # those admitted first are scheduled already
+        budget = self._schedule_running(len(output.scheduled), budget, output)  # those admitted first are in
+        # Admitting while the running ones ran out of blocks would just swap one victim for another.
+        if len(output.preempted_ids) == num_preempted_before:
+            budget = self._admit_waiting(budget, output)
+        if not output.scheduled and self.running and self.kv_caps.binding:
+            # Caps held every running request back and no waiting one could start (say, it
+            # needs more blocks than are free): a step with nothing in it would come again
+            # forever, so this step the caps do not bind.
+            self.kv_caps.lift()
+            budget = self._schedule_running(0, budget, output)
+        if output.scheduled:
+            self.batching.count_padding()
+        return output
+
+    def _schedule_running(self, index: int, budget: int, output: SchedulerOutput) -> int:
+        """Tokens for running[index:] in order while the budget lasts; returns what is left."""
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = self._num_tokens_to_schedule(request, budget)
@@ -203,13 +218,7 @@ class Scheduler:
             output.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
             index += 1
-
-        # Admitting while the running ones ran out of blocks would just swap one victim for another.
-        if len(output.preempted_ids) == num_preempted_before:
-            budget = self._admit_waiting(budget, output)
-        if output.scheduled:
-            self.batching.count_padding()
-        return output
+        return budget
 
     def _end_timed_out(self) -> list[Request]:
         """Requests past their deadline, or waiting unscheduled past the queue timeout, end here

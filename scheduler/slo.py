@@ -31,7 +31,7 @@ KV_LOOKAHEAD_STEPS = 32
 # A prompt that arrives mid-step waits for the step to end: no step takes longer than this
 # share of the tightest TTFT target seen in the last TTFT_TARGET_MEMORY_S seconds, so a
 # batch job's long prefill steps do not eat a chat prompt's target before it is even queued.
-TTFT_STEP_SHARE = 0.4
+TTFT_STEP_SHARE = 0.6
 TTFT_TARGET_MEMORY_S = 60.0
 
 

@@ -98,9 +98,12 @@ async def metrics_endpoint(request: Request) -> Response:
 async def version(request: Request) -> JSONResponse:
     # vLLM answers {"version"}; the rest says which kernels this host got, for operators.
     llm_engine: LLMEngine = request.app.state.serving.llm_engine
+    kv_cache = llm_engine.kv_cache
     return JSONResponse({"version": _version(), "device": str(llm_engine.device),
                          "dtype": str(llm_engine.dtype).removeprefix("torch."), "paths": llm_engine.paths,
-                         "host": host.current().summary()})
+                         "host": host.current().summary(),
+                         "kv_cache": {"block_size": kv_cache.block_size, "num_blocks": kv_cache.pool.num_blocks,
+                                      "bytes_per_block": llm_engine.kv_bytes_per_block}})
 
 
 async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:

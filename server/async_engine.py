@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import logging
 import queue
 import threading
+import time
 from typing import Callable
 
 from engine import LLMEngine, RequestOutput
@@ -119,6 +120,9 @@ class AsyncEngine:
                  tenant_tokens_per_minute: dict[str, int] | None = None,
                  on_reject: RejectionObserver | None = None):
         self.engine = engine
+        # This loop times its iterations for the cost model, publishing included: under HTTP
+        # load an iteration takes longer than the engine's step alone (BENCHMARKS.md, issue 12).
+        engine.observe_steps = False
         self.observer = observer
         self.on_reject = on_reject
         self.max_queued_requests = max_queued_requests
@@ -297,9 +301,14 @@ class AsyncEngine:
                 queued = [request.request_id for kind, payload in commands if kind == _ADD for request in payload]
                 if queued:
                     self._call_loop(self._mark_queued, queued)
-                if not stopping and self.engine.has_unfinished_requests():
+                stepped = not stopping and self.engine.has_unfinished_requests()
+                started = time.perf_counter()
+                if stepped:
                     outputs.extend(self.engine.step())
                 self._publish(outputs, failures)
+                if stepped and self.engine.last_step_shape is not None:
+                    self.engine.scheduler.cost_model.observe(self.engine.last_step_shape,
+                                                             time.perf_counter() - started)
         except BaseException as error:  # noqa: BLE001 - reported through /health and to every stream
             logger.exception("the engine loop died")
             self.error = error

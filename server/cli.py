@@ -197,6 +197,16 @@ def simulate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
 def plan(args: argparse.Namespace) -> int:
     from scheduler.planner import PlanCosts, PlanError, PlanLimits, PlanRequest, plan as make_plan
 
@@ -229,11 +239,25 @@ def plan(args: argparse.Namespace) -> int:
 
 
 def calibrate(args: argparse.Namespace) -> int:
-    from engine.calibrate import main
-
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return main(args, engine_config(args))
+        grid = (positive_ints(args.batch_sizes), positive_ints(args.prompt_lens), args.output_len)
+        if args.server:
+            import asyncio
+
+            import httpx
+
+            from loadtest.calibrate import calibrate_server
+
+            try:
+                saved = asyncio.run(calibrate_server(args.server, args.out, *grid, api_key=args.api_key))
+            except httpx.HTTPError as error:
+                raise ValueError(f"{args.server}: {error!r}") from None
+            print(f"{args.server}: {saved['coefficients']}; wrote {args.out}")
+            return 0
+        from engine.calibrate import main
+
+        return main(engine_config(args), args.out, *grid)
     except (FileNotFoundError, ValueError) as error:
         print(f"iterserve: {error}", file=sys.stderr)
         return 2
@@ -295,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--batch-sizes", default="1,4,16,64", help="requests that run together")
     cal.add_argument("--prompt-lens", default="32,256,1024", help="prompt tokens of each request")
     cal.add_argument("--output-len", type=int, default=32, help="tokens each request generates")
+    cal.add_argument("--server", default=None, metavar="URL",
+                     help="calibrate a live iterserve server under HTTP load instead of an engine here")
+    cal.add_argument("--api-key", default=os.environ.get("ITERSERVE_API_KEY"), help="for --server")
     cal.set_defaults(run=calibrate)
 
     argv = sys.argv[1:] if argv is None else argv

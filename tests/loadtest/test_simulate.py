@@ -39,6 +39,21 @@ def test_calibrate_then_simulate_with_the_calibration(tiny_model_path, tmp_path)
     assert out.with_suffix(".png").exists()
 
 
+@pytest.mark.slow
+def test_calibrate_a_live_server_under_http_load(bench_server, tmp_path):
+    cost = tmp_path / "served.json"
+    assert main(["calibrate", "--server", bench_server.url, "--out", str(cost), "--batch-sizes", "1,4",
+                 "--prompt-lens", "16,64", "--output-len", "4"]) == 0
+    saved = json.loads(cost.read_text())
+    assert set(saved["coefficients"]) == {"base_s", "prefill_token_s", "decode_seq_s", "context_token_s"}
+    assert saved["coefficients"]["base_s"] + saved["coefficients"]["prefill_token_s"] > 0
+    assert saved["block_size"] == 16 and saved["kv_bytes_per_block"] > 0 and saved["model"] == "tiny"
+    out = tmp_path / "sim.json"
+    assert main(["simulate", "--cost-model", str(cost), "--trace", str(write_trace(tmp_path / "t.jsonl")),
+                 "--no-plot", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["completed"] == 60
+
+
 def test_a_sweep_finds_the_highest_rate_within_the_slos_and_the_replicas(tmp_path, capsys):
     out = tmp_path / "sweep.json"
     assert main(["simulate", "--hardware", "h100", "--model", "llama-3-8b", "--dataset", "sharegpt-like",

@@ -149,8 +149,9 @@ def test_steps_stay_short_enough_for_a_recent_ttft_target():
     run(scheduler, step_cost=cost)
     scheduler.add_request(request("long-2", prompt_len=1500, max_tokens=2, arrival_time=scheduler.clock()))
     plan = step(scheduler, step_cost=cost)
-    # 0.4 of the 1 s target: (400 - 10) ms of prompt at 1 ms a token, as far as the fit knows.
-    assert 300 <= plan.num_batched_tokens <= 450 and cost(plan.shape()) <= 0.45
+    # 0.6 of the 1 s target: (600 - 10) ms of prompt at 1 ms a token, as far as the fit knows.
+    share = slo.TTFT_STEP_SHARE
+    assert 0.8 * share * 1000 <= plan.num_batched_tokens <= 1.1 * share * 1000 and cost(plan.shape()) <= 1.1 * share
     scheduler.clock.now += 61  # a minute without such targets: long steps again
     assert slo.plan_token_budget(scheduler) == 2048
 
@@ -190,8 +191,10 @@ def held_blocks(scheduler, tenant: str) -> int:
 def test_a_tenant_holds_no_more_than_its_kv_share_while_another_waits(policy, swap, arrivals):
     """Checked after every step that began with another tenant's request waiting: the capped
     tenant gave blocks back first, and grew no further. (A request that starts waiting in
-    mid-step, preempted for lack of blocks, is protected from the next step on.) A second
-    capped tenant shares the pool, so caps also bind against each other."""
+    mid-step, preempted for lack of blocks, is protected from the next step on; and a step in
+    which caps stalled every running request while no waiting one could start runs with the
+    caps lifted, rather than never.) A second capped tenant shares the pool, so caps also bind
+    against each other, and every request still ends with the tokens it would have alone."""
     fraction, num_blocks = 0.25, 32
     scheduler = make_scheduler(max_model_len=64, max_num_seqs=6, max_num_batched_tokens=32, num_blocks=num_blocks,
                                block_size=4, policy=policy, tenant_kv_fractions={"capped": fraction, "second": 0.5},
@@ -207,8 +210,10 @@ def test_a_tenant_holds_no_more_than_its_kv_share_while_another_waits(policy, sw
                                         tenant=tenant, arrival_time=scheduler.clock()))
                 scheduler.add_request(requests[-1])
         another_waits = any(r.tenant == "other" for r in scheduler.waiting)
+        lifted_before = scheduler.kv_caps.num_lifted
         step(scheduler)
-        if another_waits:
+        # Unless the caps had to be lifted for the step to run anything at all.
+        if another_waits and scheduler.kv_caps.num_lifted == lifted_before:
             assert held_blocks(scheduler, "capped") <= cap
         assert scheduler.clock() < 2000, "the scheduler stopped making progress"
     for item in requests:
