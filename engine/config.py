@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+from scheduler.config import SchedulerConfig
+
 GIB = 1024 ** 3
 
 
@@ -38,6 +40,28 @@ class EngineConfig:
     cuda_graphs: bool = False  # capture decode steps as CUDA graphs (CUDA only)
     # "auto", "triton", "cpu-kernel" or "torch" (engine/attention.py: ATTENTION_BACKENDS).
     attention_backend: str = "auto"
+
+    def scheduler_config(self, max_model_len: int, swaps: bool) -> SchedulerConfig:
+        """The scheduler's knobs, for an engine (or a simulated one) of this context length,
+        with or without a host swap pool."""
+        return SchedulerConfig(
+            max_model_len=max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens or (
+                2048 if self.enable_chunked_prefill else max_model_len),
+            enable_chunked_prefill=self.enable_chunked_prefill,
+            long_prefill_token_threshold=self.long_prefill_token_threshold,
+            policy=self.policy,
+            priority_aging_s=self.priority_aging_s,
+            queue_timeout_s=self.queue_timeout_s,
+            swap_threshold_tokens=self.swap_threshold_tokens if swaps else None,
+            tenant_weights=dict(self.tenant_weights),
+            tenant_kv_fractions=dict(self.tenant_kv_fractions),
+            slo_infeasible=self.slo_infeasible,
+            batching=self.batching,
+            static_batch_size=self.static_batch_size,
+            batch_timeout_s=self.batch_timeout_s,
+        )
 
 
 def parse_size(text: str) -> int:

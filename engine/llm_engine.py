@@ -15,7 +15,7 @@ from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.sampler import TokenLogprobs
 from kvcache import KVCacheManager
 from scheduler import (
-    InvalidRequestError, Request, RequestStatus, SamplingParams, Scheduler, SchedulerConfig, SchedulerOutput,
+    InvalidRequestError, Request, RequestStatus, SamplingParams, Scheduler, SchedulerOutput,
 )
 from scheduler.cost_model import load_cost_model
 
@@ -75,26 +75,8 @@ class LLMEngine:
         self.kv_bytes_per_block = kv_bytes_per_block(loaded.model, config.block_size, self.dtype)
         num_host_blocks = config.swap_space // self.kv_bytes_per_block
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, num_host_blocks)
-        max_batched = config.max_num_batched_tokens or (
-            2048 if config.enable_chunked_prefill else self.max_model_len)
         self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_model_len=self.max_model_len,
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=max_batched,
-                enable_chunked_prefill=config.enable_chunked_prefill,
-                long_prefill_token_threshold=config.long_prefill_token_threshold,
-                policy=config.policy,
-                priority_aging_s=config.priority_aging_s,
-                queue_timeout_s=config.queue_timeout_s,
-                swap_threshold_tokens=config.swap_threshold_tokens if num_host_blocks else None,
-                tenant_weights=dict(config.tenant_weights),
-                tenant_kv_fractions=dict(config.tenant_kv_fractions),
-                slo_infeasible=config.slo_infeasible,
-                batching=config.batching,
-                static_batch_size=config.static_batch_size,
-                batch_timeout_s=config.batch_timeout_s,
-            ),
+            config.scheduler_config(self.max_model_len, swaps=num_host_blocks > 0),
             self.kv_cache,
             cost_model=load_cost_model(config.cost_model) if config.cost_model else None,
         )

@@ -9,7 +9,6 @@ Only stdlib imports at the top: `iterserve` builds this parser on every start.
 
 import argparse
 import asyncio
-from dataclasses import asdict
 from datetime import datetime, timezone
 import json
 import math
@@ -139,7 +138,7 @@ async def one_pass(client, args: argparse.Namespace, model: str, requests: list,
     from tqdm import tqdm
 
     from loadtest.client import SendOptions, run_requests
-    from loadtest.metrics import format_summary, summarize, summarize_by_tenant
+    from loadtest.metrics import format_summary, report
     from loadtest.trace import retime
 
     if rate is not None:
@@ -167,9 +166,7 @@ async def one_pass(client, args: argparse.Namespace, model: str, requests: list,
         "slo_ttft_ms": args.slo_ttft_ms,
         "slo_tpot_ms": args.slo_tpot_ms,
     }
-    result |= summarize(records, duration_s, args.slo_ttft_ms, args.slo_tpot_ms)
-    result["per_tenant"] = summarize_by_tenant(records, duration_s, args.slo_ttft_ms, args.slo_tpot_ms)
-    result["requests"] = [asdict(record) for record in records]
+    result |= report(records, duration_s, args.slo_ttft_ms, args.slo_tpot_ms)
     print(format_summary(result))
     return result
 

@@ -47,6 +47,16 @@ def summarize(records: list[RequestRecord], duration_s: float, slo_ttft_ms: floa
     return result
 
 
+def report(records: list[RequestRecord], duration_s: float, slo_ttft_ms: float | None = None,
+           slo_tpot_ms: float | None = None) -> dict:
+    """A run's numbers, its tenants' (`per_tenant`) and every request's record (`requests`)."""
+    return summarize(records, duration_s, slo_ttft_ms, slo_tpot_ms) | {
+        "per_tenant": summarize_by_tenant(records, duration_s, slo_ttft_ms, slo_tpot_ms),
+        # Not dataclasses.asdict: its deep copies took a tenth of a 10,000-request simulation.
+        "requests": [{name: getattr(record, name) for name in RequestRecord.__slots__} for record in records],
+    }
+
+
 def summarize_by_tenant(records: list[RequestRecord], duration_s: float, slo_ttft_ms: float | None = None,
                         slo_tpot_ms: float | None = None) -> dict[str, dict]:
     tenants = sorted({record.tenant for record in records})

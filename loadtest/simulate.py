@@ -16,8 +16,11 @@ does not talk to a server, because it stands in for one.
 """
 
 import argparse
+import dataclasses
 from datetime import datetime, timezone
+import json
 import math
+from pathlib import Path
 import sys
 import time
 
@@ -47,16 +50,20 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-timeout", type=float, default=None, metavar="S", help="as for serve")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, config) -> int:
+    """`config`: the EngineConfig that `serve` would build from the same flags."""
     from loadtest.cli import BenchError, load_requests, parse_rates, write_results
     from loadtest.trace import TraceError
     from scheduler.tenants import TenantsError
 
     try:
-        machine = Machine.from_args(args)
+        tenants = load_tenants(args)
+        config = dataclasses.replace(config, tenant_weights=tenants.weights, tenant_kv_fractions=tenants.kv_fractions,
+                                     queue_timeout_s=args.queue_timeout)
+        machine = Machine.from_args(args, config)
         requests = load_requests(args)
         rates = parse_rates(args.sweep_rates) if args.sweep_rates else [args.request_rate]
-        runs = [simulate_pass(args, machine, requests, rate) for rate in rates]
+        runs = [simulate_pass(args, config, tenants, machine, requests, rate) for rate in rates]
     except (BenchError, TraceError, TenantsError, ValueError, OSError) as error:
         print(f"iterserve simulate: {error}", file=sys.stderr)
         return 2
@@ -76,23 +83,20 @@ class Machine:
         self.description = description
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Machine":
-        from engine.config import parse_size
-        from scheduler.cost_model import load_cost_model
+    def from_args(cls, args: argparse.Namespace, config) -> "Machine":
+        from scheduler.cost_model import StepCostModel
         from scheduler.roofline import HARDWARE, MODELS, ModelShape, RooflineStepTime
 
         if (args.cost_model is None) == (args.hardware is None):
             raise ValueError("give one of --cost-model FILE (from iterserve calibrate) and --hardware")
+        block_size = config.block_size
         if args.cost_model is not None:
-            import json
-            from pathlib import Path
-
             saved = json.loads(Path(args.cost_model).read_text())
-            model = load_cost_model(args.cost_model)
-            if "kv_bytes_per_block" not in saved:
-                raise ValueError(f"{args.cost_model}: no kv_bytes_per_block; recalibrate with iterserve calibrate")
-            per_block = saved["kv_bytes_per_block"] * args.block_size / saved.get("block_size", args.block_size)
-            num_blocks = args.num_kv_blocks or int(parse_size(args.kv_cache_memory) // per_block)
+            if "kv_bytes_per_block" not in saved or "coefficients" not in saved:
+                raise ValueError(f"{args.cost_model}: not a calibration from iterserve calibrate")
+            model = StepCostModel.from_json(saved)
+            per_block = saved["kv_bytes_per_block"] * block_size / saved.get("block_size", block_size)
+            num_blocks = config.num_kv_blocks or int(config.kv_cache_memory // per_block)
             return cls(model.predict, per_block, num_blocks,
                        {"cost_model": args.cost_model, **{k: v for k, v in saved.items() if k != "num_observed"}})
         if args.model is None or args.model in MODELS:
@@ -101,26 +105,27 @@ class Machine:
             shape = ModelShape.from_hf_config(args.model)
         roofline = RooflineStepTime(HARDWARE[args.hardware], shape, args.tensor_parallel_size,
                                     step_overhead_s=args.step_overhead_ms / 1000)
-        per_block = shape.kv_bytes_per_token * args.block_size
-        num_blocks = args.num_kv_blocks or int(roofline.kv_cache_bytes() // per_block)
+        per_block = shape.kv_bytes_per_token * block_size
+        num_blocks = config.num_kv_blocks or int(roofline.kv_cache_bytes() // per_block)
         return cls(roofline, per_block, num_blocks,
                    {"hardware": roofline.hardware.name, "model": shape.name,
                     "tensor_parallel_size": args.tensor_parallel_size, "step_overhead_ms": args.step_overhead_ms})
 
 
-def simulate_pass(args: argparse.Namespace, machine: Machine, requests: list, rate: float | None) -> dict:
+def simulate_pass(args: argparse.Namespace, config, tenants, machine: Machine, requests: list,
+                  rate: float | None) -> dict:
     from loadtest.cli import _rate_value
-    from loadtest.client import RequestRecord
-    from loadtest.metrics import format_summary, summarize, summarize_by_tenant
+    from loadtest.metrics import format_summary, report
     from loadtest.trace import retime
     from scheduler.simulator import Deployment, simulate
 
     if rate is not None:
         requests = retime(requests, rate, args.burstiness, args.seed)
-    tenants = load_tenants(args)
     sim_requests = [sim_request(request, tenants) for request in requests]
-    deployment = Deployment(scheduler_config(args, tenants, requests), machine.num_blocks, args.block_size,
-                            num_host_blocks=int(_swap_bytes(args) // machine.kv_bytes_per_block))
+    max_model_len = config.max_model_len or max(r.prompt_len + r.output_len for r in requests)
+    num_host_blocks = int(config.swap_space // machine.kv_bytes_per_block)
+    deployment = Deployment(config.scheduler_config(max_model_len, swaps=num_host_blocks > 0), machine.num_blocks,
+                            config.block_size, num_host_blocks)
     started = time.perf_counter()
     result = simulate(sim_requests, deployment, machine.step_time, keep_itl=len(requests) <= KEEP_ITL_UP_TO)
     wall_s = time.perf_counter() - started
@@ -143,10 +148,7 @@ def simulate_pass(args: argparse.Namespace, machine: Machine, requests: list, ra
         "slo_ttft_ms": args.slo_ttft_ms,
         "slo_tpot_ms": args.slo_tpot_ms,
     }
-    summary |= summarize(records, duration_s, args.slo_ttft_ms, args.slo_tpot_ms)
-    summary["per_tenant"] = summarize_by_tenant(records, duration_s, args.slo_ttft_ms, args.slo_tpot_ms)
-    # Not dataclasses.asdict: its deep copy took a tenth of a 10,000-request simulation.
-    summary["requests"] = [{name: getattr(r, name) for name in RequestRecord.__slots__} for r in records]
+    summary |= report(records, duration_s, args.slo_ttft_ms, args.slo_tpot_ms)
     print(format_summary(summary))
     print(f"simulated {len(requests)} requests in {result.num_steps} steps, {wall_s:.1f} s of wall time")
     return summary
@@ -166,30 +168,6 @@ def sim_request(request, tenants):
     tenant = tenants.resolve(None, request.tenant)
     return SimRequest(request.id, request.arrival_s, request.prompt_len, request.output_len, tenant.name,
                       request.priority or tenant.priority, _seconds(tenant.slo_ttft_ms), _seconds(tenant.slo_tpot_ms))
-
-
-def scheduler_config(args: argparse.Namespace, tenants, requests: list):
-    from scheduler.config import SchedulerConfig
-
-    max_model_len = args.max_model_len or max(r.prompt_len + r.output_len for r in requests)
-    chunked = args.enable_chunked_prefill
-    return SchedulerConfig(
-        max_model_len=max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens or (2048 if chunked else max_model_len),
-        enable_chunked_prefill=chunked,
-        long_prefill_token_threshold=args.long_prefill_token_threshold,
-        policy=args.scheduling_policy,
-        priority_aging_s=args.priority_aging_s or None,
-        tenant_weights=tenants.weights,
-        tenant_kv_fractions=tenants.kv_fractions,
-        slo_infeasible=args.slo_infeasible,
-        queue_timeout_s=args.queue_timeout,
-        swap_threshold_tokens=args.swap_threshold_tokens if _swap_bytes(args) else None,
-        batching=args.batching,
-        static_batch_size=args.static_batch_size,
-        batch_timeout_s=args.batch_timeout_s,
-    )
 
 
 def record(outcome, tenant: str):
@@ -230,12 +208,6 @@ def report_capacity(args: argparse.Namespace, runs: list[dict]) -> None:
         for run in runs:
             run["replicas_for_target_rate"] = {"target_rate": args.target_rate, "replicas": replicas}
         print(f"replicas for {args.target_rate} req/s: {replicas}")
-
-
-def _swap_bytes(args: argparse.Namespace) -> int:
-    from engine.config import parse_size
-
-    return parse_size(args.swap_space)
 
 
 def _seconds(milliseconds: float | None) -> float | None:

@@ -7,14 +7,14 @@ from fastapi.responses import JSONResponse, Response
 
 from engine import RequestOutput
 from engine.sampler import TokenLogprobs
-from server.errors import APIError, BadRequestError
+from server.errors import BadRequestError
 from server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatLogprobs, ChatMessage, TokenLogprob, TopLogprob, Usage,
 )
 from server.serving import ChoiceResult, Generation, ServingState, build_generation, collect, logprob_value, \
     reject_unsupported
-from server.streaming import EventStreamResponse, stream_events
+from server.streaming import event_stream_response
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
@@ -33,13 +33,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         formatter = ChatChunks(serving, generation, num_top)
-        if serving.engine.refuses_at_queueing:
-            try:
-                await stream.queued()
-            except APIError:
-                stream.close()
-                raise
-        return EventStreamResponse(stream_events(stream, generation, formatter, include_usage), stream)
+        return await event_stream_response(serving.engine, stream, generation, formatter, include_usage)
     with stream:
         choices = await collect(stream, generation, request)
     response = ChatCompletionResponse(

@@ -194,7 +194,12 @@ def bench(args: argparse.Namespace) -> int:
 def simulate(args: argparse.Namespace) -> int:
     from loadtest.simulate import run
 
-    return run(args)
+    try:
+        config = engine_config(args)
+    except ValueError as error:  # a bad size
+        print(f"iterserve simulate: {error}", file=sys.stderr)
+        return 2
+    return run(args, config)
 
 
 def positive_ints(text: str) -> list[int]:

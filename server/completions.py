@@ -7,13 +7,13 @@ from fastapi.responses import JSONResponse, Response
 
 from engine import RequestOutput
 from engine.sampler import TokenLogprobs
-from server.errors import APIError, BadRequestError
+from server.errors import BadRequestError
 from server.protocol import (
     MAX_PROMPTS, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage,
 )
 from server.serving import ChoiceResult, Generation, ServingState, build_generation, collect, logprob_value, \
     reject_unsupported, COMPLETIONS_DEFAULT_MAX_TOKENS
-from server.streaming import EventStreamResponse, stream_events
+from server.streaming import event_stream_response
 
 
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
@@ -27,13 +27,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         formatter = CompletionChunks(serving, generation, body.logprobs is not None)
-        if serving.engine.refuses_at_queueing:
-            try:
-                await stream.queued()
-            except APIError:
-                stream.close()
-                raise
-        return EventStreamResponse(stream_events(stream, generation, formatter, include_usage), stream)
+        return await event_stream_response(serving.engine, stream, generation, formatter, include_usage)
     with stream:
         choices = await collect(stream, generation, request)
     response = CompletionResponse(

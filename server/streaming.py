@@ -15,7 +15,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from engine import RequestOutput
-from server.async_engine import OutputStream
+from server.async_engine import AsyncEngine, OutputStream
 from server.errors import APIError, EngineError
 from server.protocol import Usage
 from server.serving import ChoiceResult, Generation, failure
@@ -57,6 +57,20 @@ async def stream_events(stream: OutputStream, generation: Generation, formatter:
         logger.exception("streaming %s failed", generation.request_id)
         yield event(json.dumps(EngineError(f"internal error: {type(error).__name__}").envelope()))
     yield DONE_EVENT
+
+
+async def event_stream_response(engine: AsyncEngine, stream: OutputStream, generation: Generation,
+                                formatter: ChunkFormatter, include_usage: bool) -> "EventStreamResponse":
+    """The streaming response for a submitted generation. Where the engine may still refuse a
+    request as it queues it (AsyncEngine.refuses_at_queueing), wait for that first, so the
+    refusal is an HTTP status rather than an error event after a 200."""
+    if engine.refuses_at_queueing:
+        try:
+            await stream.queued()
+        except APIError:
+            stream.close()
+            raise
+    return EventStreamResponse(stream_events(stream, generation, formatter, include_usage), stream)
 
 
 class EventStreamResponse(StreamingResponse):
