@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 # Plan decode steps to take at most this share of the tightest TPOT target, leaving room
 # for the cost model's error.
 TPOT_HEADROOM = 0.8
+# A decode may spend at most this many TPOT targets of banked time on one step.
+TPOT_BANK_TARGETS = 4.0
 # A step always has room for this many prompt tokens, so prompts progress however tight
 # the targets (one block of SmolLM2 prefill is a few milliseconds on a CPU).
 MIN_PREFILL_TOKENS = 16
@@ -70,7 +72,7 @@ def estimate_ttft(scheduler: "Scheduler", request: Request) -> float:
             ahead += r.num_tokens - r.num_computed_tokens
     _, num_cached = scheduler.kv_cache.get_computed_blocks(request)
     own = request.num_tokens - num_cached
-    per_step = max(scheduler.token_budget - decoding, 1)
+    per_step = max(plan_token_budget(scheduler, new_prompt_tokens=own) - decoding, 1)
     num_steps = -(-(ahead + own) // per_step)
     config = scheduler.config
     threshold = config.long_prefill_token_threshold if config.enable_chunked_prefill else 0
@@ -85,7 +87,9 @@ def check_ttft_reachable(scheduler: "Scheduler", request: Request) -> None:
     cannot be met; nobody, before the cost model has measured enough steps."""
     if not scheduler.cost_model.is_calibrated:
         return
-    estimate = estimate_ttft(scheduler, request)
+    # Padded by the model's recent error: admitting right at the deadline would miss it
+    # whenever steps run slower than predicted.
+    estimate = estimate_ttft(scheduler, request) * (1 + scheduler.cost_model.mean_relative_error)
     if scheduler.clock() + estimate <= request.arrival_time + request.slo_ttft_s:
         return
     if scheduler.config.slo_infeasible == "best-effort":
@@ -93,32 +97,59 @@ def check_ttft_reachable(scheduler: "Scheduler", request: Request) -> None:
         return
     raise RequestRejectedError(
         f"the TTFT target of {request.slo_ttft_s * 1000:.0f} ms cannot be met: the work queued ahead and "
-        f"this prompt take about {estimate * 1000:.0f} ms more at the measured step times; retry later or "
-        "raise the target", code="slo_unreachable")
+        f"this prompt take about {estimate * 1000:.0f} ms more at the measured step times (their recent "
+        "error included); retry later or raise the target", code="slo_unreachable")
 
 
-def plan_token_budget(scheduler: "Scheduler") -> int:
+def tpot_step_allowance(request: Request, now: float) -> float:
+    """How long the next step may take with `request`'s TPOT, the mean gap after its first
+    token (what goodput counts and clients measure), still within target. Steps faster than
+    the target bank the difference, so one longer step may spend it: a prompt's chunk can
+    then be larger and fewer steps carry one. At most TPOT_BANK_TARGETS targets are spent at
+    once, so the stream never stalls for long; a share of one is held back for the cost
+    model's error; a request already behind gets the same step as one on pace."""
+    target = request.slo_tpot_s
+    if request.first_token_time is None:
+        return TPOT_HEADROOM * target
+    due = request.first_token_time + target * len(request.output_token_ids)
+    return min(max(due - now - (1 - TPOT_HEADROOM) * target, TPOT_HEADROOM * target), TPOT_BANK_TARGETS * target)
+
+
+def plan_token_budget(scheduler: "Scheduler", new_prompt_tokens: int = 0) -> int:
     """The step's tokens: so that the step takes no longer than the tightest TPOT target of
     the running decodes allows, nor a share of the tightest recent TTFT target, and so that
-    new prompt tokens leave the blocks those decodes will soon need."""
+    new prompt tokens leave the blocks those decodes will soon need. `new_prompt_tokens`:
+    plan as if a prompt that long with a TTFT target had just been queued."""
     limit = scheduler.config.max_num_batched_tokens
     decoding = [r for r in scheduler.running if is_decoding(r)]
-    targets = [r.slo_tpot_s for r in decoding if r.slo_tpot_s is not None]
-    prefill = limit
+    now = scheduler.clock()
+    allowances = [tpot_step_allowance(r, now) for r in decoding if r.slo_tpot_s is not None]
+    prefill, urgent_prefill = limit, 0
     cost_model = scheduler.cost_model
     if cost_model.is_calibrated:
         context = sum(r.num_tokens for r in scheduler.running)
         decodes_only_s = cost_model.predict(StepShape(0, len(decoding), context))
         step_s = float("inf")
-        if targets:
-            step_s = min(targets) * TPOT_HEADROOM
-        ttft_target = scheduler.recent_ttft_targets.get(scheduler.clock())
-        if ttft_target is not None:
-            step_s = min(step_s, ttft_target * TTFT_STEP_SHARE)
+        if allowances:
+            step_s = min(allowances)
+        ttft_target = scheduler.recent_ttft_targets.get(now)
+        cap_s = float("inf") if ttft_target is None else ttft_target * TTFT_STEP_SHARE
+        step_s = min(step_s, cap_s)
         if decodes_only_s > step_s:
+            # The TPOT targets are out of reach however little the step holds: prompts may
+            # stretch it by a share, and prompts whose TTFT targets can still be met as far
+            # as all of them need (within the TTFT share), rather than miss those too.
             step_s = decodes_only_s * (1 + UNREACHABLE_STRETCH)
+            urgent = new_prompt_tokens + sum(
+                r.num_tokens - r.num_computed_tokens for r in scheduler.requests.values()
+                if r.first_token_time is None and r.slo_ttft_s is not None and not r.best_effort)
+            if urgent:
+                urgent_s = cost_model.predict(StepShape(urgent, len(decoding), context))
+                step_s = max(step_s, min(urgent_s, cap_s))
+                if urgent_s <= cap_s:
+                    urgent_prefill = urgent  # not one token short by rounding
         if step_s < float("inf"):
-            prefill = cost_model.prefill_tokens_within(step_s, len(decoding), context)
+            prefill = max(cost_model.prefill_tokens_within(step_s, len(decoding), context), urgent_prefill)
     kv_cache = scheduler.kv_cache
     reserve = -(-len(decoding) * KV_LOOKAHEAD_STEPS // kv_cache.block_size)
     prefill = min(prefill, max(0, kv_cache.pool.num_free_blocks - reserve) * kv_cache.block_size)
