@@ -49,6 +49,9 @@ class KVCacheManager:
     def block_ids(self, request_id: str) -> list[int]:
         return [block.block_id for block in self._tables.get(request_id, ())]
 
+    def num_blocks_held(self, request_id: str) -> int:
+        return len(self._tables.get(request_id, ()))
+
     def get_computed_blocks(self, request: CachedRequest) -> tuple[list[KVBlock], int]:
         """Cached blocks that hold a prefix of this new request, and how many tokens they cover."""
         if not self.enable_prefix_caching:

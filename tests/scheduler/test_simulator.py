@@ -2,10 +2,14 @@
 Its timestamps follow from the step times exactly; every request ends once and the pool is
 free after; it refuses what serve would refuse; the roofline presets match GPU.md's limits."""
 
+import itertools
+import random
+
 import pytest
 
 from scheduler import SchedulerConfig, StepShape
 from scheduler.roofline import HARDWARE, MODELS, ModelShape, RooflineStepTime
+from scheduler import simulator
 from scheduler.simulator import Deployment, SimRequest, simulate
 
 
@@ -70,6 +74,38 @@ def test_the_slo_policy_refuses_unreachable_targets_once_it_has_measured_steps()
     # What was admitted mostly made its target (the estimate ignores seats, so not always).
     made = [o for o in served if o.first_token_s - o.request.arrival_s <= 0.8]
     assert len(made) >= 0.8 * len(served)
+
+
+def outcome_record(result) -> tuple:
+    return (result.num_steps, result.num_preemptions, result.duration_s, [
+        (o.request.id, o.finish_reason, o.error, o.first_token_s, o.finished_s, o.num_output_tokens, o.itl_s)
+        for o in result.outcomes])
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "slo", "sjf", "fair"])
+@pytest.mark.parametrize("seed", range(3))
+def test_plain_decode_runs_taken_at_once_change_nothing_in_the_outcome(policy, seed, monkeypatch):
+    rng = random.Random(seed)
+    arrivals = itertools.accumulate(rng.expovariate(8.0) for _ in range(100))
+    requests = [SimRequest(f"r{i}", arrival_s=arrival, prompt_len=rng.randint(1, 300),
+                           output_len=rng.randint(1, 120), tenant=rng.choice(["chat", "batch"]),
+                           priority=rng.randint(0, 2), slo_ttft_s=rng.choice([None, 0.5, 2.0]),
+                           slo_tpot_s=rng.choice([None, 0.02, 0.1])) for i, arrival in enumerate(arrivals)]
+    config = SchedulerConfig(max_model_len=512, policy=policy, max_num_seqs=rng.choice([8, 32]),
+                             max_num_batched_tokens=rng.choice([64, 256]), priority_aging_s=5.0,
+                             tenant_kv_fractions={"batch": 0.5} if seed % 2 else {})
+    # Few blocks (preemptions, swaps) in some runs, plenty in others.
+    tight = Deployment(config, num_blocks=rng.choice([60, 400]), block_size=16, num_host_blocks=rng.choice([0, 40]),
+                       swap_block_s=0.0001)
+    stepped = simulate(requests, tight, linear, fast_forward=False)
+    runs = []
+    take = simulator.take_plain_decode_steps
+    monkeypatch.setattr(simulator, "take_plain_decode_steps", lambda s, n, *rest: runs.append(n) or take(s, n, *rest))
+    taken_at_once = simulate(requests, tight, linear, fast_forward=True)
+    assert outcome_record(taken_at_once) == outcome_record(stepped)
+    assert any(o.finish_reason == "length" for o in stepped.outcomes)
+    # The rank-static policies took runs (the others never may: their ranks move as they serve).
+    assert bool(runs) == (policy in ("fcfs", "priority", "slo"))
 
 
 def test_the_roofline_matches_gpu_md_for_the_8b_decode_and_prefill():
