@@ -80,6 +80,13 @@ class KVCacheManager:
         Returns the newly allocated blocks, or None (changing nothing) if the pool
         cannot serve them.
         """
+        table = self._tables.get(request.request_id)
+        if table and not computed_blocks:  # most calls: a running request whose blocks have room
+            num_tokens = request.num_computed_tokens + num_new_tokens
+            if -(-num_tokens // self.block_size) <= len(table):
+                if self.enable_prefix_caching:
+                    self._register_full_blocks(request, num_tokens)
+                return []
         table = self._tables.setdefault(request.request_id, [])
         is_admission = not table
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size

@@ -7,8 +7,10 @@ tokens computed, attention with the KV read, and every step pays a fixed overhea
                    + context_token * context tokens read
 
 The engine times each step and calls `observe`; the coefficients are a least-squares
-fit of the relative error (each step weighted by one over its time squared: a 60 ms
-decode step matters as much as a 2 s prefill step, and TPOT is made of the former), in
+fit of the relative error (each step weighted by one over its predicted time squared: a
+60 ms decode step matters as much as a 2 s prefill step, and TPOT is made of the former;
+weighting by the measured time instead would favour the steps that happened to run fast,
+and fit the mean low by about the noise's variance, ~9% at this host's noise), in
 which old steps fade (a half-life in steps), regularised toward a prior, so a term the
 recent steps did not exercise (no prefill for a while, say) keeps its last value instead
 of drifting. The slo policy asks it how long a queue of prompts takes
@@ -97,12 +99,15 @@ class StepCostModel:
     def observe(self, shape: StepShape, seconds: float) -> None:
         if not math.isfinite(seconds) or seconds < 0:
             return
-        if self.is_calibrated and seconds > 0:
-            error = abs(self.predict(shape) - seconds) / seconds
-            self._error_sum = self.decay * self._error_sum + error
-            self._error_weight = self.decay * self._error_weight + 1.0
+        scale = seconds  # until calibrated, the prior's predictions may be far off
+        if self.is_calibrated:
+            scale = self.predict(shape)
+            if seconds > 0:
+                error = abs(scale - seconds) / seconds
+                self._error_sum = self.decay * self._error_sum + error
+                self._error_weight = self.decay * self._error_weight + 1.0
         x = shape.features()
-        weight = 1.0 / max(seconds, 1e-4) ** 2
+        weight = 1.0 / max(scale, 1e-4) ** 2
         for i, xi in enumerate(x):
             row = self._xtx[i]
             for j, xj in enumerate(x):

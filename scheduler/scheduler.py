@@ -122,6 +122,12 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    @property
+    def reads_cost_model(self) -> bool:
+        """Whether the policy plans with the cost model (slo) or ranks by it (sjf); the others
+        never read it, so a simulator need not feed it."""
+        return self.config.policy in ("slo", "sjf")
+
     def _output_token_cost(self) -> float:
         """What one output token costs in prompt tokens, by the cost model (for sjf)."""
         c = self.cost_model.coefficients

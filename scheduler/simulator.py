@@ -8,7 +8,8 @@ generates its trace's `output_len`, as `iterserve bench` asks with `ignore_eos`.
 carry no text, so nothing hits the prefix cache: the simulator runs with it off.
 
 The scheduler keeps its own cost model and learns from the simulated steps, as it learns
-from measured ones in `serve`: the slo policy sees what it would see on that hardware.
+from measured ones in `serve`: the slo policy sees what it would see on that hardware. (Under
+the policies that never read it, it is not fed: that is most of a step's cost here.)
 """
 
 from dataclasses import dataclass, field
@@ -121,7 +122,8 @@ def simulate(requests: list[SimRequest], deployment: Deployment, step_time: Step
             outcome.num_output_tokens = len(request.output_token_ids)
             if request.is_finished:
                 _finish(request, outcome, live)
-        scheduler.cost_model.observe(shape, seconds)
+        if scheduler.reads_cost_model:
+            scheduler.cost_model.observe(shape, seconds)
         num_steps += 1
     finishes = [o.finished_s for o in outcomes.values() if o.finished_s is not None]
     start = pending[0].arrival_s if pending else 0.0
@@ -145,13 +147,13 @@ def _take_plain_decode_steps(scheduler: Scheduler, step_time: StepTime, clock: "
         ends.append(now)
     if not ends:
         return 0
-    cost_model = scheduler.cost_model
+    observe = scheduler.cost_model.observe if scheduler.reads_cost_model else lambda shape, step_s: None
     for shape, step_s in zip(shapes[:-1], seconds[:-1]):  # each step's plan saw the ones before it
-        cost_model.observe(shape, step_s)
+        observe(shape, step_s)
     clock.now = ends[-2] if len(ends) > 1 else clock.now  # the last step starts
     updated = take_plain_decode_steps(scheduler, len(ends), _TOKEN, ends[-1])
     clock.now = ends[-1]
-    cost_model.observe(shapes[-1], seconds[-1])
+    observe(shapes[-1], seconds[-1])
     for request in updated:
         outcome = outcomes[request.request_id]
         if keep_itl:

@@ -35,6 +35,22 @@ def test_it_recovers_the_coefficients_of_a_linear_step_time():
     assert model.mean_relative_error < 0.05
 
 
+@pytest.mark.parametrize("noise", ["lognormal", "one step in ten twice as long"])
+def test_under_noise_it_predicts_the_mean_step_time_not_a_low_one(noise):
+    """What a simulation needs: a queue of steps lasts the sum of their mean times."""
+    rng = random.Random(1)
+    model = StepCostModel()
+    for _ in range(3000):
+        shape = random_shape(rng)
+        if noise == "lognormal":
+            factor = rng.lognormvariate(0, 0.2) / 1.0202  # mean 1
+        else:
+            factor = 2.0 if rng.random() < 0.1 else 0.8 / 0.9  # mean 1
+        model.observe(shape, true_seconds(shape) * factor)
+    for shape in (StepShape(0, 8, 8 * 300), StepShape(64, 16, 16 * 500), StepShape(1024, 48, 48 * 900)):
+        assert model.predict(shape) == pytest.approx(true_seconds(shape), rel=0.03)
+
+
 def test_before_enough_steps_it_predicts_from_the_prior():
     model = StepCostModel(min_observed=8)
     for _ in range(7):
