@@ -75,6 +75,7 @@ def simulate(requests: list[SimRequest], deployment: Deployment, step_time: Step
     kv_cache = KVCacheManager(deployment.num_blocks, deployment.block_size, False, deployment.num_host_blocks)
     clock = _Clock()
     scheduler = Scheduler(deployment.config, kv_cache, clock=clock)
+    observe = scheduler.cost_model.observe if scheduler.reads_cost_model else lambda shape, seconds: None
     pending = sorted(requests, key=lambda request: request.arrival_s)
     outcomes = {request.id: SimOutcome(request) for request in pending}
     live: dict[str, Request] = {}
@@ -90,7 +91,8 @@ def simulate(requests: list[SimRequest], deployment: Deployment, step_time: Step
             continue
         if fast_forward:
             next_arrival_s = pending[next_arrival].arrival_s if next_arrival < len(pending) else float("inf")
-            num_taken = _take_plain_decode_steps(scheduler, step_time, clock, next_arrival_s, outcomes, keep_itl)
+            num_taken = _take_plain_decode_steps(scheduler, step_time, observe, clock, next_arrival_s, outcomes,
+                                                 keep_itl)
             if num_taken:
                 num_steps += num_taken
                 continue
@@ -122,8 +124,7 @@ def simulate(requests: list[SimRequest], deployment: Deployment, step_time: Step
             outcome.num_output_tokens = len(request.output_token_ids)
             if request.is_finished:
                 _finish(request, outcome, live)
-        if scheduler.reads_cost_model:
-            scheduler.cost_model.observe(shape, seconds)
+        observe(shape, seconds)
         num_steps += 1
     finishes = [o.finished_s for o in outcomes.values() if o.finished_s is not None]
     start = pending[0].arrival_s if pending else 0.0
@@ -131,8 +132,9 @@ def simulate(requests: list[SimRequest], deployment: Deployment, step_time: Step
                             scheduler.num_preemptions)
 
 
-def _take_plain_decode_steps(scheduler: Scheduler, step_time: StepTime, clock: "_Clock", next_arrival_s: float,
-                             outcomes: dict[str, SimOutcome], keep_itl: bool) -> int:
+def _take_plain_decode_steps(scheduler: Scheduler, step_time: StepTime, observe: Callable[[StepShape, float], None],
+                             clock: "_Clock", next_arrival_s: float, outcomes: dict[str, SimOutcome],
+                             keep_itl: bool) -> int:
     """The plain decode steps that come before the next arrival, taken at once; how many."""
     max_steps = max_plain_decode_steps(scheduler, _TOKEN)
     num_running = len(scheduler.running)
@@ -147,7 +149,6 @@ def _take_plain_decode_steps(scheduler: Scheduler, step_time: StepTime, clock: "
         ends.append(now)
     if not ends:
         return 0
-    observe = scheduler.cost_model.observe if scheduler.reads_cost_model else lambda shape, step_s: None
     for shape, step_s in zip(shapes[:-1], seconds[:-1]):  # each step's plan saw the ones before it
         observe(shape, step_s)
     clock.now = ends[-2] if len(ends) > 1 else clock.now  # the last step starts
