@@ -18,7 +18,7 @@ from typing import Callable
 from kvcache import KVCacheManager
 from scheduler.config import SchedulerConfig
 from scheduler.cost_model import StepShape
-from scheduler.decode_run import max_plain_decode_steps, take_plain_decode_steps
+from scheduler.decode_run import finish_by_length, max_plain_decode_steps, steps_with_room, take_plain_decode_steps
 from scheduler.request import Request, RequestRejectedError, RequestStatus, SamplingParams
 from scheduler.scheduler import Scheduler
 
@@ -92,7 +92,7 @@ def simulate(requests: list[SimRequest], deployment: Deployment, step_time: Step
         if fast_forward:
             next_arrival_s = pending[next_arrival].arrival_s if next_arrival < len(pending) else float("inf")
             num_taken = _take_plain_decode_steps(scheduler, step_time, observe, clock, next_arrival_s, outcomes,
-                                                 keep_itl)
+                                                 live, keep_itl)
             if num_taken:
                 num_steps += num_taken
                 continue
@@ -134,7 +134,7 @@ def simulate(requests: list[SimRequest], deployment: Deployment, step_time: Step
 
 def _take_plain_decode_steps(scheduler: Scheduler, step_time: StepTime, observe: Callable[[StepShape, float], None],
                              clock: "_Clock", next_arrival_s: float, outcomes: dict[str, SimOutcome],
-                             keep_itl: bool) -> int:
+                             live: dict[str, Request], keep_itl: bool) -> int:
     """The plain decode steps that come before the next arrival, taken at once; how many."""
     max_steps = max_plain_decode_steps(scheduler, _TOKEN)
     num_running = len(scheduler.running)
@@ -147,13 +147,17 @@ def _take_plain_decode_steps(scheduler: Scheduler, step_time: StepTime, observe:
         seconds.append(step_time(shape))
         now += seconds[-1]
         ends.append(now)
-    if not ends:
+    num_steps = steps_with_room(scheduler, len(ends)) if ends else 0
+    if not num_steps:
         return 0
+    del shapes[num_steps:], seconds[num_steps:], ends[num_steps:]
     for shape, step_s in zip(shapes[:-1], seconds[:-1]):  # each step's plan saw the ones before it
         observe(shape, step_s)
     clock.now = ends[-2] if len(ends) > 1 else clock.now  # the last step starts
     updated = take_plain_decode_steps(scheduler, len(ends), _TOKEN, ends[-1])
     clock.now = ends[-1]
+    for request in finish_by_length(scheduler, updated, _TOKEN):
+        _finish(request, outcomes[request.request_id], live)
     observe(shapes[-1], seconds[-1])
     for request in updated:
         outcome = outcomes[request.request_id]

@@ -101,11 +101,21 @@ def test_plain_decode_runs_taken_at_once_change_nothing_in_the_outcome(policy, s
     runs = []
     take = simulator.take_plain_decode_steps
     monkeypatch.setattr(simulator, "take_plain_decode_steps", lambda s, n, *rest: runs.append(n) or take(s, n, *rest))
+    ended_in_runs = []
+    finish = simulator.finish_by_length
+
+    def finish_and_count(*args):
+        ended = finish(*args)
+        ended_in_runs.extend(ended)
+        return ended
+
+    monkeypatch.setattr(simulator, "finish_by_length", finish_and_count)
     taken_at_once = simulate(requests, tight, linear, fast_forward=True)
     assert outcome_record(taken_at_once) == outcome_record(stepped)
     assert any(o.finish_reason == "length" for o in stepped.outcomes)
-    # The rank-static policies took runs (the others never may: their ranks move as they serve).
-    assert bool(runs) == (policy in ("fcfs", "priority", "slo"))
+    # The rank-static policies took runs (the others never may: their ranks move as they serve),
+    # and some of those runs' last steps ended requests.
+    assert bool(runs) == bool(ended_in_runs) == (policy in ("fcfs", "priority", "slo"))
 
 
 def test_the_roofline_matches_gpu_md_for_the_8b_decode_and_prefill():
