@@ -38,6 +38,7 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None keeps torch's choice
     cuda_graphs: bool = False  # capture decode steps as CUDA graphs (CUDA only)
+    cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; None: powers of two
     # "auto", "triton", "cpu-kernel" or "torch" (engine/attention.py: ATTENTION_BACKENDS).
     attention_backend: str = "auto"
 

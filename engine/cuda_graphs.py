@@ -30,9 +30,10 @@ MAX_GRAPH_SLOTS = 256 * 2048
 NUM_WARMUP_RUNS = 2
 
 
-def batch_buckets(max_batch: int) -> list[int]:
-    """Powers of two up to 256, the last one cut to `max_batch`; bigger batches run eagerly."""
-    return sorted({min(bucket, max_batch) for bucket in BATCH_BUCKETS})
+def batch_buckets(max_batch: int, sizes: tuple[int, ...] | None = None) -> list[int]:
+    """`sizes` (default: powers of two up to 256), the largest cut to `max_batch`; bigger
+    batches run eagerly."""
+    return sorted({min(bucket, max_batch) for bucket in sizes or BATCH_BUCKETS})
 
 
 def context_buckets(max_context: int) -> list[int]:
@@ -93,7 +94,7 @@ class StaticDecodeRunner:
     """Runs pure-decode steps on padded static buffers; with `capture`, one CUDA graph per bucket."""
 
     def __init__(self, model: LlamaForCausalLM, kv_caches: torch.Tensor, block_size: int,
-                 max_batch: int, max_context: int, capture: bool):
+                 max_batch: int, max_context: int, capture: bool, batch_sizes: tuple[int, ...] | None = None):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -101,7 +102,7 @@ class StaticDecodeRunner:
         self.scratch_block = kv_caches.shape[2] // block_size - 1
         self.device = kv_caches.device
         self.capture = capture
-        self.batch_buckets = batch_buckets(max_batch)
+        self.batch_buckets = batch_buckets(max_batch, batch_sizes)
         self.context_buckets = context_buckets(max_context)
         # One set of buffers, sliced per bucket: a graph records the addresses of its slices,
         # so these tensors live as long as the runner and are only ever written in place.

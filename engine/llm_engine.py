@@ -83,7 +83,8 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.device, config.attention_backend,
                                   num_host_blocks)
         if config.cuda_graphs:
-            self.runner.use_static_decode(config.max_num_seqs, self.max_model_len, capture=True)
+            self.runner.use_static_decode(config.max_num_seqs, self.max_model_len, capture=True,
+                                          batch_sizes=config.cuda_graph_sizes)
         self._texts: dict[str, _TextState] = {}
         self.observe_steps = True  # feed each step's time to the scheduler's cost model
         self.last_step_shape = None  # the last step's work, for a caller that times steps itself

@@ -101,10 +101,12 @@ class ModelRunner:
             source, target = zip(*swap_in)
             device_blocks[:, :, list(target)] = host_blocks[:, :, list(source)].to(self.device)
 
-    def use_static_decode(self, max_batch: int, max_context: int, capture: bool) -> None:
-        """Pad pure-decode steps to static shapes; with `capture`, replay them as CUDA graphs."""
+    def use_static_decode(self, max_batch: int, max_context: int, capture: bool,
+                          batch_sizes: tuple[int, ...] | None = None) -> None:
+        """Pad pure-decode steps to static shapes (`batch_sizes` rows, default powers of two);
+        with `capture`, replay them as CUDA graphs."""
         self.static_decode = StaticDecodeRunner(
-            self.model, self.kv_caches, self.block_size, max_batch, max_context, capture)
+            self.model, self.kv_caches, self.block_size, max_batch, max_context, capture, batch_sizes)
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> StepResult:

@@ -84,32 +84,43 @@ class Machine:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, config) -> "Machine":
-        from scheduler.cost_model import StepCostModel
-        from scheduler.roofline import HARDWARE, MODELS, ModelShape, RooflineStepTime
-
         if (args.cost_model is None) == (args.hardware is None):
             raise ValueError("give one of --cost-model FILE (from iterserve calibrate) and --hardware")
-        block_size = config.block_size
         if args.cost_model is not None:
-            saved = json.loads(Path(args.cost_model).read_text())
-            if "kv_bytes_per_block" not in saved or "coefficients" not in saved:
-                raise ValueError(f"{args.cost_model}: not a calibration from iterserve calibrate")
-            model = StepCostModel.from_json(saved)
-            per_block = saved["kv_bytes_per_block"] * block_size / saved.get("block_size", block_size)
-            num_blocks = config.num_kv_blocks or int(config.kv_cache_memory // per_block)
-            return cls(model.predict, per_block, num_blocks,
-                       {"cost_model": args.cost_model, **{k: v for k, v in saved.items() if k != "num_observed"}})
-        if args.model is None or args.model in MODELS:
-            shape = MODELS[args.model or "smollm2-135m"]
+            return cls.calibrated(args.cost_model, config)
+        return cls.roofline(args.hardware, args.model, config, args.tensor_parallel_size, args.step_overhead_ms)
+
+    @classmethod
+    def calibrated(cls, path: str, config) -> "Machine":
+        from scheduler.cost_model import StepCostModel
+
+        saved = json.loads(Path(path).read_text())
+        if "kv_bytes_per_block" not in saved or "coefficients" not in saved:
+            raise ValueError(f"{path}: not a calibration from iterserve calibrate")
+        model = StepCostModel.from_json(saved)
+        block_size = config.block_size
+        per_block = saved["kv_bytes_per_block"] * block_size / saved.get("block_size", block_size)
+        num_blocks = config.num_kv_blocks or int(config.kv_cache_memory // per_block)
+        return cls(model.predict, per_block, num_blocks,
+                   {"cost_model": path, **{k: v for k, v in saved.items() if k != "num_observed"}})
+
+    @classmethod
+    def roofline(cls, hardware: str, model: str | None, config, tensor_parallel_size: int = 1,
+                 step_overhead_ms: float = 2.0) -> "Machine":
+        """`model`: a preset name, a Hugging Face folder, or None for the embedded SmolLM2."""
+        from scheduler.roofline import HARDWARE, MODELS, ModelShape, RooflineStepTime
+
+        if model is None or model in MODELS:
+            shape = MODELS[model or "smollm2-135m"]
         else:
-            shape = ModelShape.from_hf_config(args.model)
-        roofline = RooflineStepTime(HARDWARE[args.hardware], shape, args.tensor_parallel_size,
-                                    step_overhead_s=args.step_overhead_ms / 1000)
-        per_block = shape.kv_bytes_per_token * block_size
+            shape = ModelShape.from_hf_config(model)
+        roofline = RooflineStepTime(HARDWARE[hardware], shape, tensor_parallel_size,
+                                    step_overhead_s=step_overhead_ms / 1000)
+        per_block = shape.kv_bytes_per_token * config.block_size
         num_blocks = config.num_kv_blocks or int(roofline.kv_cache_bytes() // per_block)
         return cls(roofline, per_block, num_blocks,
                    {"hardware": roofline.hardware.name, "model": shape.name,
-                    "tensor_parallel_size": args.tensor_parallel_size, "step_overhead_ms": args.step_overhead_ms})
+                    "tensor_parallel_size": tensor_parallel_size, "step_overhead_ms": step_overhead_ms})
 
 
 def simulate_pass(args: argparse.Namespace, config, tenants, machine: Machine, requests: list,
@@ -117,17 +128,12 @@ def simulate_pass(args: argparse.Namespace, config, tenants, machine: Machine, r
     from loadtest.cli import _rate_value
     from loadtest.metrics import format_summary, report
     from loadtest.trace import retime
-    from scheduler.simulator import Deployment, simulate
+    from scheduler.planner import plan_capture_sizes
 
     if rate is not None:
         requests = retime(requests, rate, args.burstiness, args.seed)
-    sim_requests = [sim_request(request, tenants) for request in requests]
-    max_model_len = config.max_model_len or max(r.prompt_len + r.output_len for r in requests)
-    num_host_blocks = int(config.swap_space // machine.kv_bytes_per_block)
-    deployment = Deployment(config.scheduler_config(max_model_len, swaps=num_host_blocks > 0), machine.num_blocks,
-                            config.block_size, num_host_blocks)
     started = time.perf_counter()
-    result = simulate(sim_requests, deployment, machine.step_time, keep_itl=len(requests) <= KEEP_ITL_UP_TO)
+    result = run_simulation(requests, config, tenants, machine, keep_itl=len(requests) <= KEEP_ITL_UP_TO)
     wall_s = time.perf_counter() - started
     # Reported by the trace's tenant, as bench reports them, whichever tenant served them.
     trace_tenants = {request.id: request.tenant for request in requests}
@@ -138,7 +144,8 @@ def simulate_pass(args: argparse.Namespace, config, tenants, machine: Machine, r
         "label": args.label,
         "simulated": {**machine.description, "num_kv_blocks": machine.num_blocks, "num_steps": result.num_steps,
                       "num_preemptions": result.num_preemptions, "wall_s": wall_s,
-                      "scheduling_policy": args.scheduling_policy},
+                      "scheduling_policy": args.scheduling_policy,
+                      "decode_steps_by_batch": dict(sorted(result.decode_steps_by_batch.items()))},
         "trace": args.trace,
         "dataset": None if args.trace else args.dataset,
         "num_prompts": len(requests),
@@ -151,7 +158,37 @@ def simulate_pass(args: argparse.Namespace, config, tenants, machine: Machine, r
     summary |= report(records, duration_s, args.slo_ttft_ms, args.slo_tpot_ms)
     print(format_summary(summary))
     print(f"simulated {len(requests)} requests in {result.num_steps} steps, {wall_s:.1f} s of wall time")
+    if args.cuda_graph_sizes == "auto":
+        sizes = plan_capture_sizes(result.decode_steps_by_batch, args.max_cuda_graph_sizes)
+        summary["simulated"]["cuda_graph_sizes"] = sizes
+        print(f"decode batch sizes to capture (serve --cuda-graph-sizes {','.join(map(str, sizes))}): {sizes}")
     return summary
+
+
+def run_simulation(requests: list, config, tenants, machine: Machine, keep_itl: bool = True):
+    """`requests` (loadtest.trace.TraceRequest) through the scheduler `config` describes."""
+    from scheduler.simulator import Deployment, simulate
+
+    sim_requests = [sim_request(request, tenants) for request in requests]
+    max_model_len = config.max_model_len or max(r.prompt_len + r.output_len for r in requests)
+    num_host_blocks = int(config.swap_space // machine.kv_bytes_per_block)
+    deployment = Deployment(config.scheduler_config(max_model_len, swaps=num_host_blocks > 0), machine.num_blocks,
+                            config.block_size, num_host_blocks)
+    return simulate(sim_requests, deployment, machine.step_time, keep_itl=keep_itl)
+
+
+def cuda_graph_sizes_for_trace(trace: str, config, tenants, machine: Machine, max_sizes: int) -> list[int]:
+    """`serve --cuda-graph-sizes auto --trace FILE`: the trace at its own arrival times through
+    serve's scheduler on `machine`, and the at most `max_sizes` decode batch sizes that pad its
+    pure-decode steps least (scheduler/planner.py: plan_capture_sizes)."""
+    from loadtest.trace import read_trace
+    from scheduler.planner import plan_capture_sizes
+
+    requests = read_trace(trace)
+    if not requests:
+        raise ValueError(f"{trace}: no requests to plan CUDA graph sizes from")
+    result = run_simulation(requests, config, tenants, machine, keep_itl=False)
+    return plan_capture_sizes(result.decode_steps_by_batch, max_sizes)
 
 
 def load_tenants(args: argparse.Namespace):

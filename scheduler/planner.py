@@ -21,6 +21,7 @@ each request's latency is the time its batch ends; the P95 limit is checked, not
 """
 
 from dataclasses import asdict, dataclass, field
+import itertools
 import math
 
 
@@ -100,7 +101,7 @@ def _plan_with_padding_price(requests: list[PlanRequest], costs: PlanCosts, limi
     lengths = sorted(set(aligned))
     ends = [max(i for i, value in enumerate(aligned) if value == length) + 1 for length in lengths]
     starts = [0] + ends[:-1]
-    m, k = len(lengths), min(limits.max_shapes, len(lengths))
+    m = len(lengths)
 
     def segment(first: int, last: int) -> tuple[float, list[Batch]]:
         """Shape lengths[last] for candidate groups first..last."""
@@ -118,7 +119,23 @@ def _plan_with_padding_price(requests: list[PlanRequest], costs: PlanCosts, limi
             cache[(first, last)] = segment(first, last)
         return cache[(first, last)][0]
 
-    # best[s][j]: least cost covering candidates 0..j with s shapes, the last one ending at j.
+    segments = best_segments(m, limits.max_shapes, cost_of)
+    shapes, batches = [], []
+    for first, last in segments:
+        cost_of(first, last)
+        shapes.append(lengths[last])
+        batches.extend(cache[(first, last)][1])
+    result = Plan(shapes, sorted(batches, key=lambda batch: batch.cost))  # cheapest first
+    result.metrics = _metrics(result, ordered, costs)
+    return result
+
+
+def best_segments(num_candidates: int, max_segments: int, cost_of) -> list[tuple[int, int]]:
+    """The split of candidates 0..num_candidates-1 into at most `max_segments` runs of consecutive
+    candidates, (first, last) each, whose `cost_of(first, last)` add up to least; exact, by
+    dynamic programming in O(max_segments * num_candidates**2) calls."""
+    m, k = num_candidates, min(max_segments, num_candidates)
+    # best[s][j]: least cost covering candidates 0..j with s segments, the last one ending at j.
     inf = math.inf
     best = [[inf] * m for _ in range(k + 1)]
     choice = [[-1] * m for _ in range(k + 1)]
@@ -130,21 +147,36 @@ def _plan_with_padding_price(requests: list[PlanRequest], costs: PlanCosts, limi
                 value = best[s - 1][i] + cost_of(i + 1, j)
                 if value < best[s][j]:
                     best[s][j], choice[s][j] = value, i
-    shapes_used = min(range(1, k + 1), key=lambda s: best[s][m - 1])
-    segments, j, s = [], m - 1, shapes_used
+    used = min(range(1, k + 1), key=lambda s: best[s][m - 1])
+    segments, j, s = [], m - 1, used
     while s >= 1:
         first = choice[s][j] + 1 if s > 1 else 0
         segments.append((first, j))
         j, s = first - 1, s - 1
     segments.reverse()
-    shapes, batches = [], []
-    for first, last in segments:
-        cost_of(first, last)
-        shapes.append(lengths[last])
-        batches.extend(cache[(first, last)][1])
-    result = Plan(shapes, sorted(batches, key=lambda batch: batch.cost))  # cheapest first
-    result.metrics = _metrics(result, ordered, costs)
-    return result
+    return segments
+
+
+def plan_capture_sizes(steps_by_batch: dict[int, int], max_sizes: int) -> list[int]:
+    """The at most `max_sizes` decode batch sizes to capture as graphs so that the given
+    pure-decode steps (their count by batch size, from a simulated run of the workload) pad
+    the fewest rows in all, each step running at the smallest captured size that holds it.
+
+    Padding rows is what a size costs: a padded row runs every linear layer for nothing (its
+    attention reads one scratch slot). The largest size observed is always captured, and the
+    best sizes are observed ones (a size between two observed ones pads more than the lower
+    one would), so the same segmentation as the shapes' solves it exactly.
+    """
+    sizes = sorted(size for size, count in steps_by_batch.items() if count > 0 and size > 0)
+    if not sizes or max_sizes < 1:
+        return []
+    steps = list(itertools.accumulate((steps_by_batch[size] for size in sizes), initial=0))
+    rows = list(itertools.accumulate((steps_by_batch[size] * size for size in sizes), initial=0))
+
+    def padding(first: int, last: int) -> int:
+        return sizes[last] * (steps[last + 1] - steps[first]) - (rows[last + 1] - rows[first])
+
+    return [sizes[last] for _, last in best_segments(len(sizes), max_sizes, padding)]
 
 
 def _batches(group: list[PlanRequest], shape: int, costs: PlanCosts, max_batch: int) -> list[Batch]:

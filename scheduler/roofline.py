@@ -33,6 +33,13 @@ HARDWARE = {
 }
 
 
+def hardware_preset(device_name: str) -> str:
+    """The preset for a CUDA device's name ("NVIDIA H200", "NVIDIA A100-SXM4-80GB"); H100 for
+    any other, the device these presets were checked against (BENCHMARKS.md)."""
+    name = device_name.upper()
+    return next((preset for preset in HARDWARE if preset.upper() in name), "h100")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelShape:
     name: str

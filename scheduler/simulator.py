@@ -12,6 +12,7 @@ from measured ones in `serve`: the slo policy sees what it would see on that har
 the policies that never read it, it is not fed: that is most of a step's cost here.)
 """
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -55,6 +56,9 @@ class SimulationResult:
     duration_s: float  # from the first arrival to the last finish
     num_steps: int
     num_preemptions: int
+    # Steps in which every request computed one output token, by how many did: the batch
+    # sizes a CUDA-graph engine would replay (planner.plan_capture_sizes).
+    decode_steps_by_batch: Counter[int] = field(default_factory=Counter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,7 @@ def simulate(requests: list[SimRequest], deployment: Deployment, step_time: Step
     pending = sorted(requests, key=lambda request: request.arrival_s)
     outcomes = {request.id: SimOutcome(request) for request in pending}
     live: dict[str, Request] = {}
+    decode_steps: Counter[int] = Counter()
     num_steps, next_arrival = 0, 0
     clock.now = pending[0].arrival_s if pending else 0.0
     while next_arrival < len(pending) or live:
@@ -91,9 +96,11 @@ def simulate(requests: list[SimRequest], deployment: Deployment, step_time: Step
             continue
         if fast_forward:
             next_arrival_s = pending[next_arrival].arrival_s if next_arrival < len(pending) else float("inf")
+            num_running = len(scheduler.running)
             num_taken = _take_plain_decode_steps(scheduler, step_time, observe, clock, next_arrival_s, outcomes,
                                                  live, keep_itl)
             if num_taken:
+                decode_steps[num_running] += num_taken
                 num_steps += num_taken
                 continue
         plan = scheduler.schedule()
@@ -111,6 +118,8 @@ def simulate(requests: list[SimRequest], deployment: Deployment, step_time: Step
             clock.now += wait_s
             continue
         shape = plan.shape()
+        if not shape.prefill_tokens:
+            decode_steps[shape.decode_seqs] += 1
         seconds = step_time(shape) + (len(plan.swap_out) + len(plan.swap_in)) * deployment.swap_block_s
         clock.now += seconds
         for request in scheduler.update(plan, {s.request.request_id: _TOKEN for s in plan.scheduled if s.samples}):
@@ -129,7 +138,7 @@ def simulate(requests: list[SimRequest], deployment: Deployment, step_time: Step
     finishes = [o.finished_s for o in outcomes.values() if o.finished_s is not None]
     start = pending[0].arrival_s if pending else 0.0
     return SimulationResult(list(outcomes.values()), max(finishes, default=start) - start, num_steps,
-                            scheduler.num_preemptions)
+                            scheduler.num_preemptions, decode_steps)
 
 
 def _take_plain_decode_steps(scheduler: Scheduler, step_time: StepTime, observe: Callable[[StepShape, float], None],

@@ -51,6 +51,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-timeout-s", type=float, default=0.5,
                         help="how long a static batch, or a dynamic bucket's oldest request, waits to fill")
     parser.add_argument("--cuda-graphs", action="store_true", help="capture decode steps as CUDA graphs")
+    parser.add_argument("--cuda-graph-sizes", default=None, metavar="SIZES",
+                        help="the decode batch sizes to capture (implies --cuda-graphs), comma-separated, or auto: "
+                             "planned from a simulated run of --trace so that its decode steps pad the fewest rows "
+                             "(default: powers of two up to --max-num-seqs)")
+    parser.add_argument("--max-cuda-graph-sizes", type=int, default=9, metavar="K",
+                        help="--cuda-graph-sizes auto: at most K sizes (default 9, as many as the powers of two)")
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "cpu-kernel", "torch"],
                         help="auto: the C++ kernel on CPU, torch on CUDA; triton: our Triton kernels (on CPU only "
                              "under TRITON_INTERPRET=1, for checking); torch: the gather reference")
@@ -84,10 +90,46 @@ def engine_config(args: argparse.Namespace):
         static_batch_size=args.static_batch_size,
         batch_timeout_s=args.batch_timeout_s,
         seed=getattr(args, "seed", None) or 0,
-        cuda_graphs=args.cuda_graphs,
+        cuda_graphs=args.cuda_graphs or args.cuda_graph_sizes is not None,
+        cuda_graph_sizes=parse_cuda_graph_sizes(args.cuda_graph_sizes),
         num_threads=args.num_threads,
         attention_backend=args.attention_backend,
     )
+
+
+def parse_cuda_graph_sizes(text: str | None) -> tuple[int, ...] | None:
+    """None for the default and for auto (which serve plans from its trace)."""
+    if text is None or text == "auto":
+        return None
+    try:
+        sizes = tuple(sorted({int(size) for size in text.split(",") if size.strip()}))
+    except ValueError:
+        raise ValueError(f"--cuda-graph-sizes takes auto or batch sizes separated by commas, got {text!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"--cuda-graph-sizes must be positive, got {text!r}")
+    return sizes
+
+
+def planned_cuda_graph_sizes(args: argparse.Namespace, config, tenants):
+    """serve --cuda-graph-sizes auto: the sizes planned from --trace, on this machine's GPU
+    (its roofline preset) or the calibration given with --cost-model."""
+    from engine import host
+    from loadtest.simulate import Machine, cuda_graph_sizes_for_trace
+    from scheduler.roofline import hardware_preset
+
+    if not args.trace:
+        raise ValueError("--cuda-graph-sizes auto plans from a workload: give it --trace FILE")
+    if args.cost_model:
+        machine = Machine.calibrated(args.cost_model, config)
+    else:
+        cuda = host.current().cuda
+        machine = Machine.roofline(hardware_preset(cuda.name if cuda else ""), config.model, config)
+    sizes = cuda_graph_sizes_for_trace(args.trace, config, tenants, machine, args.max_cuda_graph_sizes)
+    if not sizes:
+        raise ValueError(f"{args.trace}: its simulated run has no pure decode steps to plan CUDA graph sizes from")
+    logging.getLogger(__name__).info("CUDA graph sizes planned from %s on %s: %s", args.trace,
+                                     machine.description.get("hardware") or args.cost_model, sizes)
+    return tuple(sizes)
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -139,6 +181,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="encode special-token text in chat messages (<|im_end|>) as control tokens; off by "
                              "default, so a user cannot write turns of other roles")
     parser.add_argument("--seed", type=int, default=0, help="the engine's seed for unseeded requests")
+    parser.add_argument("--trace", default=None, metavar="FILE",
+                        help="--cuda-graph-sizes auto: the workload (a jsonl trace, as bench takes) to plan them for")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -174,10 +218,12 @@ def serve(args: argparse.Namespace) -> int:
         tenants=tenants,
     )
     try:
-        llm_engine = LLMEngine(dataclasses.replace(engine_config(args), tenant_weights=tenants.weights,
-                                                   tenant_kv_fractions=tenants.kv_fractions,
-                                                   queue_timeout_s=args.queue_timeout))
-    except (FileNotFoundError, ValueError) as error:  # a bad --model or cache size: say so, no traceback
+        config = dataclasses.replace(engine_config(args), tenant_weights=tenants.weights,
+                                     tenant_kv_fractions=tenants.kv_fractions, queue_timeout_s=args.queue_timeout)
+        if args.cuda_graph_sizes == "auto":
+            config = dataclasses.replace(config, cuda_graph_sizes=planned_cuda_graph_sizes(args, config, tenants))
+        llm_engine = LLMEngine(config)
+    except (FileNotFoundError, ValueError) as error:  # a bad --model, cache size or trace: say so, no traceback
         print(f"iterserve: {error}", file=sys.stderr)
         return 2
     app = build_app(llm_engine, settings)

@@ -29,6 +29,8 @@ def test_buckets():
     assert batch_buckets(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert batch_buckets(100) == [1, 2, 4, 8, 16, 32, 64, 100]
     assert batch_buckets(1024)[-1] == 256
+    assert batch_buckets(256, (3, 24, 40)) == [3, 24, 40]
+    assert batch_buckets(32, (3, 24, 40)) == [3, 24, 32]
     assert context_buckets(8192) == [256, 512, 1024, 2048, 4096, 8192]
     assert context_buckets(300) == [256, 300]
     assert context_buckets(100) == [100]
@@ -74,12 +76,13 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, 49152, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
 
 
-def generate(path, static: bool, dtype: str = "float32", **config):
+def generate(path, static: bool, dtype: str = "float32", batch_sizes=None, **config):
     llm = LLM(str(path), dtype=dtype, num_kv_blocks=64, max_model_len=MAX_MODEL_LEN, **config)
     runner = llm.engine.runner
     keys = []
     if static:
-        runner.use_static_decode(llm.engine.config.max_num_seqs, MAX_MODEL_LEN, capture=False)
+        runner.use_static_decode(llm.engine.config.max_num_seqs, MAX_MODEL_LEN, capture=False,
+                                 batch_sizes=batch_sizes)
         run = runner.static_decode.run
 
         def recording_run(decodes, key):
@@ -116,6 +119,14 @@ def test_padded_static_decode_matches_eager(tiny_model_path, dtype, tolerance):
     assert torch.equal(static_written[real], eager_written[real])
     assert torch.isfinite(static_kv).all()
     assert torch.allclose(static_kv[:, :, real].float(), eager_kv[:, :, real].float(), atol=tolerance, rtol=tolerance)
+
+
+def test_planned_batch_sizes_are_the_ones_padded_to(tiny_model_path):
+    """Sizes from `--cuda-graph-sizes` (or planned by auto): five decodes run at 6 rows, not 8."""
+    eager_tokens, _, _ = generate(tiny_model_path, static=False)
+    static_tokens, _, keys = generate(tiny_model_path, static=True, batch_sizes=(3, 6))
+    assert keys == [(6, 256)] * 6 + [(6, 512)] * 5
+    assert static_tokens == eager_tokens
 
 
 def test_cuda_graphs_need_a_cuda_device(tiny_model_path):

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from scheduler.planner import PlanCosts, PlanError, PlanLimits, PlanRequest, _batches, plan
+from scheduler.planner import PlanCosts, PlanError, PlanLimits, PlanRequest, _batches, plan, plan_capture_sizes
 from server.cli import main
 
 
@@ -102,3 +102,32 @@ def test_iterserve_plan_writes_the_plan(tmp_path, capsys):
     path.write_text('{"id": "a", "prompt_len": 4}\n')
     assert main(["plan", str(path), "--max-shapes", "1", "--out", str(out)]) == 2
     assert "line 1: needs id, prompt_len and gen_len" in capsys.readouterr().err
+
+
+def padded_rows(steps_by_batch: dict[int, int], sizes: list[int]) -> int:
+    return sum(count * (min(s for s in sizes if s >= batch) - batch) for batch, count in steps_by_batch.items())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_capture_sizes_pad_the_fewest_rows_of_any_choice(seed):
+    rng = random.Random(seed)
+    steps_by_batch = {rng.randint(1, 64): rng.randint(1, 500) for _ in range(rng.randint(1, 9))}
+    max_sizes = rng.randint(1, 4)
+    sizes = plan_capture_sizes(steps_by_batch, max_sizes)
+    observed = sorted(steps_by_batch)
+    assert len(sizes) <= max_sizes and sizes == sorted(sizes) and sizes[-1] == observed[-1]
+    # Brute force: every set of at most K sizes from 1 to the largest batch that holds it.
+    best = min(padded_rows(steps_by_batch, list(others) + [observed[-1]])
+               for k in range(max_sizes) for others in combinations(range(1, observed[-1]), k))
+    assert padded_rows(steps_by_batch, sizes) == best
+
+
+def test_capture_sizes_follow_the_steps_not_powers_of_two():
+    # Most steps at 24 and 40 running requests: powers of two would pad them to 32 and 64.
+    # A few single-request steps padded to 24 cost less than the 40s padded to 41.
+    steps_by_batch = {1: 5, 24: 1000, 40: 2000, 41: 3}
+    sizes = plan_capture_sizes(steps_by_batch, max_sizes=3)
+    assert sizes == [24, 40, 41]
+    assert padded_rows(steps_by_batch, sizes) == 23 * 5 < padded_rows(steps_by_batch, [1, 2, 4, 8, 16, 32, 64])
+    assert plan_capture_sizes({}, 4) == []
+

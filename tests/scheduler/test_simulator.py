@@ -77,7 +77,7 @@ def test_the_slo_policy_refuses_unreachable_targets_once_it_has_measured_steps()
 
 
 def outcome_record(result) -> tuple:
-    return (result.num_steps, result.num_preemptions, result.duration_s, [
+    return (result.num_steps, result.num_preemptions, result.duration_s, result.decode_steps_by_batch, [
         (o.request.id, o.finish_reason, o.error, o.first_token_s, o.finished_s, o.num_output_tokens, o.itl_s)
         for o in result.outcomes])
 
