@@ -24,7 +24,11 @@ import os
 import torch
 import torch.nn.functional as F
 
-from engine import cpu_kernels
+from engine import cpu_kernels, host
+
+# Split-KV only pays where each split still reads a few tiles; not yet tuned on a GPU.
+SPLIT_KV_MIN_CONTEXT = 1024
+MAX_KV_SPLITS = 16
 
 
 @dataclass(slots=True)
@@ -94,6 +98,18 @@ def select_backend(name: str, device: torch.device) -> str:
             raise ValueError("on a CPU the triton attention backend runs only under TRITON_INTERPRET=1 "
                              "(Triton's interpreter: slow, for checking the GPU kernels)")
     return name
+
+
+def num_kv_splits(num_programs: int, max_query_len: int, max_seq_len: int, device: torch.device) -> int:
+    """KV splits per (sequence, KV head) for the Triton decode: more than 1 only on CUDA, for
+    decodes alone, with a long context and too few programs (sequences x KV heads) to fill
+    every multiprocessor twice; a power of two, as the merge reads them as one vector."""
+    cuda = host.current().cuda
+    if (device.type != "cuda" or cuda is None or max_query_len > 1 or max_seq_len < SPLIT_KV_MIN_CONTEXT
+            or num_programs >= cuda.multiprocessors):
+        return 1
+    wanted = -(-2 * cuda.multiprocessors // num_programs)
+    return min(MAX_KV_SPLITS, 1 << (wanted - 1).bit_length())
 
 
 def context_slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -1,24 +1,30 @@
 """Pure-decode steps on static, padded buffers, replayed as CUDA graphs.
 
-A step in which every request adds one token is padded to a batch bucket and a context
-bucket, so its shapes repeat and its kernels can be captured once per bucket and
-replayed (torch.cuda.graphs; vLLM and gpt-fast capture decode the same way). Logits and
-sampling stay eager, on the real rows only.
+A step in which every request adds one token is padded to a batch bucket, so its shapes
+repeat and its kernels can be captured once per bucket and replayed (torch.cuda.graphs;
+vLLM and gpt-fast capture decode the same way). Logits and sampling stay eager, on the
+real rows only. Keys are (batch, variant):
+- With the Triton backend the kernel reads each row's length and block table from device
+  memory, so a graph serves every context: the variant is only the number of KV splits
+  (1, or the split-KV launch for long contexts), and a step is padded in rows alone.
+- With the gather backends attention reads a dense [batch, context] index, so steps are
+  padded to a context bucket as well: the variant is that bucket.
 
-Padding rows must not touch a real request's KV: they write their key into a scratch
-block at the end of the KV tensor, which the block pool never hands out, and attend to
-that one slot (a row with every position masked would give NaN). Masked lanes of real
-rows read the scratch block too.
+Padding rows must not touch a real request's KV. They attend to one slot of a scratch block
+at the end of the KV tensor, which the block pool never hands out (a row with no key would
+give NaN); on the gather path they also write their key there, on the Triton path their
+slot is -1 and the store kernel writes nothing. Masked lanes of real rows read the scratch
+block too.
 
 Without capture the same buffers run the model eagerly, so everything but the capture
-itself is tested on CPU.
+itself is tested on CPU (the Triton path under TRITON_INTERPRET=1).
 """
 
 from dataclasses import dataclass, fields
 
 import torch
 
-from engine.attention import AttentionMetadata, DecodeGroup, context_slots
+from engine.attention import AttentionMetadata, DecodeGroup, FlatBatch, context_slots, num_kv_splits
 from engine.model import LlamaForCausalLM
 from scheduler import ScheduledRequest
 
@@ -81,20 +87,56 @@ def pad_decodes(decodes: list[ScheduledRequest], batch: int, context: int, block
 
 
 @dataclass(slots=True)
+class PagedDecodeInputs:
+    """One pure-decode step padded to `batch` rows, for the Triton kernels: rows read their
+    context through their block table, as long as their length says."""
+
+    input_ids: torch.Tensor  # [batch]
+    positions: torch.Tensor  # [batch]
+    slot_mapping: torch.Tensor  # [batch], -1 for padding rows
+    seq_lens: torch.Tensor  # int32 [batch]
+    block_tables: torch.Tensor  # int32 [batch, width]: a prefix of the buffer's columns
+
+
+def pad_paged_decodes(decodes: list[ScheduledRequest], batch: int, block_size: int,
+                      scratch_block: int) -> PagedDecodeInputs:
+    """Host tensors for `decodes` in rows [0, len(decodes)), then padding rows up to `batch`,
+    whose one key is slot 0 of the scratch block. The table is as wide as the longest real
+    row's blocks: columns past it in the device buffer keep earlier steps' block ids, which
+    no row reads (its length bounds it)."""
+    num_padding = batch - len(decodes)
+    width = max((len(s.block_ids) for s in decodes), default=1)
+    positions = [s.start_position for s in decodes]
+    tables = [s.block_ids + [scratch_block] * (width - len(s.block_ids)) for s in decodes]
+    return PagedDecodeInputs(
+        input_ids=torch.tensor([s.request.all_token_ids[s.start_position] for s in decodes] + [0] * num_padding),
+        positions=torch.tensor(positions + [0] * num_padding),
+        slot_mapping=torch.tensor([s.block_ids[p // block_size] * block_size + p % block_size
+                                   for s, p in zip(decodes, positions)] + [-1] * num_padding),
+        seq_lens=torch.tensor([p + 1 for p in positions] + [1] * num_padding, dtype=torch.int32),
+        block_tables=torch.tensor(tables + [[scratch_block] * width] * num_padding, dtype=torch.int32))
+
+
+@dataclass(slots=True)
 class StaticBatch:
     """Views of the shared device buffers for one (batch, context) bucket, and its graph."""
 
-    inputs: DecodeInputs
+    inputs: DecodeInputs | PagedDecodeInputs
     meta: AttentionMetadata
     graph: "torch.cuda.CUDAGraph | None" = None
     hidden: torch.Tensor | None = None  # the graph's output, rewritten by every replay
 
 
 class StaticDecodeRunner:
-    """Runs pure-decode steps on padded static buffers; with `capture`, one CUDA graph per bucket."""
+    """Runs pure-decode steps on padded static buffers; with `capture`, one CUDA graph per key.
+
+    `triton_kernels` (engine.triton_attention): the attention backend's kernels, when it is
+    Triton; steps are then padded in rows only.
+    """
 
     def __init__(self, model: LlamaForCausalLM, kv_caches: torch.Tensor, block_size: int,
-                 max_batch: int, max_context: int, capture: bool, batch_sizes: tuple[int, ...] | None = None):
+                 max_batch: int, max_context: int, capture: bool, batch_sizes: tuple[int, ...] | None = None,
+                 triton_kernels=None):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -103,6 +145,12 @@ class StaticDecodeRunner:
         self.device = kv_caches.device
         self.capture = capture
         self.batch_buckets = batch_buckets(max_batch, batch_sizes)
+        self.triton_kernels = triton_kernels
+        self._batches: dict[tuple[int, int], StaticBatch] = {}
+        self._pool = None  # one memory pool shared by every graph, made at the first capture
+        if triton_kernels is not None:
+            self._init_paged(max_context)
+            return
         self.context_buckets = context_buckets(max_context)
         # One set of buffers, sliced per bucket: a graph records the addresses of its slices,
         # so these tensors live as long as the runner and are only ever written in place.
@@ -114,15 +162,30 @@ class StaticDecodeRunner:
         self._slot_mapping = torch.zeros_like(self._input_ids)
         self._slots = torch.zeros(largest_slots, dtype=torch.long, device=self.device)
         self._mask = torch.zeros(largest_slots, dtype=torch.bool, device=self.device)
-        self._batches: dict[tuple[int, int], StaticBatch] = {}
-        self._pool = None  # one memory pool shared by every graph, made at the first capture
+
+    def _init_paged(self, max_context: int) -> None:
+        largest_batch = self.batch_buckets[-1]
+        int32 = dict(dtype=torch.int32, device=self.device)
+        self._input_ids = torch.zeros(largest_batch, dtype=torch.long, device=self.device)
+        self._positions = torch.zeros_like(self._input_ids)
+        self._slot_mapping = torch.full_like(self._input_ids, -1)
+        self._seq_lens = torch.ones(largest_batch, **int32)
+        max_blocks = -(-max_context // self.block_size)
+        self._block_tables = torch.full((largest_batch, max_blocks), self.scratch_block, **int32)
+        self._query_start_loc = torch.arange(largest_batch + 1, **int32)  # one query row per sequence
 
     def bucket(self, scheduled: list[ScheduledRequest]) -> tuple[int, int] | None:
-        """The (batch, context) bucket of a pure-decode step; None when the step runs eagerly."""
+        """The (batch, variant) key of a pure-decode step (see the module docstring); None when
+        the step runs eagerly."""
         if not scheduled or any(s.num_new_tokens != 1 for s in scheduled):
             return None
         batch = _first_fit(self.batch_buckets, len(scheduled))
-        context = _first_fit(self.context_buckets, max(s.start_position for s in scheduled) + 1)
+        max_seq_len = max(s.start_position for s in scheduled) + 1
+        if self.triton_kernels is not None:
+            if batch is None:
+                return None
+            return batch, num_kv_splits(batch * self.model.args.num_kv_heads, 1, max_seq_len, self.device)
+        context = _first_fit(self.context_buckets, max_seq_len)
         if batch is None or context is None or batch * context > MAX_GRAPH_SLOTS:
             return None
         return batch, context
@@ -146,6 +209,14 @@ class StaticDecodeRunner:
         return static.hidden[: len(decodes)]
 
     def _static_batch(self, key: tuple[int, int]) -> StaticBatch:
+        if key not in self._batches and self.triton_kernels is not None:
+            batch, num_splits = key
+            inputs = PagedDecodeInputs(self._input_ids[:batch], self._positions[:batch], self._slot_mapping[:batch],
+                                       self._seq_lens[:batch], self._block_tables[:batch])
+            flat = FlatBatch(self._query_start_loc[:batch + 1], inputs.seq_lens, inputs.block_tables,
+                             max_query_len=1, block_size=self.block_size, num_splits=num_splits,
+                             kernels=self.triton_kernels)
+            self._batches[key] = StaticBatch(inputs, AttentionMetadata(inputs.slot_mapping, [], [], flat=flat))
         if key not in self._batches:
             batch, context = key
             inputs = DecodeInputs(
@@ -159,14 +230,20 @@ class StaticDecodeRunner:
         return self._batches[key]
 
     def _fill(self, static: StaticBatch, decodes: list[ScheduledRequest]) -> None:
-        batch, context = static.inputs.slots.shape
-        host = pad_decodes(decodes, batch, context, self.block_size, self.scratch_block)
-        for field in fields(DecodeInputs):
+        if self.triton_kernels is not None:
+            host = pad_paged_decodes(decodes, len(static.inputs.input_ids), self.block_size, self.scratch_block)
+        else:
+            batch, context = static.inputs.slots.shape
+            host = pad_decodes(decodes, batch, context, self.block_size, self.scratch_block)
+        for field in fields(host):
             source = getattr(host, field.name)
             if self.device.type == "cuda":
                 # Pinned, so the copy is queued on the stream ahead of the replay without a sync.
                 source = source.pin_memory()
-            getattr(static.inputs, field.name).copy_(source, non_blocking=True)
+            target = getattr(static.inputs, field.name)
+            if field.name == "block_tables":  # only the columns this step's rows use
+                target = target[:, :source.shape[1]]
+            target.copy_(source, non_blocking=True)
 
     def _forward(self, static: StaticBatch) -> torch.Tensor:
         return self.model(static.inputs.input_ids, static.inputs.positions, self.kv_caches, static.meta)

@@ -6,9 +6,10 @@ import itertools
 
 import torch
 
-from engine import cpu_kernels, host
+from engine import cpu_kernels
 from engine.attention import (
-    AttentionMetadata, DecodeGroup, FlatBatch, PagedDecodes, PrefillSpan, context_slots, select_backend,
+    AttentionMetadata, DecodeGroup, FlatBatch, PagedDecodes, PrefillSpan, context_slots, num_kv_splits,
+    select_backend,
 )
 from engine.cuda_graphs import StaticDecodeRunner
 from engine.model import LlamaForCausalLM
@@ -19,9 +20,6 @@ from scheduler import ScheduledRequest, SchedulerOutput
 # Short contexts are grouped together regardless of ratio: an extra attention call per
 # layer costs more than reading a few dozen padded slots.
 MIN_DECODE_GROUP_CONTEXT = 128
-# Split-KV only pays where each split still reads a few tiles; not yet tuned on a GPU.
-SPLIT_KV_MIN_CONTEXT = 1024
-MAX_KV_SPLITS = 16
 
 
 def block_table(scheduled: list[ScheduledRequest]) -> torch.Tensor:
@@ -106,7 +104,8 @@ class ModelRunner:
         """Pad pure-decode steps to static shapes (`batch_sizes` rows, default powers of two);
         with `capture`, replay them as CUDA graphs."""
         self.static_decode = StaticDecodeRunner(
-            self.model, self.kv_caches, self.block_size, max_batch, max_context, capture, batch_sizes)
+            self.model, self.kv_caches, self.block_size, max_batch, max_context, capture, batch_sizes,
+            self.triton_kernels)
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> StepResult:
@@ -187,19 +186,9 @@ class ModelRunner:
             seq_lens=self._to_device(torch.tensor(seq_lens, **int32)),
             block_tables=self._to_device(block_table(scheduled)),
             max_query_len=max(query_lens), block_size=self.block_size,
-            num_splits=self._num_splits(len(scheduled), max(query_lens), max(seq_lens)),
+            num_splits=num_kv_splits(len(scheduled) * self.model.args.num_kv_heads, max(query_lens),
+                                     max(seq_lens), self.device),
             kernels=self.triton_kernels)
-
-    def _num_splits(self, num_seqs: int, max_query_len: int, max_seq_len: int) -> int:
-        """Split-KV for a few long decodes, so that they still fill the GPU's multiprocessors."""
-        cuda = host.current().cuda
-        programs = num_seqs * self.model.args.num_kv_heads
-        if self.device.type != "cuda" or cuda is None or max_query_len > 1 or max_seq_len < SPLIT_KV_MIN_CONTEXT:
-            return 1
-        if programs >= cuda.multiprocessors:
-            return 1
-        wanted = -(-2 * cuda.multiprocessors // programs)  # enough programs to fill every multiprocessor twice
-        return min(MAX_KV_SPLITS, 1 << (wanted - 1).bit_length())  # a power of two: the merge reads them as one
 
     def _decode_groups(self, decodes: list[ScheduledRequest]) -> list[DecodeGroup]:
         """Split decodes (sorted by context) where a context is over twice its group's shortest."""

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from engine import LLM
-from engine.cuda_graphs import MAX_GRAPH_SLOTS, StaticDecodeRunner, batch_buckets, context_buckets, pad_decodes
+from engine.cuda_graphs import (
+    MAX_GRAPH_SLOTS, StaticDecodeRunner, batch_buckets, context_buckets, pad_decodes, pad_paged_decodes,
+)
 from scheduler import Request, SamplingParams, ScheduledRequest
 
 BLOCK = 16
@@ -129,17 +131,43 @@ def test_planned_batch_sizes_are_the_ones_padded_to(tiny_model_path):
     assert static_tokens == eager_tokens
 
 
+def test_on_the_triton_backend_steps_are_padded_in_rows_alone(tiny_model_path):
+    """The Triton kernel reads lengths and block tables from the buffers, so one key per batch
+    size serves every context (the 256 -> 512 crossing above takes no new one), and padding
+    rows write nothing at all."""
+    pytest.importorskip("triton", reason="Triton is not installed (the test extra brings it)")
+    eager_tokens, eager_kv, _ = generate(tiny_model_path, static=False, attention_backend="triton")
+    static_tokens, static_kv, keys = generate(tiny_model_path, static=True, attention_backend="triton")
+    assert keys == [(8, 1)] * 11  # (batch, KV splits): one split on CPU
+    assert static_tokens == eager_tokens
+    assert not written_slots(static_kv)[64 * BLOCK:].any(), "padding rows wrote the scratch block"
+    assert torch.equal(written_slots(static_kv), written_slots(eager_kv))
+    assert torch.allclose(static_kv, eager_kv, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_padding_rows_attend_one_scratch_slot_and_store_nowhere():
+    block, scratch_block = 4, 9
+    decodes = [decode(3, [5]), decode(6, [2, 7])]  # positions 2 and 5
+    inputs = pad_paged_decodes(decodes, batch=4, block_size=block, scratch_block=scratch_block)
+    assert inputs.positions.tolist() == [2, 5, 0, 0]
+    assert inputs.slot_mapping.tolist() == [5 * block + 2, 7 * block + 1, -1, -1]
+    assert inputs.seq_lens.tolist() == [3, 6, 1, 1]
+    assert inputs.block_tables.tolist() == [[5, 9], [2, 7], [9, 9], [9, 9]]
+
+
 def test_cuda_graphs_need_a_cuda_device(tiny_model_path):
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         LLM(str(tiny_model_path), device="cpu", cuda_graphs=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_captured_graphs_replay_the_eager_tokens(tiny_model_path):
-    eager_tokens, _, _ = generate(tiny_model_path, static=False, device="cuda")
+@pytest.mark.parametrize("backend, num_graphs", [("torch", 2), ("triton", 1)])
+def test_captured_graphs_replay_the_eager_tokens(tiny_model_path, backend, num_graphs):
+    eager_tokens, _, _ = generate(tiny_model_path, static=False, device="cuda", attention_backend=backend)
     llm = LLM(str(tiny_model_path), dtype="float32", device="cuda", num_kv_blocks=64,
-              max_model_len=MAX_MODEL_LEN, cuda_graphs=True)
+              max_model_len=MAX_MODEL_LEN, cuda_graphs=True, attention_backend=backend)
     outputs = llm.generate(prompts(), SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
     assert [o.token_ids for o in outputs] == eager_tokens
-    # One graph per bucket, captured on first use and replayed after.
-    assert llm.engine.runner.static_decode.num_graphs == 2
+    # One graph per key, captured on first use and replayed after: on the gather path one per
+    # context bucket crossed, on the Triton path one for every context.
+    assert llm.engine.runner.static_decode.num_graphs == num_graphs
