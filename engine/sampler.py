@@ -56,11 +56,13 @@ class Sampler:
             min_p = torch.tensor([p.min_p for p in params], device=logits.device)
             threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
             probs = probs.masked_fill(probs < threshold, 0.0)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one row at a time
-        # so that a seeded row uses its own generator.
-        noise = torch.empty_like(probs)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, with no copy to the host.
+        # Unseeded rows share one draw (one kernel, not one per row); a seeded row draws from
+        # its own generator, so its tokens do not depend on the batch.
+        noise = torch.empty_like(probs).exponential_()
         for row, request in enumerate(requests):
-            noise[row].exponential_(generator=self._generator(request))
+            if request.sampling_params.seed is not None:
+                noise[row].exponential_(generator=self._generator(request))
         return (probs / noise).argmax(dim=-1)
 
     def _generator(self, request: Request) -> torch.Generator | None:

@@ -61,6 +61,18 @@ def test_seeded_rows_repeat_whatever_the_batch():
     assert with_others[1] == alone[0]
 
 
+def test_unseeded_rows_of_one_batch_each_draw_from_the_distribution():
+    """They share one noise draw, row by row independent: 4,000 rows of the same logits land
+    on each token as often as its probability says, and rows do not copy each other."""
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0] + [-30.0] * (VOCAB - 4)]).repeat(4000, 1)
+    tokens, _ = Sampler().sample(logits, [make_request(f"r{i}", temperature=1.0) for i in range(4000)])
+    expected = torch.softmax(logits[0], dim=-1)[:4]
+    counts = torch.bincount(torch.tensor(tokens), minlength=VOCAB)[:4] / 4000
+    assert torch.allclose(counts, expected, atol=0.03)  # about 4 standard errors
+    assert sum(a != b for a, b in zip(tokens, tokens[1:])) > 1000
+
+
 def test_a_seeded_request_continues_its_own_stream():
     logits = torch.zeros(1, VOCAB)  # uniform: every draw depends only on the generator
     first = Sampler()
