@@ -6,7 +6,7 @@
 #   loadtest/reports.sh chunked    chunked prefill off / on, token budget and long-prefill threshold sweep
 #   loadtest/reports.sh peer       iterserve vs vLLM CPU: chat-poisson, offline-256, a request-rate sweep
 #   loadtest/reports.sh tenants    tenant-spike under each scheduling policy, per-tenant TTFT over time
-#                                  (POLICIES="slo priority" AGING=300 to choose policies and aging)
+#                                  (POLICIES="slo priority" AGING=300 BUDGET=512: policies, aging, token budget)
 #   loadtest/reports.sh all
 #
 # Results go to $OUT (default bench-results/load) as JSON and PNG. The peer runs need
@@ -103,10 +103,12 @@ peer() {
     --labels "iterserve (bfloat16),vLLM CPU 0.32 (bfloat16)" --out "$OUT/peer-sweep.png"
 }
 
-tenants() {  # AGING=S runs with --priority-aging-s S (its results named tenants-POLICY-agingS)
+tenants() {  # AGING=S runs with --priority-aging-s S (its results named tenants-POLICY-agingS);
+             # BUDGET=N with --max-num-batched-tokens N (named ...-budgetN)
   local policies=${POLICIES:-fcfs priority sjf fair slo}
   local -a aging=() suffix=""
   if [ -n "${AGING:-}" ]; then aging=(--priority-aging-s "$AGING"); suffix="-aging$AGING"; fi
+  if [ -n "${BUDGET:-}" ]; then aging+=(--max-num-batched-tokens "$BUDGET"); suffix="$suffix-budget$BUDGET"; fi
   for policy in $policies; do
     serve_iterserve --scheduling-policy "$policy" --tenants deploy/tenants.toml "${aging[@]}"
     bench "tenants-$policy$suffix" --trace "$WORKLOADS/tenant-spike.jsonl" --deadline-s 1200

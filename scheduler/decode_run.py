@@ -67,10 +67,10 @@ def steps_with_room(scheduler: "Scheduler", num_steps: int) -> int:
 
 
 def take_plain_decode_steps(scheduler: "Scheduler", num_steps: int, token_id: int, token_time: float) -> list[Request]:
-    """Apply `num_steps` plain decode steps (at most `max_plain_decode_steps` and as many as
-    `steps_with_room` allows), the last of
-    which starts now, with the cost model having observed all steps but that last; each
-    request's last token came at `token_time`. Returns the running requests (all got tokens)."""
+    """Apply `num_steps` plain decode steps (at most `max_plain_decode_steps`, and no more than
+    `steps_with_room` allows), the last of which starts now, with the cost model having observed
+    all steps but that last; each request's last token came at `token_time`. Returns the
+    running requests (all got tokens)."""
     running = scheduler.running
     running.sort(key=scheduler.waiting.rank)  # what the first step's schedule() does; later ones keep it
     if num_steps > 1:
