@@ -139,3 +139,53 @@ def test_a_models_shape_is_read_from_its_hugging_face_config(tiny_model_path):
     num_params = sum(p.numel() for p in model.parameters())
     assert shape.num_params == pytest.approx(num_params, rel=0.01)  # less the norms
     assert (shape.num_layers, shape.num_kv_heads, shape.head_dim) == (3, 2, 16)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_the_simulated_admissions_and_preemptions_are_the_real_engines(tiny_model_path, policy, monkeypatch):
+    """The same trace through the real engine (the tiny model on CPU) and the simulator, with a
+    KV cache small enough to preempt and, under priority, late urgent arrivals that preempt:
+    every step schedules the same requests for the same tokens and preempts the same ones."""
+    from engine import LLMEngine
+    from engine.config import EngineConfig
+    from scheduler import SamplingParams
+    from scheduler.scheduler import Scheduler
+
+    steps = []
+    schedule = Scheduler.schedule
+
+    def recording_schedule(self):
+        plan = schedule(self)
+        steps.append(([(s.request.request_id, s.num_new_tokens) for s in plan.scheduled], list(plan.preempted_ids)))
+        return plan
+
+    monkeypatch.setattr(Scheduler, "schedule", recording_schedule)
+    rng = random.Random(7)
+    # Eight at t=0, three urgent ones (priority -1) arriving after the third step.
+    trace = [SimRequest(f"r{i}", 0.0 if i < 8 else 2.5, prompt_len=rng.randint(20, 60), output_len=rng.randint(20, 60),
+                        priority=(-1 if i >= 8 else rng.randint(0, 2)) if policy == "priority" else 0)
+             for i in range(11)]
+    knobs = dict(max_model_len=128, max_num_seqs=6, max_num_batched_tokens=96, long_prefill_token_threshold=0,
+                 policy=policy, priority_aging_s=None)
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_path), dtype="float32", num_kv_blocks=14,
+                                    enable_prefix_caching=False, swap_space=0, **knobs))
+    late = [r for r in trace if r.arrival_s > 0]
+    for number, request in enumerate(r for r in trace if r.arrival_s == 0):
+        engine.add_request([100 + number] * request.prompt_len, SamplingParams(max_tokens=request.output_len,
+                           ignore_eos=True), request_id=request.id, arrival_time=0.0, priority=request.priority)
+    num_steps = 0
+    while engine.has_unfinished_requests() or late:
+        if num_steps == 3:
+            for request in late:
+                engine.add_request([200] * request.prompt_len, SamplingParams(max_tokens=request.output_len,
+                                   ignore_eos=True), request_id=request.id, arrival_time=2.5, priority=request.priority)
+            late = []
+        engine.step()
+        num_steps += 1
+    real_steps, steps[:] = list(steps), []
+
+    config_knobs = {k: v for k, v in knobs.items() if k != "max_model_len"}
+    tight = Deployment(SchedulerConfig(max_model_len=128, **config_knobs), num_blocks=14, block_size=16)
+    simulate(trace, tight, lambda shape: 1.0, fast_forward=False)  # a step a second: the late ones join before the 4th
+    assert steps == real_steps
+    assert any(preempted for _, preempted in real_steps)
