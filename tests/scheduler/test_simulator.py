@@ -1,6 +1,7 @@
 """The simulator: the real scheduler on a virtual clock with step times from a cost function.
 Its timestamps follow from the step times exactly; every request ends once and the pool is
-free after; it refuses what serve would refuse; the roofline presets match GPU.md's limits."""
+free after; it refuses what serve would refuse; its steps are the real engine's, step for
+step; runs taken at once change nothing; the roofline presets match GPU.md's limits."""
 
 import itertools
 import random
