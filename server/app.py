@@ -32,9 +32,10 @@ def build_serving(llm_engine: LLMEngine, settings: ServerSettings) -> ServingSta
     tenant_names = list(tenants) if settings.tenants.is_configured else None
     tenant_slos = {name: (seconds(tenant.slo_ttft_ms), seconds(tenant.slo_tpot_ms)) for name, tenant in tenants.items()}
     metrics = EngineMetrics(settings.served_model_name, llm_engine.max_model_len, settings.metrics_compat,
-                            tenant_names, tenant_slos)
+                            tenant_names, tenant_slos, llm_engine.kv_bytes_per_block)
     engine = AsyncEngine(
-        llm_engine, observer=metrics.record_step, max_queued_requests=settings.max_queued_requests,
+        llm_engine, observer=metrics.record_step, stats_by_tenant=metrics.tenants is not None,
+        max_queued_requests=settings.max_queued_requests,
         tenant_max_queued={name: t.max_queued for name, t in tenants.items() if t.max_queued is not None},
         tenant_tokens_per_minute={name: t.tokens_per_minute for name, t in tenants.items()
                                   if t.tokens_per_minute is not None},

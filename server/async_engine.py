@@ -20,12 +20,13 @@ from typing import Callable
 
 from engine import LLMEngine, RequestOutput
 from scheduler import InvalidRequestError, RequestRejectedError, SamplingParams
+from scheduler.stats import SchedulerStats, snapshot
 from server.errors import APIError, EngineError, QueueFullError, ServiceUnavailableError, from_invalid_request
 from server.rate_limit import RateLimited, TokenBucket
 
 logger = logging.getLogger(__name__)
 
-StepObserver = Callable[[list[RequestOutput], LLMEngine], None]
+StepObserver = Callable[[list[RequestOutput], SchedulerStats], None]
 # Told of every refusal at the door: (tenant, reason, number of sequences). Called on the event
 # loop for the queue bounds and rate limits, on the engine thread for the slo policy's refusals.
 RejectionObserver = Callable[[str, str, int], None]
@@ -118,12 +119,15 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, observer: StepObserver | None = None,
                  max_queued_requests: int | None = None, tenant_max_queued: dict[str, int] | None = None,
                  tenant_tokens_per_minute: dict[str, int] | None = None,
-                 on_reject: RejectionObserver | None = None):
+                 on_reject: RejectionObserver | None = None, stats_by_tenant: bool = False):
+        """`observer` is told of each iteration's outputs and the scheduler's state after it
+        (with per-tenant counts when `stats_by_tenant`)."""
         self.engine = engine
         # This loop times its iterations for the cost model, publishing included: under HTTP
         # load an iteration takes longer than the engine's step alone (BENCHMARKS.md, issue 12).
         engine.observe_steps = False
         self.observer = observer
+        self.stats_by_tenant = stats_by_tenant
         self.on_reject = on_reject
         self.max_queued_requests = max_queued_requests
         self.tenant_max_queued = tenant_max_queued or {}
@@ -394,7 +398,7 @@ class AsyncEngine:
             self._count_seats()
         if self.observer is not None:
             try:
-                self.observer(outputs, self.engine)
+                self.observer(outputs, snapshot(self.engine.scheduler, self.stats_by_tenant))
             except Exception:  # noqa: BLE001 - metrics must never take the engine down
                 logger.exception("the step observer failed")
         if outputs or failures:

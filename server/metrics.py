@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from engine import LLMEngine, RequestOutput
+from engine import RequestOutput
 from scheduler.request import FINISH_REASONS, within_slo
+from scheduler.stats import SchedulerStats
 from server.tenant_metrics import REJECTION_REASONS, TenantMetrics
 
 COST_TERMS = ("base", "prefill_token", "decode_seq", "context_token")  # scheduler.cost_model.Coefficients
@@ -92,7 +93,9 @@ def length_buckets(max_model_len: int) -> list[int]:
 class EngineMetrics:
     def __init__(self, model_name: str, max_model_len: int, compat: str | None = None,
                  tenant_names: list[str] | None = None,
-                 tenant_slos: dict[str, tuple[float | None, float | None]] | None = None):
+                 tenant_slos: dict[str, tuple[float | None, float | None]] | None = None,
+                 kv_bytes_per_block: int = 0):
+        self.kv_bytes_per_block = kv_bytes_per_block  # for the swapped-bytes counters
         self.registry = CollectorRegistry(auto_describe=True)
         # process_resident_memory_bytes, CPU seconds, open fds: what a soak watches (vLLM exports them too).
         ProcessCollector(registry=self.registry)
@@ -165,28 +168,26 @@ class EngineMetrics:
         for child in self._children[key]:
             child.set(value)
 
-    def record_step(self, outputs: list[RequestOutput], engine: LLMEngine) -> None:
-        """Called by the engine loop after every iteration, with that iteration's outputs."""
+    def record_step(self, outputs: list[RequestOutput], stats: SchedulerStats) -> None:
+        """Called by the engine loop after every iteration, with that iteration's outputs and
+        the scheduler's state after it."""
         for output in outputs:
             if output.request is not None:
                 self._record_output(output)
-        self._set("waiting", engine.scheduler.num_waiting)
-        self._set("running", engine.scheduler.num_running)
-        stats = engine.kv_cache.stats()
-        self._set("kv_usage", stats.usage)
-        self._inc_to("preemptions", engine.scheduler.num_preemptions)
-        self._inc_to("prefix_queries", stats.prefix_cache_queries)
-        self._inc_to("prefix_hits", stats.prefix_cache_hits)
-        self._inc_to("padding_tokens", engine.scheduler.padding_tokens)
-        self._record_swaps(engine)
-        scheduler = engine.scheduler
-        self._token_budget.set(scheduler.token_budget)
-        coefficients = scheduler.cost_model.coefficients
+        self._set("waiting", stats.num_waiting)
+        self._set("running", stats.num_running)
+        self._set("kv_usage", stats.kv_cache.usage)
+        self._inc_to("preemptions", stats.num_preemptions)
+        self._inc_to("prefix_queries", stats.kv_cache.prefix_cache_queries)
+        self._inc_to("prefix_hits", stats.kv_cache.prefix_cache_hits)
+        self._inc_to("padding_tokens", stats.padding_tokens)
+        self._record_swaps(stats)
+        self._token_budget.set(stats.token_budget)
         for term, child in self._cost_terms.items():
-            child.set(getattr(coefficients, f"{term}_s"))
-        self._cost_error.set(scheduler.cost_model.mean_relative_error)
+            child.set(getattr(stats.cost_coefficients, f"{term}_s"))
+        self._cost_error.set(stats.cost_mean_relative_error)
         if self.tenants is not None:
-            self.tenants.record_step(engine)
+            self.tenants.record_step(stats)
 
     def record_rejection(self, tenant: str, reason: str, num_sequences: int) -> None:
         """A refusal at the door (any thread: prometheus_client's counters are thread-safe)."""
@@ -196,13 +197,12 @@ class EngineMetrics:
         if self.tenants is not None:
             self.tenants.record_rejection(tenant, reason, num_sequences)
 
-    def _record_swaps(self, engine: LLMEngine) -> None:
-        scheduler = engine.scheduler
-        for mode, total in scheduler.num_preemptions_by_mode.items():
+    def _record_swaps(self, stats: SchedulerStats) -> None:
+        for mode, total in stats.num_preemptions_by_mode.items():
             self._preemptions_by_mode[mode].inc(self._new_since_last_step(f"preempted by {mode}", total))
-        for direction, num_blocks in scheduler.num_blocks_swapped.items():
+        for direction, num_blocks in stats.num_blocks_swapped.items():
             num_new = self._new_since_last_step(f"blocks swapped {direction}", num_blocks)
-            self._swapped_bytes[direction].inc(num_new * engine.kv_bytes_per_block)
+            self._swapped_bytes[direction].inc(num_new * self.kv_bytes_per_block)
 
     def _inc_to(self, key: str, total: int) -> None:
         self._inc(key, self._new_since_last_step(key, total))

@@ -10,9 +10,10 @@ from collections import Counter as Tally
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from engine import LLMEngine, RequestOutput
-from scheduler import Request, RequestStatus
+from engine import RequestOutput
+from scheduler import Request
 from scheduler.request import FINISH_REASONS, within_slo
+from scheduler.stats import SchedulerStats
 
 # The codes of the 429s the door gives (server/async_engine.py), as label values.
 REJECTION_REASONS = ("queue_full", "tenant_queue_full", "rate_limit_exceeded", "slo_unreachable")
@@ -62,11 +63,13 @@ class TenantMetrics:
             if tenant in self.ttft and tpot_s is not None:
                 tpot_target.labels(model_name, tenant).set(tpot_s)
 
-    def record_step(self, engine: LLMEngine) -> None:
+    def record_step(self, stats: SchedulerStats) -> None:
+        """From a snapshot taken with its per-tenant counts (scheduler.stats.snapshot(by_tenant=True))."""
         waiting, running, blocks = Tally(), Tally(), Tally()
-        for request in engine.scheduler.requests.values():
-            (running if request.status is RequestStatus.RUNNING else waiting)[self._tenant(request)] += 1
-            blocks[self._tenant(request)] += len(engine.kv_cache.block_ids(request.request_id))
+        for folded, counts in ((waiting, stats.waiting_by_tenant), (running, stats.running_by_tenant),
+                               (blocks, stats.kv_blocks_by_tenant)):
+            for tenant, count in counts.items():
+                folded[self._fold(tenant)] += count
         for tenant in self.tenant_names:
             self.waiting[tenant].set(waiting[tenant])
             self.running[tenant].set(running[tenant])
@@ -96,5 +99,8 @@ class TenantMetrics:
             child.inc(num_sequences)
 
     def _tenant(self, request: Request) -> str:
+        return self._fold(request.tenant)
+
+    def _fold(self, tenant: str) -> str:
         # Requests reach the engine with a configured name or "default"; anything else is ours to fold.
-        return request.tenant if request.tenant in self.ttft else "default"
+        return tenant if tenant in self.ttft else "default"
