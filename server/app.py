@@ -13,6 +13,7 @@ from server.async_engine import AsyncEngine
 from server.chat import apply_chat_template, create_chat_completion
 from server.completions import create_completion
 from server.errors import BadRequestError, ServiceUnavailableError, install_error_handlers
+from server.memory import release_periodically
 from server.metrics import EngineMetrics
 from server.middleware import RequestGate
 from server.protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
@@ -50,8 +51,10 @@ def build_app(llm_engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         serving.engine.start()
+        releasing = asyncio.create_task(release_periodically())
         logger.info("serving %s as %r", llm_engine.model_path, settings.served_model_name)
         yield
+        releasing.cancel()
         await asyncio.to_thread(serving.engine.stop)
         serving.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
