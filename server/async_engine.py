@@ -1,4 +1,5 @@
-"""The engine loop on its own thread, and each HTTP request's output stream on the event loop.
+"""The front end of the engine: the door, each HTTP request's output stream, and the engine
+loop (server/engine_core.py) on its own thread.
 
 `LLMEngine` is not thread-safe, so only the engine thread touches it: the event
 loop sends it commands (add, abort, stop) through a thread-safe inbox, and the
@@ -11,17 +12,15 @@ logprob tokens.
 
 import asyncio
 from collections import Counter
-from dataclasses import dataclass
 import logging
 import queue
 import threading
-import time
 from typing import Callable
 
 from engine import LLMEngine, RequestOutput
-from scheduler import InvalidRequestError, RequestRejectedError, SamplingParams
-from scheduler.stats import SchedulerStats, snapshot
-from server.errors import APIError, EngineError, QueueFullError, ServiceUnavailableError, from_invalid_request
+from scheduler.stats import SchedulerStats
+from server.engine_core import ABORT, ADD, STOP, Command, EngineCore, EngineRequest, Failure, Seats
+from server.errors import APIError, EngineError, QueueFullError, ServiceUnavailableError
 from server.rate_limit import RateLimited, TokenBucket
 
 logger = logging.getLogger(__name__)
@@ -30,25 +29,6 @@ StepObserver = Callable[[list[RequestOutput], SchedulerStats], None]
 # Told of every refusal at the door: (tenant, reason, number of sequences). Called on the event
 # loop for the queue bounds and rate limits, on the engine thread for the slo policy's refusals.
 RejectionObserver = Callable[[str, str, int], None]
-
-_ADD, _ABORT, _STOP = "add", "abort", "stop"
-
-
-@dataclass(slots=True)
-class EngineRequest:
-    """One engine request, as it crosses from the event loop to the engine thread."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    arrival_time: float
-    priority: int = 0
-    tenant: str = ""
-    cache_salt: str = ""
-    deadline: float | None = None  # time.monotonic() by which it must finish
-    slo_ttft_s: float | None = None
-    slo_tpot_s: float | None = None
-
 
 class OutputStream:
     """The outputs of one HTTP request's engine requests (several for n > 1 or a list of prompts).
@@ -123,18 +103,16 @@ class AsyncEngine:
         """`observer` is told of each iteration's outputs and the scheduler's state after it
         (with per-tenant counts when `stats_by_tenant`)."""
         self.engine = engine
-        # This loop times its iterations for the cost model, publishing included: under HTTP
-        # load an iteration takes longer than the engine's step alone (BENCHMARKS.md, issue 12).
+        # The engine loop times whole iterations for the cost model (server/engine_core.py).
         engine.observe_steps = False
         self.observer = observer
-        self.stats_by_tenant = stats_by_tenant
         self.on_reject = on_reject
         self.max_queued_requests = max_queued_requests
         self.tenant_max_queued = tenant_max_queued or {}
         self._buckets = {tenant: TokenBucket(rate) for tenant, rate in (tenant_tokens_per_minute or {}).items()}
         self.draining = False
         self.error: BaseException | None = None
-        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, OutputStream] = {}  # engine request id -> stream, event loop only
@@ -147,7 +125,8 @@ class AsyncEngine:
         # With per-tenant bounds: each tenant's requests in the inbox, and in the scheduler's queue.
         self._inbox_by_tenant: Counter[str] = Counter()
         self._waiting_by_tenant: Counter[str] = Counter()
-        self._live: set[str] = set()  # engine thread only: added and not yet finished
+        self._core = EngineCore(engine, self, wants_stats=observer is not None, stats_by_tenant=stats_by_tenant,
+                                waiting_by_tenant=bool(self.tenant_max_queued))
 
     # -- event loop side ------------------------------------------------------------
 
@@ -155,7 +134,8 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._thread = threading.Thread(target=self._run, name="iterserve-engine", daemon=True)
+        self._thread = threading.Thread(target=self._core.run, args=(self._take_commands,), name="iterserve-engine",
+                                        daemon=True)
         self._thread.start()
 
     @property
@@ -194,7 +174,7 @@ class AsyncEngine:
         for request in requests:
             self._streams[request.request_id] = stream
         self._idle.clear()
-        self._inbox.put((_ADD, requests))
+        self._inbox.put((ADD, requests))
         return stream
 
     def _admit(self, requests: list[EngineRequest], tenant: str) -> None:
@@ -242,7 +222,7 @@ class AsyncEngine:
 
     def abort(self, request_ids: list[str]) -> None:
         if request_ids:
-            self._inbox.put((_ABORT, list(request_ids)))
+            self._inbox.put((ABORT, list(request_ids)))
 
     def abort_all(self) -> None:
         self.abort([rid for rid, stream in self._streams.items() if rid in stream.unfinished])
@@ -257,7 +237,7 @@ class AsyncEngine:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Abort whatever is left and end the thread (blocking: call it off the event loop)."""
-        self._inbox.put((_STOP, None))
+        self._inbox.put((STOP, None))
         if self._thread is not None:
             self._thread.join(timeout_s)
 
@@ -268,7 +248,7 @@ class AsyncEngine:
         if not self._streams:
             self._idle.set()
 
-    def _deliver(self, outputs: list[RequestOutput], failures: list[tuple[str, APIError]]) -> None:
+    def _deliver(self, outputs: list[RequestOutput], failures: list[Failure]) -> None:
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
@@ -290,35 +270,9 @@ class AsyncEngine:
             stream.unfinished.clear()
             stream.push(error)
 
-    # -- engine thread ------------------------------------------------------------------
+    # -- told by the engine loop, on its thread (EngineCore's CoreListener) --------------
 
-    def _run(self) -> None:
-        try:
-            stopping = False
-            while not stopping:
-                idle = not self.engine.has_unfinished_requests()
-                commands = self._take_commands(None if idle else self.engine.scheduler.seconds_until_launch())
-                outputs, failures, stopping = self._apply(commands)
-                if failures:  # refusals first, so a stream waiting to be queued hears why at once
-                    self._call_loop(self._deliver, [], failures)
-                    failures = []
-                queued = [request.request_id for kind, payload in commands if kind == _ADD for request in payload]
-                if queued:
-                    self._call_loop(self._mark_queued, queued)
-                stepped = not stopping and self.engine.has_unfinished_requests()
-                started = time.perf_counter()
-                if stepped:
-                    outputs.extend(self.engine.step())
-                self._publish(outputs, failures)
-                if stepped and self.engine.last_step_shape is not None:
-                    self.engine.scheduler.cost_model.observe(self.engine.last_step_shape,
-                                                             time.perf_counter() - started)
-        except BaseException as error:  # noqa: BLE001 - reported through /health and to every stream
-            logger.exception("the engine loop died")
-            self.error = error
-            self._call_loop(self._fail_all, EngineError(f"the engine stopped: {type(error).__name__}: {error}"))
-
-    def _take_commands(self, timeout_s: float | None) -> list[tuple[str, object]]:
+    def _take_commands(self, timeout_s: float | None) -> list[Command]:
         """Every queued command, after waiting up to `timeout_s` (None: for ever) for the first."""
         commands = []
         if timeout_s is None or timeout_s > 0:
@@ -332,77 +286,42 @@ class AsyncEngine:
             except queue.Empty:
                 return commands
 
-    def _apply(self, commands) -> tuple[list[RequestOutput], list[tuple[str, APIError]], bool]:
-        outputs: list[RequestOutput] = []
-        failures: list[tuple[str, APIError]] = []
-        num_taken = 0
-        taken_by_tenant: Counter[str] = Counter()
-        stopping = False
-        for kind, payload in commands:
-            if kind == _ADD:
-                num_taken += len(payload)
-                taken_by_tenant.update(request.tenant for request in payload)
-                failures.extend(self._add(payload))
-            elif kind == _ABORT:
-                outputs.extend(self._abort(payload))
-            else:
-                stopping = True
-        if stopping:
-            outputs.extend(self._abort(sorted(self._live)))
+    def took(self, num_taken: int, taken_by_tenant: Counter[str], seats: Seats) -> None:
         with self._lock:
             self._num_in_inbox -= num_taken
             self._inbox_by_tenant -= taken_by_tenant
-            self._count_seats()
-        return outputs, failures, stopping
+            self._set_seats(seats)
 
-    def _add(self, requests: list[EngineRequest]) -> list[tuple[str, APIError]]:
-        failures = []
-        for request in requests:
-            try:
-                self.engine.add_request(
-                    request.prompt_token_ids, request.sampling_params, request_id=request.request_id,
-                    arrival_time=request.arrival_time, priority=request.priority, tenant=request.tenant,
-                    cache_salt=request.cache_salt, deadline=request.deadline, slo_ttft_s=request.slo_ttft_s,
-                    slo_tpot_s=request.slo_tpot_s)
-                self._live.add(request.request_id)
-            except InvalidRequestError as error:
-                failures.append((request.request_id, from_invalid_request(error)))
-            except RequestRejectedError as error:
-                failures.append((request.request_id, QueueFullError(str(error), code=error.code)))
-                self._rejected(request.tenant, error.code, 1)
-            except Exception as error:  # noqa: BLE001 - e.g. a duplicate id: fail this request only
-                failures.append((request.request_id, EngineError(f"{type(error).__name__}: {error}")))
-        return failures
+    def refused(self, failures: list[Failure]) -> None:
+        self._call_loop(self._deliver, [], failures)
 
-    def _abort(self, request_ids: list[str]) -> list[RequestOutput]:
-        outputs = []
-        for request_id in request_ids:
-            output = self.engine.abort(request_id)
-            if output is not None:
-                outputs.append(output)
-        return outputs
+    def queued(self, request_ids: list[str]) -> None:
+        self._call_loop(self._mark_queued, request_ids)
 
-    def _count_seats(self) -> None:
-        """The scheduler's queue and seats, for admission on the event loop (call with the lock)."""
-        scheduler = self.engine.scheduler
-        self._num_waiting = scheduler.num_waiting
-        self._num_running = scheduler.num_running
-        if self.tenant_max_queued:
-            self._waiting_by_tenant = Counter(request.tenant for request in scheduler.waiting)
+    def rejected(self, tenant: str, reason: str, num_sequences: int) -> None:
+        self._rejected(tenant, reason, num_sequences)
 
-    def _publish(self, outputs: list[RequestOutput], failures: list[tuple[str, APIError]]) -> None:
-        for output in outputs:
-            if output.finished:
-                self._live.discard(output.request_id)
+    def stepped(self, outputs: list[RequestOutput], seats: Seats, stats: SchedulerStats | None) -> None:
         with self._lock:
-            self._count_seats()
+            self._set_seats(seats)
         if self.observer is not None:
             try:
-                self.observer(outputs, snapshot(self.engine.scheduler, self.stats_by_tenant))
+                self.observer(outputs, stats)
             except Exception:  # noqa: BLE001 - metrics must never take the engine down
                 logger.exception("the step observer failed")
-        if outputs or failures:
-            self._call_loop(self._deliver, outputs, failures)
+        if outputs:
+            self._call_loop(self._deliver, outputs, [])
+
+    def died(self, error: EngineError) -> None:
+        self.error = error
+        self._call_loop(self._fail_all, error)
+
+    def _set_seats(self, seats: Seats) -> None:
+        """The scheduler's queue and seats, for admission on the event loop (call with the lock)."""
+        self._num_waiting = seats.num_waiting
+        self._num_running = seats.num_running
+        if self.tenant_max_queued:
+            self._waiting_by_tenant = seats.waiting_by_tenant
 
     def _call_loop(self, callback, *args) -> None:
         try:

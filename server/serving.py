@@ -19,7 +19,8 @@ from engine import LLMEngine, RequestOutput
 from engine.sampler import TokenLogprobs
 from scheduler import InvalidRequestError, SamplingParams
 from scheduler.tenants import Tenant, Tenants
-from server.async_engine import AsyncEngine, EngineRequest, OutputStream
+from server.async_engine import AsyncEngine, OutputStream
+from server.engine_core import EngineRequest
 from server.errors import APIError, BadRequestError, EngineError, ModelNotFoundError, RequestTimeoutError
 from server.metrics import EngineMetrics
 from server.protocol import GenerationRequest, Usage

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 def test_a_static_batch_waits_without_spinning_and_exports_its_padding(tiny_model_path, torch_threads):
     from engine import EngineConfig, LLMEngine
     from scheduler import SamplingParams
-    from server.async_engine import AsyncEngine, EngineRequest
+    from server.async_engine import AsyncEngine
+    from server.engine_core import EngineRequest
     from server.metrics import EngineMetrics
 
     timeout_s = 0.3
