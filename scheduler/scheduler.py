@@ -16,6 +16,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.cost_model import StepCostModel, StepShape
 from scheduler.kv_caps import TenantKVCaps
 from scheduler.policy import make_waiting_queue
+from scheduler.prefill_gate import PrefillGate
 from scheduler.request import Request, RequestStatus
 
 
@@ -85,6 +86,7 @@ class Scheduler:
         self.recent_ttft_targets = slo.RecentMinimum(slo.TTFT_TARGET_MEMORY_S)  # the slo policy's
         self.kv_caps = TenantKVCaps(config.tenant_kv_fractions, kv_cache.pool.num_blocks, kv_cache.block_size,
                                     kv_cache.block_ids)
+        self.prefill_gate = PrefillGate(self.waiting.rank, enabled=config.policy == "priority")
         self.running: list[Request] = []  # in rank, then admission order: the last is preempted first
         self.requests: dict[str, Request] = {}
         self.num_preemptions_by_mode = {"recompute": 0, "swap": 0}
@@ -173,6 +175,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput(timed_out=self._end_timed_out())
+        self.prefill_gate.begin_step()
         # The budget goes to running requests in rank order (stable: admission order among
         # equals, so FCFS is untouched): an urgent prompt's chunks come before a batch job's.
         self.running.sort(key=self.waiting.rank)
@@ -216,7 +219,7 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = self._num_tokens_to_schedule(request, budget)
-            if num_new == 0 or self.kv_caps.holds_back(request, num_new):
+            if num_new == 0 or self.kv_caps.holds_back(request, num_new) or self.prefill_gate.holds_back(request):
                 index += 1
                 continue
             if not self._allocate_or_preempt(index, num_new, output):
@@ -330,6 +333,8 @@ class Scheduler:
                 break  # it gave its seat up this very step, to someone who could not take it after all
             if outranking is not None and not self.waiting.rank(request) < outranking:
                 break
+            if self.prefill_gate.holds_back(request):
+                break  # the rest rank lower still
             if self.kv_cache.is_swapped(request.request_id):
                 if self.kv_caps.holds_back(request, self._num_tokens_to_schedule(request, budget)):
                     self.kv_caps.mark_full(request.tenant)

@@ -7,6 +7,7 @@ also checks the token budget, the seat limit and the block tables.
 from typing import Callable
 
 from kvcache import KVCacheManager
+from scheduler.prefill_gate import is_decode
 from scheduler import Request, RequestStatus, SamplingParams, Scheduler, SchedulerConfig, SchedulerOutput, StepShape
 
 VOCAB = 50
@@ -132,6 +133,13 @@ def check_plan(scheduler: Scheduler, plan: SchedulerOutput, needs_before: dict[s
         ahead += s.num_new_tokens
     if config.tenant_kv_fractions:
         return
+    if config.policy == "priority":
+        # Prompt work a level or more below the step's best prompt waits (scheduler/prefill_gate.py).
+        rank, requests = scheduler.waiting.rank, scheduler.requests
+        levels = [rank(s.request)[0] for s in plan.scheduled if not is_decode(s.request)]
+        if levels:
+            needs_before = {request_id: need for request_id, need in needs_before.items()
+                            if is_decode(requests[request_id]) or rank(requests[request_id])[0] < min(levels) + 1}
     if not plan.preempted_ids and ahead + sum(needs_before.values()) <= scheduler.token_budget:
         served = {s.request.request_id: s.num_new_tokens for s in plan.scheduled}
         assert all(served.get(request_id) == need for request_id, need in needs_before.items())

@@ -261,6 +261,29 @@ def test_an_outranking_arrival_gets_the_budget_before_running_prompts(policy):
     assert urgent.first_token_time is not None and not plan.preempted_ids
 
 
+@pytest.mark.parametrize("aging_s, held_back", [(None, True), (3.0, False)])
+def test_under_priority_an_urgent_prompts_step_carries_no_lower_priority_prompt_work(aging_s, held_back):
+    """Its step is as short as the urgent prompt and the decodes make it; the batch prompt's
+    chunk waits a step. With aging, the batch prompt that came 4 s earlier is within a level
+    of the urgent one (1 against 0 + 4 / 3) and is not held back."""
+    scheduler = make_scheduler(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, num_blocks=256,
+                               long_prefill_token_threshold=32, policy="priority", priority_aging_s=aging_s)
+    decoding = request("batch-decoding", prompt_len=8, max_tokens=50, priority=1)
+    prefilling = request("batch-prefilling", prompt_len=200, max_tokens=50, priority=1)
+    scheduler.add_request(decoding)
+    step(scheduler)
+    scheduler.add_request(prefilling)
+    step(scheduler)  # decoding decodes; prefilling takes a chunk
+    scheduler.clock.now = 4.0
+    scheduler.add_request(request("urgent", prompt_len=12, max_tokens=4, priority=0, arrival_time=4.0))
+    plan = step(scheduler)
+    scheduled = {s.request.request_id: s.num_new_tokens for s in plan.scheduled}
+    assert scheduled["urgent"] == 12 and scheduled["batch-decoding"] == 1
+    assert ("batch-prefilling" not in scheduled) == held_back
+    # The step after, with the urgent prompt decoding, the batch prompt goes on.
+    assert "batch-prefilling" in {s.request.request_id for s in step(scheduler).scheduled}
+
+
 def test_under_fcfs_running_prompts_keep_the_budget():
     scheduler = make_scheduler(max_model_len=256, max_num_batched_tokens=16, num_blocks=256)
     scheduler.add_request(request("first", prompt_len=100, priority=1))
