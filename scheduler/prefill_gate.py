@@ -4,11 +4,11 @@ of lower priority.
 A prompt's time to first token is the rest of the step it arrives during plus the steps it
 is computed in, and a step's time grows with its prompt tokens: on a 2-core CPU one step of
 256 batch-prompt tokens takes most of a second (BENCHMARKS.md, issue 11). So in a step in
-which a prompt at rank level L is computed, prompt work (prompt chunks, recomputation after
-a preemption) at level L + 1 or worse waits for a later step; decodes always run, and
-prompts of one level share steps as before. Levels are the rank's first term, aging
-included, so a prompt that has waited `--priority-aging-s` longer per level is not held back
-by later, nominally better ones: nothing starves.
+which a prompt of priority p is computed, prompt work (prompt chunks, recomputation after a
+preemption) of a worse priority that also ranks below it waits for a later step; decodes
+always run, and prompts of one priority share steps as before. Ranks age
+(`--priority-aging-s`), so a prompt that has waited long enough to outrank newer, nominally
+better ones is not held back by them: nothing starves.
 """
 
 from typing import Callable
@@ -20,20 +20,21 @@ class PrefillGate:
     def __init__(self, rank: Callable[[Request], tuple], enabled: bool):
         self.rank = rank
         self.enabled = enabled
-        self.level: float | None = None  # the best level whose prompt work this step holds
+        self._best_rank: dict[int, tuple] = {}  # by priority: the best rank of this step's prompt work
 
     def begin_step(self) -> None:
-        self.level = None
+        self._best_rank.clear()
 
     def holds_back(self, request: Request) -> bool:
         """Whether `request`'s work waits this step; if it does not and is prompt work, the
-        step now holds prompt work of its level."""
+        step now holds it."""
         if not self.enabled or is_decode(request):
             return False
-        level = self.rank(request)[0]
-        if self.level is not None and level >= self.level + 1:
+        rank = self.rank(request)
+        if any(priority < request.priority and best < rank for priority, best in self._best_rank.items()):
             return True
-        self.level = level if self.level is None else min(self.level, level)
+        best = self._best_rank.get(request.priority)
+        self._best_rank[request.priority] = rank if best is None else min(best, rank)
         return False
 
 

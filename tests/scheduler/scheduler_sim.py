@@ -134,12 +134,17 @@ def check_plan(scheduler: Scheduler, plan: SchedulerOutput, needs_before: dict[s
     if config.tenant_kv_fractions:
         return
     if config.policy == "priority":
-        # Prompt work a level or more below the step's best prompt waits (scheduler/prefill_gate.py).
+        # Prompt work of a worse priority that ranks below one of the step's prompts waits
+        # (scheduler/prefill_gate.py).
         rank, requests = scheduler.waiting.rank, scheduler.requests
-        levels = [rank(s.request)[0] for s in plan.scheduled if not is_decode(s.request)]
-        if levels:
-            needs_before = {request_id: need for request_id, need in needs_before.items()
-                            if is_decode(requests[request_id]) or rank(requests[request_id])[0] < min(levels) + 1}
+        prompts = [s.request for s in plan.scheduled if not is_decode(s.request)]
+
+        def held_back(request: Request) -> bool:
+            return not is_decode(request) and any(
+                other.priority < request.priority and rank(other) < rank(request) for other in prompts)
+
+        needs_before = {request_id: need for request_id, need in needs_before.items()
+                        if not held_back(requests[request_id])}
     if not plan.preempted_ids and ahead + sum(needs_before.values()) <= scheduler.token_budget:
         served = {s.request.request_id: s.num_new_tokens for s in plan.scheduled}
         assert all(served.get(request_id) == need for request_id, need in needs_before.items())

@@ -264,8 +264,8 @@ def test_an_outranking_arrival_gets_the_budget_before_running_prompts(policy):
 @pytest.mark.parametrize("aging_s, held_back", [(None, True), (3.0, False)])
 def test_under_priority_an_urgent_prompts_step_carries_no_lower_priority_prompt_work(aging_s, held_back):
     """Its step is as short as the urgent prompt and the decodes make it; the batch prompt's
-    chunk waits a step. With aging, the batch prompt that came 4 s earlier is within a level
-    of the urgent one (1 against 0 + 4 / 3) and is not held back."""
+    chunk waits a step. With aging, the batch prompt that came 4 s earlier has aged past the
+    urgent one (rank 1 against 0 + 4 / 3) and is not held back: nothing starves."""
     scheduler = make_scheduler(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, num_blocks=256,
                                long_prefill_token_threshold=32, policy="priority", priority_aging_s=aging_s)
     decoding = request("batch-decoding", prompt_len=8, max_tokens=50, priority=1)
