@@ -102,8 +102,11 @@ def written_slots(kv_caches: torch.Tensor) -> torch.Tensor:
 
 
 # bfloat16 takes the matmul decode path (CUDA's default dtype), where a fully masked
-# padding row would turn NaN and spread through the scratch block to real rows.
-@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
+# padding row would turn NaN and spread through the scratch block to real rows. In float32
+# the static path attends by gather and SDPA, the eager one by the C++ kernel, with other
+# summation orders: 2e-7 apart on an idle host, once over 1e-5 on a loaded one (a fresh-clone
+# .ci/run beside a soak). A padding row writing a real slot would be off by ~0.1.
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("bfloat16", 2e-2)])
 def test_padded_static_decode_matches_eager(tiny_model_path, dtype, tolerance):
     eager_tokens, eager_kv, _ = generate(tiny_model_path, static=False, dtype=dtype)
     static_tokens, static_kv, keys = generate(tiny_model_path, static=True, dtype=dtype)
