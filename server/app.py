@@ -32,8 +32,8 @@ def build_serving(llm_engine: LLMEngine, settings: ServerSettings) -> ServingSta
     tenants = settings.tenants.by_name
     tenant_names = list(tenants) if settings.tenants.is_configured else None
     tenant_slos = {name: (seconds(tenant.slo_ttft_ms), seconds(tenant.slo_tpot_ms)) for name, tenant in tenants.items()}
-    metrics = EngineMetrics(settings.served_model_name, llm_engine.max_model_len, settings.metrics_compat,
-                            tenant_names, tenant_slos, llm_engine.kv_bytes_per_block)
+    metrics = EngineMetrics(settings.served_model_name, llm_engine.max_model_len, llm_engine.kv_bytes_per_block,
+                            settings.metrics_compat, tenant_names, tenant_slos)
     engine = AsyncEngine(
         llm_engine, observer=metrics.record_step, stats_by_tenant=metrics.tenants is not None,
         max_queued_requests=settings.max_queued_requests,

@@ -91,10 +91,9 @@ def length_buckets(max_model_len: int) -> list[int]:
 
 
 class EngineMetrics:
-    def __init__(self, model_name: str, max_model_len: int, compat: str | None = None,
+    def __init__(self, model_name: str, max_model_len: int, kv_bytes_per_block: int, compat: str | None = None,
                  tenant_names: list[str] | None = None,
-                 tenant_slos: dict[str, tuple[float | None, float | None]] | None = None,
-                 kv_bytes_per_block: int = 0):
+                 tenant_slos: dict[str, tuple[float | None, float | None]] | None = None):
         self.kv_bytes_per_block = kv_bytes_per_block  # for the swapped-bytes counters
         self.registry = CollectorRegistry(auto_describe=True)
         # process_resident_memory_bytes, CPU seconds, open fds: what a soak watches (vLLM exports them too).

@@ -22,7 +22,7 @@ def test_a_static_batch_waits_without_spinning_and_exports_its_padding(tiny_mode
     timeout_s = 0.3
     llm_engine = LLMEngine(EngineConfig(model=str(tiny_model_path), num_kv_blocks=64, max_num_seqs=4, num_threads=1,
                                         batching="static", static_batch_size=4, batch_timeout_s=timeout_s))
-    metrics = EngineMetrics("tiny", llm_engine.max_model_len)
+    metrics = EngineMetrics("tiny", llm_engine.max_model_len, llm_engine.kv_bytes_per_block)
     num_steps = 0
     step = llm_engine.step
 
