@@ -112,11 +112,29 @@ class RotaryEmbedding:
         return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).to(x.dtype)
 
 
+def bucket_rows(rows: int) -> int:
+    """The row count a PackedLinear hands oneDNN for `rows`: exact up to 32, then rounded up
+    on a grid of 16 steps per power of two (at most 1/16 more rows, 3% on average).
+
+    oneDNN builds a kernel for every shape it meets and keeps it in two LRU caches (ideep's
+    and its own, 1,024 entries each, ~0.5 MB an entry at this model's shapes). A server meets
+    every token count from 1 to the step budget, so unrounded they filled for an hour, put
+    ~600 MiB on the resident set and then thrashed (issue 13, BENCHMARKS.md). On the grid, a
+    2,048-token budget has 128 shapes per layer: the caches hold them all and stay small.
+    """
+    if rows <= 32:
+        return rows
+    step = 1 << (rows.bit_length() - 5)
+    return -(-rows // step) * step
+
+
 class PackedLinear(nn.Module):
     """A Linear whose weight oneDNN lays out for its CPU kernels once, at load time.
 
     For bfloat16 on CPU, measured against `F.linear` at this model's shapes: 1.2x faster
-    at 64 rows, 2-2.5x at 1-4 rows (BENCHMARKS.md). The results are bit-identical.
+    at 64 rows, 2-2.5x at 1-4 rows (BENCHMARKS.md). Rows are padded with zeros to
+    `bucket_rows` and cut off again. A real row can then differ from the unpadded product
+    in its last bit, as it already may between any two row counts: oneDNN blocks by shape.
     """
 
     def __init__(self, linear: nn.Linear, rows_hint: int = 64):
@@ -126,7 +144,12 @@ class PackedLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        rows = x.shape[0]
+        padded = bucket_rows(rows) if x.dim() == 2 else rows
+        if padded != rows:
+            x = F.pad(x, (0, 0, 0, padded - rows))
+        out = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        return out[:rows] if padded != rows else out
 
 
 def pack_linears_for_cpu(model: nn.Module) -> None:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import LLM, host
-from engine.model import PackedLinear, RMSNorm, pack_linears_for_cpu
+from engine.model import PackedLinear, RMSNorm, bucket_rows, pack_linears_for_cpu
 from scheduler import SamplingParams
 
 needs_onednn = pytest.mark.skipif(
@@ -15,12 +15,28 @@ needs_onednn = pytest.mark.skipif(
 
 
 @needs_onednn
-@pytest.mark.parametrize("rows", [1, 3, 64, 300])  # the weight is packed for 64 rows; any count must work
-def test_packed_linear_is_bit_identical_to_linear(rows):
+# The weight is packed for 64 rows; any count must work, padded to its bucket (37, 300, 1001) or not.
+@pytest.mark.parametrize("rows", [1, 3, 37, 64, 300, 1001])
+def test_packed_linear_matches_linear(rows):
     torch.manual_seed(0)
     linear = nn.Linear(96, 160, bias=True).to(torch.bfloat16)
+    packed = PackedLinear(linear)
     x = torch.randn(rows, 96, dtype=torch.bfloat16)
-    assert torch.equal(PackedLinear(linear)(x), F.linear(x, linear.weight, linear.bias))
+    out = packed(x)
+    # oneDNN blocks by shape, so a last-bit difference from the unpadded product is allowed.
+    torch.testing.assert_close(out, F.linear(x, linear.weight, linear.bias), rtol=2 ** -7, atol=1e-3)
+    # What fills the bucket's other rows never reaches the real ones.
+    others = 100 * torch.randn(bucket_rows(rows) - rows, 96, dtype=torch.bfloat16)
+    assert torch.equal(packed(torch.cat([x, others]))[:rows], out)
+
+
+def test_bucket_rows_pads_little_and_meets_few_shapes():
+    buckets = [bucket_rows(rows) for rows in range(1, 2049)]
+    assert buckets[:32] == list(range(1, 33))
+    assert all(rows <= padded <= rows * 17 / 16 for rows, padded in enumerate(buckets, start=1))
+    assert all(a <= b for a, b in zip(buckets, buckets[1:]))
+    assert all(bucket_rows(padded) == padded for padded in buckets)  # a bucket is its own bucket
+    assert len(set(buckets)) == 32 + 16 * 6  # exact to 32, then 16 per power of two up to 2,048
 
 
 @needs_onednn
