@@ -6,6 +6,6 @@ step from `scheduler/` and reports sampled tokens back. Knows nothing of HTTP.
 
 from engine.config import EngineConfig
 from engine.llm import LLM
-from engine.llm_engine import LLMEngine, RequestOutput
+from engine.llm_engine import Completion, LLMEngine, RequestOutput
 
-__all__ = ["EngineConfig", "LLM", "LLMEngine", "RequestOutput"]
+__all__ = ["Completion", "EngineConfig", "LLM", "LLMEngine", "RequestOutput"]

@@ -121,7 +121,7 @@ def run_workload(path: Path, workload: Workload, device: str, backend: str, cuda
         outputs = step()
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
-        if outputs and all(len(o.token_ids) > 1 for o in outputs) and plan_size >= min(256, workload.num_requests):
+        if outputs and all(o.times.num_output_tokens > 1 for o in outputs) and plan_size >= min(256, workload.num_requests):
             decode_steps.append(time.perf_counter() - start)
         return outputs
 

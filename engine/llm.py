@@ -4,7 +4,7 @@ import time
 from typing import Sequence
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine, RequestOutput
+from engine.llm_engine import Completion, LLMEngine
 from scheduler import SamplingParams
 
 Prompt = str | list[int]
@@ -22,8 +22,8 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-    ) -> list[RequestOutput]:
-        """Final outputs in the order of `prompts`."""
+    ) -> list[Completion]:
+        """Each request's whole output, in the order of `prompts`."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -35,21 +35,20 @@ class LLM:
         for ids in token_ids:
             self.engine.check_prompt(ids)
         order = [self.engine.add_request(ids, params) for ids, params in zip(token_ids, sampling_params)]
-        finished: dict[str, RequestOutput] = {}
+        completions = {request_id: Completion(request_id, ids) for request_id, ids in zip(order, token_ids)}
         while self.engine.has_unfinished_requests():
             outputs = self.engine.step()
             if not outputs:
                 # A static or dynamic batch may be filling up: wait for it instead of spinning.
                 time.sleep(self.engine.scheduler.seconds_until_launch())
             for output in outputs:
-                if output.finished:
-                    finished[output.request_id] = output
-        return [finished[request_id] for request_id in order]
+                completions[output.request_id].add(output)
+        return [completions[request_id] for request_id in order]
 
     def chat(
         self,
         conversations: list[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-    ) -> list[RequestOutput]:
+    ) -> list[Completion]:
         prompts = [self.engine.apply_chat_template(messages) for messages in conversations]
         return self.generate(prompts, sampling_params)

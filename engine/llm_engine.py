@@ -17,6 +17,7 @@ from kvcache import KVCacheManager
 from scheduler import (
     InvalidRequestError, Request, RequestStatus, SamplingParams, Scheduler, SchedulerOutput,
 )
+from scheduler.request import RequestTimes
 from scheduler.cost_model import load_cost_model
 
 logger = logging.getLogger(__name__)
@@ -24,19 +25,41 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class RequestOutput:
+    """What one iteration did for one request: only what is new, plus plain copies of its
+    times. Small and picklable, so it can cross to another thread or process (issue 10)."""
+
     request_id: str
-    prompt_token_ids: list[int]
     new_token_ids: list[int]
     new_text: str
-    token_ids: list[int]  # every output token so far (a copy: outputs cross to other threads)
-    text: str  # every output character released so far
     finished: bool
+    times: RequestTimes
     finish_reason: str | None = None
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_cached_tokens: int = 0
     error: str | None = None
-    # Timestamps and counters; the engine thread keeps writing to it until the request finishes.
-    request: Request | None = None
+
+
+@dataclass(slots=True)
+class Completion:
+    """A request's output summed over its RequestOutputs (the offline API's answer)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    def add(self, output: RequestOutput) -> None:
+        self.token_ids.extend(output.new_token_ids)
+        self.text += output.new_text
+        self.logprobs.extend(output.new_logprobs)
+        self.num_cached_tokens = output.num_cached_tokens
+        if output.finished:
+            self.finished, self.finish_reason, self.error = True, output.finish_reason, output.error
 
 
 @dataclass(slots=True)
@@ -219,16 +242,13 @@ class LLMEngine:
         state.num_released = released
         output = RequestOutput(
             request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
             new_token_ids=[token_id],
             new_text=new_text,
-            token_ids=list(request.output_token_ids),
-            text=state.text[:released],
             finished=request.is_finished,
+            times=request.times(),
             finish_reason=request.status.finish_reason,
             new_logprobs=[logprobs] if logprobs is not None else [],
             num_cached_tokens=request.num_cached_tokens,
-            request=request,
         )
         if request.is_finished:
             self._forget(request.request_id)
@@ -247,20 +267,17 @@ class LLMEngine:
         return True
 
     def _final_output(self, request: Request) -> RequestOutput:
-        state = self._texts.get(request.request_id)
-        text = state.text[: state.num_released] if state else ""
+        """The end of a request that stopped between tokens (abort, timeout, a failed step):
+        nothing new, and held-back text is dropped."""
         self._forget(request.request_id)
         return RequestOutput(
             request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
             new_token_ids=[],
             new_text="",
-            token_ids=list(request.output_token_ids),
-            text=text,
             finished=True,
+            times=request.times(),
             finish_reason=request.status.finish_reason,
             num_cached_tokens=request.num_cached_tokens,
-            request=request,
         )
 
     def _forget(self, request_id: str) -> None:

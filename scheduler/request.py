@@ -129,6 +129,22 @@ class SamplingParams:
                 raise InvalidRequestError(f"{param} {message}, got {getattr(self, param)!r}", param=param)
 
 
+@dataclass(slots=True, frozen=True)
+class RequestTimes:
+    """What metrics need of a request, copied when an output is made: plain values that can
+    cross to another thread or process while the request itself goes on changing."""
+
+    tenant: str
+    arrival_time: float
+    num_prompt_tokens: int
+    num_output_tokens: int
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    last_token_time: float | None
+    finished_time: float | None
+    within_slo: bool  # see within_slo; False until it finishes
+
+
 @dataclass(slots=True, eq=False)
 class Request:
     request_id: str
@@ -174,6 +190,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    def times(self) -> RequestTimes:
+        return RequestTimes(self.tenant, self.arrival_time, len(self.prompt_token_ids), len(self.output_token_ids),
+                            self.first_scheduled_time, self.first_token_time, self.last_token_time,
+                            self.finished_time, self.is_finished and within_slo(self))
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

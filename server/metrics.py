@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engine import RequestOutput
-from scheduler.request import FINISH_REASONS, within_slo
+from scheduler.request import FINISH_REASONS
 from scheduler.stats import SchedulerStats
 from server.tenant_metrics import REJECTION_REASONS, TenantMetrics
 
@@ -171,8 +171,7 @@ class EngineMetrics:
         """Called by the engine loop after every iteration, with that iteration's outputs and
         the scheduler's state after it."""
         for output in outputs:
-            if output.request is not None:
-                self._record_output(output)
+            self._record_output(output)
         self._set("waiting", stats.num_waiting)
         self._set("running", stats.num_running)
         self._set("kv_usage", stats.kv_cache.usage)
@@ -213,37 +212,37 @@ class EngineMetrics:
         return new
 
     def _record_output(self, output: RequestOutput) -> None:
-        request = output.request
+        times = output.times
         if output.new_token_ids:
-            previous = self._last_token_time.get(request.request_id)
+            previous = self._last_token_time.get(output.request_id)
             if previous is None:
-                self._observe("ttft", request.first_token_time - request.arrival_time)
-                self._inc("prompt_tokens", request.num_prompt_tokens)
+                self._observe("ttft", times.first_token_time - times.arrival_time)
+                self._inc("prompt_tokens", times.num_prompt_tokens)
             else:
                 # One observation per token after the first: the engine emits a token per step.
-                self._observe("itl", request.last_token_time - previous)
-            self._last_token_time[request.request_id] = request.last_token_time
+                self._observe("itl", times.last_token_time - previous)
+            self._last_token_time[output.request_id] = times.last_token_time
             self._inc("generation_tokens", len(output.new_token_ids))
             if self.tenants is not None:
-                self.tenants.record_token(request, previous is None, previous, len(output.new_token_ids))
+                self.tenants.record_token(times, previous is None, previous, len(output.new_token_ids))
         if output.finished:
             self._record_finished(output)
 
     def _record_finished(self, output: RequestOutput) -> None:
-        request = output.request
-        self._last_token_time.pop(request.request_id, None)
+        times = output.times
+        self._last_token_time.pop(output.request_id, None)
         for child in self._children["finished"]:
             child[output.finish_reason or "error"].inc()
-        finished = request.finished_time if request.finished_time is not None else request.last_token_time
-        self._observe("e2e", finished - request.arrival_time)
-        if within_slo(request):
+        finished = times.finished_time if times.finished_time is not None else times.last_token_time
+        self._observe("e2e", finished - times.arrival_time)
+        if times.within_slo:
             self._within_slo.inc()
         if self.tenants is not None:
             self.tenants.record_finished(output, finished)
-        self._observe("prompt_length", request.num_prompt_tokens)
-        self._observe("generation_length", len(request.output_token_ids))
-        if request.first_scheduled_time is not None:
-            self._observe("queue", request.first_scheduled_time - request.arrival_time)
-            if request.first_token_time is not None:
-                self._observe("prefill", request.first_token_time - request.first_scheduled_time)
-                self._observe("decode", request.last_token_time - request.first_token_time)
+        self._observe("prompt_length", times.num_prompt_tokens)
+        self._observe("generation_length", times.num_output_tokens)
+        if times.first_scheduled_time is not None:
+            self._observe("queue", times.first_scheduled_time - times.arrival_time)
+            if times.first_token_time is not None:
+                self._observe("prefill", times.first_token_time - times.first_scheduled_time)
+                self._observe("decode", times.last_token_time - times.first_token_time)

@@ -111,7 +111,7 @@ class ChoiceResult:
     error: str | None = None
 
     def add(self, output: RequestOutput) -> None:
-        self.text = output.text
+        self.text += output.new_text
         self.num_tokens += len(output.new_token_ids)
         self.logprobs.extend(output.new_logprobs)
         if output.finished:

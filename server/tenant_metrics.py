@@ -11,8 +11,7 @@ from collections import Counter as Tally
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from engine import RequestOutput
-from scheduler import Request
-from scheduler.request import FINISH_REASONS, within_slo
+from scheduler.request import FINISH_REASONS, RequestTimes
 from scheduler.stats import SchedulerStats
 
 # The codes of the 429s the door gives (server/async_engine.py), as label values.
@@ -75,31 +74,27 @@ class TenantMetrics:
             self.running[tenant].set(running[tenant])
             self.kv_blocks[tenant].set(blocks[tenant])
 
-    def record_token(self, request: Request, first: bool, previous_token_time: float | None,
+    def record_token(self, times: RequestTimes, first: bool, previous_token_time: float | None,
                      num_new_tokens: int) -> None:
-        tenant = self._tenant(request)
+        tenant = self._fold(times.tenant)
         if first:
-            self.ttft[tenant].observe(request.first_token_time - request.arrival_time)
-            self.prompt_tokens[tenant].inc(request.num_prompt_tokens)
+            self.ttft[tenant].observe(times.first_token_time - times.arrival_time)
+            self.prompt_tokens[tenant].inc(times.num_prompt_tokens)
         elif previous_token_time is not None:
-            self.itl[tenant].observe(request.last_token_time - previous_token_time)
+            self.itl[tenant].observe(times.last_token_time - previous_token_time)
         self.generation_tokens[tenant].inc(num_new_tokens)
 
     def record_finished(self, output: RequestOutput, finished_time: float) -> None:
-        request = output.request
-        tenant = self._tenant(request)
+        tenant = self._fold(output.times.tenant)
         self.finished[(tenant, output.finish_reason or "error")].inc()
-        self.e2e[tenant].observe(finished_time - request.arrival_time)
-        if within_slo(request):
+        self.e2e[tenant].observe(finished_time - output.times.arrival_time)
+        if output.times.within_slo:
             self.within_slo[tenant].inc()
 
     def record_rejection(self, tenant: str, reason: str, num_sequences: int) -> None:
         child = self.rejected.get((tenant if tenant in self.ttft else "default", reason))
         if child is not None:
             child.inc(num_sequences)
-
-    def _tenant(self, request: Request) -> str:
-        return self._fold(request.tenant)
 
     def _fold(self, tenant: str) -> str:
         # Requests reach the engine with a configured name or "default"; anything else is ours to fold.

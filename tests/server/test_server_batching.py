@@ -51,8 +51,8 @@ def test_a_static_batch_waits_without_spinning_and_exports_its_padding(tiny_mode
 
     finished = asyncio.run(serve())
 
-    assert sorted(len(output.token_ids) for output in finished) == [2, 5]
-    assert all(output.request.first_scheduled_time - arrival >= timeout_s for output in finished)
+    assert sorted(output.times.num_output_tokens for output in finished) == [2, 5]
+    assert all(output.times.first_scheduled_time - arrival >= timeout_s for output in finished)
     # Five steps run the batch; a spinning loop would have stepped thousands of times while it filled.
     assert num_steps <= 5 + 4
     assert llm_engine.scheduler.padding_tokens == 7
