@@ -71,6 +71,20 @@ class _TextState:
     num_released: int = 0
 
 
+def check_prompt(token_ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    """InvalidRequestError unless `token_ids` is a prompt this model can take."""
+    if not token_ids:
+        raise InvalidRequestError("the prompt is empty", param="prompt")
+    if any(not isinstance(t, int) or t < 0 or t >= vocab_size for t in token_ids):
+        raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size})", param="prompt")
+    if len(token_ids) >= max_model_len:
+        raise InvalidRequestError(
+            f"the prompt has {len(token_ids)} tokens; this model's context is {max_model_len} tokens "
+            "including at least one generated token",
+            param="prompt", code="context_length_exceeded",
+        )
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -166,16 +180,7 @@ class LLMEngine:
         return request.request_id
 
     def check_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in token_ids):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
-        if len(token_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(token_ids)} tokens; this model's context is {self.max_model_len} tokens "
-                "including at least one generated token",
-                param="prompt", code="context_length_exceeded",
-            )
+        check_prompt(token_ids, self.vocab_size, self.max_model_len)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         request = self.scheduler.abort(request_id)

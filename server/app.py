@@ -12,6 +12,8 @@ from engine import LLMEngine, host
 from server.async_engine import AsyncEngine
 from server.chat import apply_chat_template, create_chat_completion
 from server.completions import create_completion
+from server.engine_core import EngineInfo, EngineThread
+from server.engine_process import EngineProcess
 from server.errors import BadRequestError, ServiceUnavailableError, install_error_handlers
 from server.memory import release_periodically
 from server.metrics import EngineMetrics
@@ -22,7 +24,7 @@ from server.serving import ClientDisconnected, ServerSettings, ServingState, sec
 logger = logging.getLogger(__name__)
 
 
-def build_serving(llm_engine: LLMEngine, settings: ServerSettings) -> ServingState:
+def build_serving(llm_engine: LLMEngine | EngineProcess, settings: ServerSettings) -> ServingState:
     from prometheus_client import disable_created_metrics
     from transformers import AutoTokenizer
 
@@ -32,27 +34,30 @@ def build_serving(llm_engine: LLMEngine, settings: ServerSettings) -> ServingSta
     tenants = settings.tenants.by_name
     tenant_names = list(tenants) if settings.tenants.is_configured else None
     tenant_slos = {name: (seconds(tenant.slo_ttft_ms), seconds(tenant.slo_tpot_ms)) for name, tenant in tenants.items()}
-    metrics = EngineMetrics(settings.served_model_name, llm_engine.max_model_len, llm_engine.kv_bytes_per_block,
+    runner = llm_engine if isinstance(llm_engine, EngineProcess) else EngineThread(llm_engine)
+    info = runner.info
+    metrics = EngineMetrics(settings.served_model_name, info.max_model_len, info.kv_bytes_per_block,
                             settings.metrics_compat, tenant_names, tenant_slos)
     engine = AsyncEngine(
-        llm_engine, observer=metrics.record_step, stats_by_tenant=metrics.tenants is not None,
+        runner, observer=metrics.record_step, stats_by_tenant=metrics.tenants is not None,
         max_queued_requests=settings.max_queued_requests,
         tenant_max_queued={name: t.max_queued for name, t in tenants.items() if t.max_queued is not None},
         tenant_tokens_per_minute={name: t.tokens_per_minute for name, t in tenants.items()
                                   if t.tokens_per_minute is not None},
         on_reject=metrics.record_rejection)
-    tokenizer = AutoTokenizer.from_pretrained(llm_engine.model_path)
-    return ServingState(settings, llm_engine, engine, metrics, tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(info.model_path)
+    return ServingState(settings, info, engine, metrics, tokenizer)
 
 
-def build_app(llm_engine: LLMEngine, settings: ServerSettings) -> FastAPI:
+def build_app(llm_engine: LLMEngine | EngineProcess, settings: ServerSettings) -> FastAPI:
+    """The app, with the engine loop on a thread here (an LLMEngine) or in its own process."""
     serving = build_serving(llm_engine, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         serving.engine.start()
         releasing = asyncio.create_task(release_periodically())
-        logger.info("serving %s as %r", llm_engine.model_path, settings.served_model_name)
+        logger.info("serving %s as %r", serving.info.model_path, settings.served_model_name)
         yield
         releasing.cancel()
         await asyncio.to_thread(serving.engine.stop)
@@ -80,7 +85,7 @@ def build_app(llm_engine: LLMEngine, settings: ServerSettings) -> FastAPI:
 
 async def list_models(request: Request) -> JSONResponse:
     serving: ServingState = request.app.state.serving
-    card = ModelCard(id=serving.model_name, root=str(serving.llm_engine.model_path),
+    card = ModelCard(id=serving.model_name, root=serving.info.model_path,
                      max_model_len=serving.max_model_len)
     return JSONResponse(ModelList(data=[card]).model_dump())
 
@@ -101,13 +106,11 @@ async def metrics_endpoint(request: Request) -> Response:
 
 async def version(request: Request) -> JSONResponse:
     # vLLM answers {"version"}; the rest says which kernels this host got, for operators.
-    llm_engine: LLMEngine = request.app.state.serving.llm_engine
-    kv_cache = llm_engine.kv_cache
-    return JSONResponse({"version": _version(), "device": str(llm_engine.device),
-                         "dtype": str(llm_engine.dtype).removeprefix("torch."), "paths": llm_engine.paths,
+    info: EngineInfo = request.app.state.serving.info
+    return JSONResponse({"version": _version(), "device": info.device, "dtype": info.dtype, "paths": info.paths,
                          "host": host.current().summary(),
-                         "kv_cache": {"block_size": kv_cache.block_size, "num_blocks": kv_cache.pool.num_blocks,
-                                      "bytes_per_block": llm_engine.kv_bytes_per_block}})
+                         "kv_cache": {"block_size": info.block_size, "num_blocks": info.num_kv_blocks,
+                                      "bytes_per_block": info.kv_bytes_per_block}})
 
 
 async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
@@ -126,7 +129,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
 async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
     serving: ServingState = request.app.state.serving
     serving.check_model(body.model)
-    vocab_size = serving.llm_engine.vocab_size
+    vocab_size = serving.info.vocab_size
     if any(token < 0 or token >= vocab_size for token in body.tokens):
         raise BadRequestError(f"token ids must be in [0, {vocab_size})", param="tokens")
     return JSONResponse({"prompt": await serving.run_tokenizer(serving.tokenizer.decode, body.tokens)})

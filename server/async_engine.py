@@ -1,13 +1,14 @@
 """The front end of the engine: the door, each HTTP request's output stream, and the engine
-loop (server/engine_core.py) on its own thread.
+loop (server/engine_core.py) on a thread of its own or in a process of its own.
 
-`LLMEngine` is not thread-safe, so only the engine thread touches it: the event
-loop sends it commands (add, abort, stop) through a thread-safe inbox, and the
-thread hands each step's outputs back with `loop.call_soon_threadsafe`. When no
-request is unfinished the thread blocks on the inbox, so an idle server burns no CPU;
-while a static or dynamic batch fills it waits on the inbox until the batch is due.
-A long step never stalls HTTP: the event loop only parses, streams and detokenizes
-logprob tokens.
+`LLMEngine` is not thread-safe, so only the engine loop touches it: the event loop
+sends it commands (add, abort, stop) through a thread-safe inbox, and each step's
+outputs come back through the listener methods below, handed to the event loop with
+`loop.call_soon_threadsafe`. They run on the engine thread, or in process mode on the
+thread that reads the engine process's messages. When no request is unfinished the
+loop blocks on its commands, so an idle server burns no CPU; while a static or dynamic
+batch fills it waits until the batch is due. A long step never stalls HTTP: the event
+loop only parses, streams and detokenizes logprob tokens.
 """
 
 import asyncio
@@ -19,7 +20,10 @@ from typing import Callable
 
 from engine import LLMEngine, RequestOutput
 from scheduler.stats import SchedulerStats
-from server.engine_core import ABORT, ADD, STOP, Command, EngineCore, EngineRequest, Failure, Seats
+from server.engine_core import (
+    ABORT, ADD, STOP, Command, CoreOptions, EngineInfo, EngineRequest, EngineThread, Failure, Seats,
+)
+from server.engine_process import EngineProcess
 from server.errors import APIError, EngineError, QueueFullError, ServiceUnavailableError
 from server.rate_limit import RateLimited, TokenBucket
 
@@ -96,15 +100,15 @@ class OutputStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, observer: StepObserver | None = None,
+    def __init__(self, engine: LLMEngine | EngineThread | EngineProcess, observer: StepObserver | None = None,
                  max_queued_requests: int | None = None, tenant_max_queued: dict[str, int] | None = None,
                  tenant_tokens_per_minute: dict[str, int] | None = None,
                  on_reject: RejectionObserver | None = None, stats_by_tenant: bool = False):
-        """`observer` is told of each iteration's outputs and the scheduler's state after it
-        (with per-tenant counts when `stats_by_tenant`)."""
-        self.engine = engine
-        # The engine loop times whole iterations for the cost model (server/engine_core.py).
-        engine.observe_steps = False
+        """`engine`: an LLMEngine to run on a thread here, or where to run it. `observer` is
+        told of each iteration's outputs and the scheduler's state after it (with per-tenant
+        counts when `stats_by_tenant`)."""
+        self._runner = engine if isinstance(engine, (EngineThread, EngineProcess)) else EngineThread(engine)
+        self.info: EngineInfo = self._runner.info
         self.observer = observer
         self.on_reject = on_reject
         self.max_queued_requests = max_queued_requests
@@ -113,7 +117,6 @@ class AsyncEngine:
         self.draining = False
         self.error: BaseException | None = None
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, OutputStream] = {}  # engine request id -> stream, event loop only
         self._idle: asyncio.Event | None = None
@@ -125,8 +128,8 @@ class AsyncEngine:
         # With per-tenant bounds: each tenant's requests in the inbox, and in the scheduler's queue.
         self._inbox_by_tenant: Counter[str] = Counter()
         self._waiting_by_tenant: Counter[str] = Counter()
-        self._core = EngineCore(engine, self, wants_stats=observer is not None, stats_by_tenant=stats_by_tenant,
-                                waiting_by_tenant=bool(self.tenant_max_queued))
+        self._options = CoreOptions(wants_stats=observer is not None, stats_by_tenant=stats_by_tenant,
+                                    waiting_by_tenant=bool(self.tenant_max_queued))
 
     # -- event loop side ------------------------------------------------------------
 
@@ -134,20 +137,18 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._thread = threading.Thread(target=self._core.run, args=(self._take_commands,), name="iterserve-engine",
-                                        daemon=True)
-        self._thread.start()
+        self._runner.start(self, self._take_commands, self._options)
 
     @property
     def is_healthy(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
+        return self.error is None and self._runner.is_alive()
 
     @property
     def refuses_at_queueing(self) -> bool:
         """Whether the scheduler may refuse a valid request when it is queued (the slo policy's
         unreachable targets): streaming responses then wait for the engine to take a request in
         before they start, so a refusal keeps its status. Otherwise they start at once."""
-        return self.engine.scheduler.config.policy == "slo"
+        return self.info.policy == "slo"
 
     @property
     def num_waiting(self) -> int:
@@ -217,7 +218,7 @@ class AsyncEngine:
         first and is refused only for what would really queue behind them.
         """
         num_pending = self._num_waiting + self._num_in_inbox + num_new
-        num_free_seats = max(0, self.engine.scheduler.config.max_num_seqs - self._num_running)
+        num_free_seats = max(0, self.info.max_num_seqs - self._num_running)
         return max(0, num_pending - num_free_seats)
 
     def abort(self, request_ids: list[str]) -> None:
@@ -236,10 +237,9 @@ class AsyncEngine:
             return False
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Abort whatever is left and end the thread (blocking: call it off the event loop)."""
+        """Abort whatever is left and end the engine loop (blocking: call it off the event loop)."""
         self._inbox.put((STOP, None))
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        self._runner.join(timeout_s)
 
     def _release(self, stream: OutputStream) -> None:
         for request_id in stream.request_ids:
@@ -270,7 +270,7 @@ class AsyncEngine:
             stream.unfinished.clear()
             stream.push(error)
 
-    # -- told by the engine loop, on its thread (EngineCore's CoreListener) --------------
+    # -- told by the engine loop, on its thread or the reader's (EngineCore's CoreListener) --
 
     def _take_commands(self, timeout_s: float | None) -> list[Command]:
         """Every queued command, after waiting up to `timeout_s` (None: for ever) for the first."""

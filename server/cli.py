@@ -183,6 +183,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the engine's seed for unseeded requests")
     parser.add_argument("--trace", default=None, metavar="FILE",
                         help="--cuda-graph-sizes auto: the workload (a jsonl trace, as bench takes) to plan them for")
+    parser.add_argument("--engine-core", default="auto", choices=["auto", "thread", "process"],
+                        help="where the engine loop runs: a thread of the server, or a process of its own so that "
+                             "HTTP and the step never share the GIL; auto: process on CUDA, thread on CPU")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -192,10 +195,20 @@ def served_model_name(args: argparse.Namespace) -> str:
     return "smollm2" if args.model is None else Path(args.model).expanduser().resolve().name
 
 
+def engine_core(args: argparse.Namespace, config) -> str:
+    """Where `serve` runs the engine loop: what --engine-core says, auto chosen per device."""
+    if args.engine_core != "auto":
+        return args.engine_core
+    from engine.loader import resolve_device
+
+    return "process" if resolve_device(config.device).type == "cuda" else "thread"
+
+
 def serve(args: argparse.Namespace) -> int:
     from engine import LLMEngine
     from engine.config import parse_size
     from server.app import build_app
+    from server.engine_process import EngineProcess
     from server.runner import run_server
     from server.serving import ServerSettings
     from scheduler.tenants import Tenants, TenantsError, load_tenants
@@ -222,8 +235,8 @@ def serve(args: argparse.Namespace) -> int:
                                      tenant_kv_fractions=tenants.kv_fractions, queue_timeout_s=args.queue_timeout)
         if args.cuda_graph_sizes == "auto":
             config = dataclasses.replace(config, cuda_graph_sizes=planned_cuda_graph_sizes(args, config, tenants))
-        llm_engine = LLMEngine(config)
-    except (FileNotFoundError, ValueError) as error:  # a bad --model, cache size or trace: say so, no traceback
+        llm_engine = EngineProcess(config) if engine_core(args, config) == "process" else LLMEngine(config)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:  # a bad --model, cache size or trace: no traceback
         print(f"iterserve: {error}", file=sys.stderr)
         return 2
     app = build_app(llm_engine, settings)

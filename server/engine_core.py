@@ -6,15 +6,20 @@ the thread that runs it touches the `LLMEngine`. Everything it tells the front e
 through the `CoreListener` methods, each with plain values (outputs, errors, counts, a
 stats snapshot): the seam along which the engine can move to a process of its own
 (issue 10), where each call becomes a message.
+
+Where it runs is an `EngineThread` (here) or an `EngineProcess` (server/engine_process.py):
+both take the listener and a `take_commands` to start, and say whether the core is alive.
 """
 
 from collections import Counter
 from dataclasses import dataclass, field
 import logging
+import threading
 import time
 from typing import Callable, Protocol
 
 from engine import LLMEngine, RequestOutput
+from engine.llm_engine import check_prompt
 from scheduler import InvalidRequestError, RequestRejectedError, SamplingParams
 from scheduler.stats import SchedulerStats, snapshot
 from server.errors import APIError, EngineError, QueueFullError, from_invalid_request
@@ -40,6 +45,43 @@ class EngineRequest:
     deadline: float | None = None  # time.monotonic() by which it must finish
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What the front end needs to know of the engine, as plain values: an engine process
+    sends it once, when its model is loaded."""
+
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    max_num_seqs: int
+    policy: str
+    device: str
+    dtype: str
+    paths: dict[str, str]
+    block_size: int
+    num_kv_blocks: int
+    kv_bytes_per_block: int
+
+    @classmethod
+    def of(cls, engine: LLMEngine) -> "EngineInfo":
+        return cls(str(engine.model_path), engine.max_model_len, engine.vocab_size,
+                   engine.scheduler.config.max_num_seqs, engine.scheduler.config.policy, str(engine.device),
+                   str(engine.dtype).removeprefix("torch."), dict(engine.paths), engine.kv_cache.block_size,
+                   engine.kv_cache.pool.num_blocks, engine.kv_bytes_per_block)
+
+    def check_prompt(self, token_ids: list[int]) -> None:
+        check_prompt(token_ids, self.vocab_size, self.max_model_len)
+
+
+@dataclass(frozen=True, slots=True)
+class CoreOptions:
+    """What the front end wants told after each iteration (see EngineCore)."""
+
+    wants_stats: bool = False
+    stats_by_tenant: bool = False
+    waiting_by_tenant: bool = False
 
 
 @dataclass(slots=True)
@@ -73,13 +115,14 @@ class CoreListener(Protocol):
 
 
 class EngineCore:
-    def __init__(self, engine: LLMEngine, listener: CoreListener, wants_stats: bool = False,
-                 stats_by_tenant: bool = False, waiting_by_tenant: bool = False):
+    def __init__(self, engine: LLMEngine, listener: CoreListener, options: CoreOptions = CoreOptions()):
         self.engine = engine
+        # The loop times whole iterations for the cost model itself (see run).
+        engine.observe_steps = False
         self.listener = listener
-        self.wants_stats = wants_stats
-        self.stats_by_tenant = stats_by_tenant
-        self.waiting_by_tenant = waiting_by_tenant
+        self.wants_stats = options.wants_stats
+        self.stats_by_tenant = options.stats_by_tenant
+        self.waiting_by_tenant = options.waiting_by_tenant
         self._live: set[str] = set()  # added and not yet finished
 
     def run(self, take_commands: Callable[[float | None], list[Command]]) -> None:
@@ -169,3 +212,25 @@ class EngineCore:
                 self._live.discard(output.request_id)
         stats = snapshot(self.engine.scheduler, self.stats_by_tenant) if self.wants_stats else None
         self.listener.stepped(outputs, self._seats(), stats)
+
+
+class EngineThread:
+    """The engine core on a thread of this process (the default; tests look inside it)."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.info = EngineInfo.of(engine)
+        self._thread: threading.Thread | None = None
+
+    def start(self, listener: CoreListener, take_commands: Callable[[float | None], list[Command]],
+              options: CoreOptions) -> None:
+        core = EngineCore(self.engine, listener, options)
+        self._thread = threading.Thread(target=core.run, args=(take_commands,), name="iterserve-engine", daemon=True)
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout_s: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout_s)

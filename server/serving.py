@@ -15,12 +15,12 @@ import uuid
 
 from fastapi import Request
 
-from engine import LLMEngine, RequestOutput
+from engine import RequestOutput
 from engine.sampler import TokenLogprobs
 from scheduler import InvalidRequestError, SamplingParams
 from scheduler.tenants import Tenant, Tenants
 from server.async_engine import AsyncEngine, OutputStream
-from server.engine_core import EngineRequest
+from server.engine_core import EngineInfo, EngineRequest
 from server.errors import APIError, BadRequestError, EngineError, ModelNotFoundError, RequestTimeoutError
 from server.metrics import EngineMetrics
 from server.protocol import GenerationRequest, Usage
@@ -50,7 +50,7 @@ class ServingState:
     """Everything a handler needs, built once at start-up and kept on `app.state.serving`."""
 
     settings: ServerSettings
-    llm_engine: LLMEngine  # read-only here: max_model_len, check_prompt, model_path
+    info: EngineInfo  # the engine's facts: max_model_len, vocabulary, model path, KV cache
     engine: AsyncEngine
     metrics: EngineMetrics
     # The server's own tokenizer: the engine thread detokenizes with the engine's, and a
@@ -69,7 +69,7 @@ class ServingState:
 
     @property
     def max_model_len(self) -> int:
-        return self.llm_engine.max_model_len
+        return self.info.max_model_len
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -190,7 +190,7 @@ def build_generation(serving: ServingState, body: GenerationRequest, tenant: Ten
     slo_tpot_s = seconds(body.slo_tpot_ms if body.slo_tpot_ms is not None else tenant.slo_tpot_ms)
     requests, choices = [], {}
     for prompt_index, prompt in enumerate(prompts):
-        serving.llm_engine.check_prompt(prompt)
+        serving.info.check_prompt(prompt)
         params = sampling_params(body, max_tokens, len(prompt), serving.max_model_len, default_max_tokens, logprobs)
         for sample_index in range(body.n):
             # As vLLM does for n > 1: choice i samples with seed + i, so the choices differ

@@ -23,14 +23,12 @@ class RunningServer:
     app: object
     server: object
     thread: threading.Thread
+    llm_engine: object  # the LLMEngine its engine thread runs; None with engine_core="process"
+    engine_process: object = None  # the EngineProcess, with engine_core="process"
 
     @property
     def serving(self):
         return self.app.state.serving
-
-    @property
-    def llm_engine(self):
-        return self.serving.llm_engine
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {API_KEY}"}
@@ -41,16 +39,20 @@ class RunningServer:
 
 
 def start_server(model_path, served_name: str, max_model_len: int | None = None, num_kv_blocks: int = 256,
-                 max_num_seqs: int = 8, engine_args: dict | None = None, **settings) -> RunningServer:
+                 max_num_seqs: int = 8, engine_args: dict | None = None, engine_core: str = "thread",
+                 **settings) -> RunningServer:
     from engine import EngineConfig, LLMEngine
     from server.app import build_app
+    from server.engine_process import EngineProcess
     from server.runner import DrainingServer, uvicorn_config
     from server.serving import ServerSettings
 
     config = EngineConfig(model=str(model_path), max_model_len=max_model_len, num_kv_blocks=num_kv_blocks,
                           max_num_seqs=max_num_seqs, num_threads=1, **(engine_args or {}))
     settings.setdefault("api_key", API_KEY)
-    app = build_app(LLMEngine(config), ServerSettings(served_model_name=served_name, **settings))
+    llm_engine = LLMEngine(config) if engine_core == "thread" else None
+    engine_process = EngineProcess(config) if engine_core == "process" else None
+    app = build_app(llm_engine or engine_process, ServerSettings(served_model_name=served_name, **settings))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -58,7 +60,7 @@ def start_server(model_path, served_name: str, max_model_len: int | None = None,
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()
     wait_until(lambda: server.started, timeout_s=120, what="the server to start")
-    return RunningServer(f"http://127.0.0.1:{port}", app, server, thread)
+    return RunningServer(f"http://127.0.0.1:{port}", app, server, thread, llm_engine, engine_process)
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 60.0, what: str = "a condition") -> None:

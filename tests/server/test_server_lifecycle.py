@@ -123,11 +123,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_iterserve_serve_exits_0_on_sigterm_after_finishing_its_requests(tiny_model_path):
+@pytest.mark.parametrize("engine_core", ["thread", "process"])
+def test_iterserve_serve_exits_0_on_sigterm_after_finishing_its_requests(tiny_model_path, engine_core):
     port = free_port()
     command = [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_model_path), "--port", str(port),
                "--num-threads", "1", "--num-kv-blocks", "64", "--shutdown-timeout", "120",
-               "--served-model-name", "tiny", "--log-level", "warning"]
+               "--served-model-name", "tiny", "--log-level", "warning", "--engine-core", engine_core]
     env = {**os.environ, "ITERSERVE_API_KEY": API_KEY}
     process = subprocess.Popen(command, cwd=REPO, env=env)
     try:

@@ -1,0 +1,193 @@
+"""The engine core in a process of its own (`iterserve serve --engine-process`, issue 10).
+
+In one process the engine loop and the asyncio server share one interpreter, and each
+waits on the other for the GIL: a step's host work slows streaming, and HTTP slows the
+step. Here a spawned child builds the `LLMEngine` and runs `EngineCore` there, and the
+front end keeps HTTP, tokenization, chat templates, streams and metrics.
+
+Two one-way pipes (multiprocessing connections) join them:
+- commands, front end to engine: each message a list of `Command`s, everything the inbox
+  held, sent by a thread that waits on the inbox, so a child busy in a step never blocks
+  the event loop on a full pipe;
+- events, engine to front end: one message per `CoreListener` call, a step's outputs
+  together, read by a thread that makes the same listener calls an engine thread would.
+
+The child ignores SIGINT and SIGTERM, which Ctrl+C or a service manager may send to the
+whole process group: the front end drains on them, then stops it. It stops as if told to
+when the front end's end of the commands pipe closes (the front end died). If the child dies, the
+events pipe ends without a `stopped` and the front end hears `died`: every open stream
+gets an error, new requests a 503, and /health fails.
+"""
+
+import logging
+import multiprocessing
+from multiprocessing.connection import Connection
+import signal
+import threading
+from typing import Callable
+
+from engine import LLMEngine
+from engine.config import EngineConfig
+from server.engine_core import STOP, Command, CoreListener, CoreOptions, EngineCore, EngineInfo
+from server.errors import EngineError
+
+logger = logging.getLogger(__name__)
+
+READY, FAILED, STOPPED = "ready", "failed", "stopped"
+# The only names an event may call on the listener: a message is never an arbitrary attribute.
+LISTENER_CALLS = frozenset({"took", "refused", "queued", "rejected", "stepped", "died"})
+LOAD_POLL_S = 0.1
+
+
+class EngineProcess:
+    """Starts the engine process and waits until its model is loaded (or raises what it
+    failed with), then runs like an `EngineThread`."""
+
+    def __init__(self, config: EngineConfig):
+        context = multiprocessing.get_context("spawn")  # a fork would copy this process's threads' locks
+        commands_end, self._commands = context.Pipe(duplex=False)  # (the end that reads, the end that writes)
+        self._events, events_end = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=run_engine_process, name="iterserve-engine", daemon=True,
+            args=(config, commands_end, events_end, logging.getLogger().getEffectiveLevel()))
+        self._process.start()
+        commands_end.close()
+        events_end.close()
+        self.info = self._wait_until_loaded()
+        self._sender: threading.Thread | None = None
+        self._reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def _wait_until_loaded(self) -> EngineInfo:
+        while not self._events.poll(LOAD_POLL_S):
+            if not self._process.is_alive():
+                break
+        try:
+            kind, payload = self._events.recv()
+        except (EOFError, OSError):
+            self._process.join()
+            raise RuntimeError(f"the engine process exited with code {self._process.exitcode} "
+                               "before its model was loaded") from None
+        if kind == FAILED:
+            self._process.join()
+            raise payload
+        return payload
+
+    def start(self, listener: CoreListener, take_commands: Callable[[float | None], list[Command]],
+              options: CoreOptions) -> None:
+        self._commands.send(options)
+        self._reader = threading.Thread(target=self._read, args=(listener,), name="iterserve-engine-reader",
+                                        daemon=True)
+        self._sender = threading.Thread(target=self._send, args=(take_commands,), name="iterserve-engine-sender",
+                                        daemon=True)
+        self._reader.start()
+        self._sender.start()
+
+    def is_alive(self) -> bool:
+        return self._process.is_alive() and self._reader is not None and self._reader.is_alive()
+
+    def join(self, timeout_s: float) -> None:
+        """After a STOP was sent: wait for the engine to finish, then for the process to end."""
+        if self._reader is not None:
+            self._reader.join(timeout_s)
+        self._process.join(timeout_s)
+        if self._process.is_alive():
+            logger.warning("the engine process did not stop within %.0f s: terminating it", timeout_s)
+            self._process.terminate()
+            self._process.join(timeout_s)
+
+    def _send(self, take_commands: Callable[[float | None], list[Command]]) -> None:
+        while True:
+            commands = take_commands(None)
+            try:
+                self._commands.send(commands)
+            except OSError:  # the engine process is gone; the reader reports it
+                return
+            if any(kind == STOP for kind, _ in commands):
+                self._commands.close()
+                return
+
+    def _read(self, listener: CoreListener) -> None:
+        while True:
+            try:
+                kind, args = self._events.recv()
+            except (EOFError, OSError):
+                break
+            if kind == STOPPED:
+                return
+            if kind in LISTENER_CALLS:
+                getattr(listener, kind)(*args)
+            if kind == "died":
+                return
+        self._process.join(1.0)
+        listener.died(EngineError(f"the engine process exited unexpectedly (exit code {self._process.exitcode})"))
+
+
+class EventSender:
+    """The CoreListener of the engine process: each call becomes one message to the front end."""
+
+    def __init__(self, events: Connection):
+        self.events = events
+
+    def took(self, *args) -> None:
+        self._send("took", args)
+
+    def refused(self, *args) -> None:
+        self._send("refused", args)
+
+    def queued(self, *args) -> None:
+        self._send("queued", args)
+
+    def rejected(self, *args) -> None:
+        self._send("rejected", args)
+
+    def stepped(self, *args) -> None:
+        self._send("stepped", args)
+
+    def died(self, *args) -> None:
+        self._send("died", args)
+
+    def _send(self, kind: str, args: tuple) -> None:
+        try:
+            self.events.send((kind, args))
+        except OSError:  # the front end is gone: the commands pipe ends too, and the loop stops
+            pass
+
+
+def receive_commands(commands: Connection, timeout_s: float | None) -> list[Command]:
+    """Every command sent, after waiting up to `timeout_s` (None: for ever) for the first; a
+    STOP when the front end has gone."""
+    taken: list[Command] = []
+    try:
+        if commands.poll(timeout_s):
+            taken.extend(commands.recv())
+            while commands.poll(0):
+                taken.extend(commands.recv())
+    except (EOFError, OSError):
+        taken.append((STOP, None))
+    return taken
+
+
+def run_engine_process(config: EngineConfig, commands: Connection, events: Connection, log_level: int) -> None:
+    """The engine process's main: load, say ready, run the core until a STOP, say stopped."""
+    for ignored in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(ignored, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
+    try:
+        engine = LLMEngine(config)
+    except Exception as error:  # noqa: BLE001 - the front end raises it where it started us
+        try:
+            events.send((FAILED, error))
+        except Exception:  # noqa: BLE001 - an error that does not pickle
+            events.send((FAILED, RuntimeError(f"{type(error).__name__}: {error}")))
+        return
+    events.send((READY, EngineInfo.of(engine)))
+    try:
+        options = commands.recv()
+    except (EOFError, OSError):  # the front end went before it started us
+        return
+    EngineCore(engine, EventSender(events), options).run(lambda timeout_s: receive_commands(commands, timeout_s))
+    events.send((STOPPED, ()))
