@@ -114,12 +114,12 @@ class RotaryEmbedding:
 
 def bucket_rows(rows: int) -> int:
     """The row count a PackedLinear hands oneDNN for `rows`: exact up to 32, then rounded up
-    on a grid of 16 steps per power of two (at most 1/16 more rows, 3% on average).
+    on a grid of 16 steps per power of two (at most 1/16 more rows, 2% on average).
 
     oneDNN builds a kernel for every shape it meets and keeps it in two LRU caches (ideep's
     and its own, 1,024 entries each, ~0.5 MB an entry at this model's shapes). A server meets
-    every token count from 1 to the step budget, so unrounded they filled for an hour, put
-    ~600 MiB on the resident set and then thrashed (issue 13, BENCHMARKS.md). On the grid, a
+    every token count from 1 to the step budget, so unrounded the resident set kept growing
+    (a probe: +550 MiB for 511 shapes, flat with both caches capped; issue 13, BENCHMARKS.md). On the grid, a
     2,048-token budget has 128 shapes per layer: the caches hold them all and stay small.
     """
     if rows <= 32:

@@ -1,4 +1,4 @@
-"""The engine core in a process of its own (`iterserve serve --engine-process`, issue 10).
+"""The engine core in a process of its own (`iterserve serve --engine-core process`, issue 10).
 
 In one process the engine loop and the asyncio server share one interpreter, and each
 waits on the other for the GIL: a step's host work slows streaming, and HTTP slows the
@@ -12,24 +12,27 @@ Two one-way pipes (multiprocessing connections) join them:
 - events, engine to front end: one message per `CoreListener` call, a step's outputs
   together, read by a thread that makes the same listener calls an engine thread would.
 
-The child ignores SIGINT and SIGTERM, which Ctrl+C or a service manager may send to the
-whole process group: the front end drains on them, then stops it. It stops as if told to
-when the front end's end of the commands pipe closes (the front end died). If the child dies, the
-events pipe ends without a `stopped` and the front end hears `died`: every open stream
-gets an error, new requests a 503, and /health fails.
+The child leaves the front end's process group, so Ctrl+C in a terminal reaches only the
+front end, which drains and then stops it; a plain SIGTERM still ends it (`join` uses one
+when a stop takes too long). It stops as if told to when the front end's end of the
+commands pipe closes (the front end died), and trims malloc's free pages once a minute as
+the server does. If the child dies, the front end sees its sentinel and hears `died`:
+every open stream gets an error, new requests a 503, and /health fails.
 """
 
 import logging
 import multiprocessing
-from multiprocessing.connection import Connection
-import signal
+from multiprocessing.connection import Connection, wait
+import os
 import threading
+import time
 from typing import Callable
 
 from engine import LLMEngine
 from engine.config import EngineConfig
 from server.engine_core import STOP, Command, CoreListener, CoreOptions, EngineCore, EngineInfo
 from server.errors import EngineError
+from server.memory import TRIM_INTERVAL_S, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +76,8 @@ class EngineProcess:
                                "before its model was loaded") from None
         if kind == FAILED:
             self._process.join()
-            raise payload
+            error_type, message = payload
+            raise (error_type if error_type in (FileNotFoundError, ValueError) else RuntimeError)(message)
         return payload
 
     def start(self, listener: CoreListener, take_commands: Callable[[float | None], list[Command]],
@@ -90,14 +94,19 @@ class EngineProcess:
         return self._process.is_alive() and self._reader is not None and self._reader.is_alive()
 
     def join(self, timeout_s: float) -> None:
-        """After a STOP was sent: wait for the engine to finish, then for the process to end."""
-        if self._reader is not None:
-            self._reader.join(timeout_s)
+        """After a STOP was sent: wait up to `timeout_s` for the process to end, then end it."""
         self._process.join(timeout_s)
         if self._process.is_alive():
-            logger.warning("the engine process did not stop within %.0f s: terminating it", timeout_s)
-            self._process.terminate()
-            self._process.join(timeout_s)
+            logger.warning("the engine process did not stop within %.0f s: killing it", timeout_s)
+            self._process.kill()
+            self._process.join()
+        if self._reader is not None:
+            self._reader.join(1.0)
+
+    def close(self) -> None:
+        """Stop it without a front end ever started (a start-up that failed after the load)."""
+        self._commands.close()
+        self.join(10.0)
 
     def _send(self, take_commands: Callable[[float | None], list[Command]]) -> None:
         while True:
@@ -111,19 +120,27 @@ class EngineProcess:
                 return
 
     def _read(self, listener: CoreListener) -> None:
-        while True:
-            try:
-                kind, args = self._events.recv()
-            except (EOFError, OSError):
-                break
-            if kind == STOPPED:
-                return
-            if kind in LISTENER_CALLS:
-                getattr(listener, kind)(*args)
-            if kind == "died":
-                return
-        self._process.join(1.0)
-        listener.died(EngineError(f"the engine process exited unexpectedly (exit code {self._process.exitcode})"))
+        try:
+            while True:
+                # The sentinel too: a dead child's pipe may never end if something it forked holds it.
+                if self._events not in wait([self._events, self._process.sentinel]):
+                    break
+                try:
+                    kind, args = self._events.recv()
+                except (EOFError, OSError):
+                    break
+                if kind == STOPPED:
+                    return
+                if kind in LISTENER_CALLS:
+                    getattr(listener, kind)(*args)
+                if kind == "died":
+                    return
+            self._process.join(1.0)
+            error = EngineError(f"the engine process exited unexpectedly (exit code {self._process.exitcode})")
+        except BaseException as failure:  # noqa: BLE001 - a message we cannot read must not leave streams hanging
+            logger.exception("reading the engine process's messages failed")
+            error = EngineError(f"the engine process's messages failed: {type(failure).__name__}: {failure}")
+        listener.died(error)
 
 
 class EventSender:
@@ -151,10 +168,8 @@ class EventSender:
         self._send("died", args)
 
     def _send(self, kind: str, args: tuple) -> None:
-        try:
-            self.events.send((kind, args))
-        except OSError:  # the front end is gone: the commands pipe ends too, and the loop stops
-            pass
+        # If the front end is gone, the commands pipe has ended too, and the loop stops.
+        send_quietly(self.events, (kind, args))
 
 
 def receive_commands(commands: Connection, timeout_s: float | None) -> list[Command]:
@@ -173,21 +188,35 @@ def receive_commands(commands: Connection, timeout_s: float | None) -> list[Comm
 
 def run_engine_process(config: EngineConfig, commands: Connection, events: Connection, log_level: int) -> None:
     """The engine process's main: load, say ready, run the core until a STOP, say stopped."""
-    for ignored in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(ignored, signal.SIG_IGN)
+    os.setpgid(0, 0)  # out of the terminal's process group: Ctrl+C is the front end's to handle
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     try:
         engine = LLMEngine(config)
     except Exception as error:  # noqa: BLE001 - the front end raises it where it started us
-        try:
-            events.send((FAILED, error))
-        except Exception:  # noqa: BLE001 - an error that does not pickle
-            events.send((FAILED, RuntimeError(f"{type(error).__name__}: {error}")))
+        send_quietly(events, (FAILED, (type(error), f"{error}" if isinstance(error, (FileNotFoundError, ValueError))
+                                       else f"{type(error).__name__}: {error}")))
         return
-    events.send((READY, EngineInfo.of(engine)))
+    if not send_quietly(events, (READY, EngineInfo.of(engine))):
+        return
     try:
         options = commands.recv()
     except (EOFError, OSError):  # the front end went before it started us
         return
+    threading.Thread(target=trim_periodically, name="iterserve-trim", daemon=True).start()
     EngineCore(engine, EventSender(events), options).run(lambda timeout_s: receive_commands(commands, timeout_s))
-    events.send((STOPPED, ()))
+    send_quietly(events, (STOPPED, ()))
+
+
+def send_quietly(events: Connection, message: tuple) -> bool:
+    """Send, or False if the front end is gone."""
+    try:
+        events.send(message)
+        return True
+    except OSError:
+        return False
+
+
+def trim_periodically() -> None:
+    while True:
+        time.sleep(TRIM_INTERVAL_S)
+        release_free_memory()
