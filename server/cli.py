@@ -239,8 +239,14 @@ def serve(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as error:  # a bad --model, cache size or trace: no traceback
         print(f"iterserve: {error}", file=sys.stderr)
         return 2
-    app = build_app(llm_engine, settings)
-    run_server(app, args.host, args.port, settings.shutdown_timeout_s, args.log_level)
+    try:
+        app = build_app(llm_engine, settings)
+        run_server(app, args.host, args.port, settings.shutdown_timeout_s, args.log_level)
+    finally:
+        # A start-up that fails after the load would leave the engine process waiting on a
+        # front end that never comes; after a normal stop this finds it ended already.
+        if isinstance(llm_engine, EngineProcess):
+            llm_engine.close()
     return 0
 
 
