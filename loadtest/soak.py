@@ -6,8 +6,8 @@ Workers loop until the time is up, each request drawn at random: plain and strea
 completions, streamed chats, several choices, streams the client leaves after a chunk
 or two, clients that time out, and bad requests that must get a 4xx with the envelope.
 Every request has a hang limit; one that reaches it is a hang. At the end the server
-must be idle with no KV block in use, and its resident memory is compared with what it
-was after the warm-up. Talks to the server over HTTP only.
+must be idle with no KV block in use, and its resident memory (the front end's plus the
+engine process's, where it has one) is compared with what it was after the warm-up. Talks to the server over HTTP only.
 """
 
 import argparse
@@ -80,7 +80,10 @@ async def sample_server(http: httpx.AsyncClient, start: float) -> ServerSample:
     for family in text_string_to_metric_families((await http.get("/metrics")).text):
         for metric in family.samples:
             values[metric.name] = metric.value
-    return ServerSample(time.monotonic() - start, values.get("process_resident_memory_bytes", float("nan")),
+    # With --engine-core process the engine's own process holds most of the memory.
+    resident = values.get("process_resident_memory_bytes", float("nan")) + values.get(
+        "iterserve_engine_process_resident_memory_bytes", 0.0)
+    return ServerSample(time.monotonic() - start, resident,
                         values.get("iterserve_kv_cache_usage_perc", float("nan")),
                         values.get("iterserve_num_requests_running", float("nan")),
                         values.get("iterserve_num_requests_waiting", float("nan")))

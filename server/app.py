@@ -37,7 +37,8 @@ def build_serving(llm_engine: LLMEngine | EngineProcess, settings: ServerSetting
     runner = llm_engine if isinstance(llm_engine, EngineProcess) else EngineThread(llm_engine)
     info = runner.info
     metrics = EngineMetrics(settings.served_model_name, info.max_model_len, info.kv_bytes_per_block,
-                            settings.metrics_compat, tenant_names, tenant_slos)
+                            settings.metrics_compat, tenant_names, tenant_slos,
+                            engine_pid=runner.pid if isinstance(runner, EngineProcess) else None)
     engine = AsyncEngine(
         runner, observer=metrics.record_step, stats_by_tenant=metrics.tenants is not None,
         max_queued_requests=settings.max_queued_requests,

@@ -93,11 +93,15 @@ def length_buckets(max_model_len: int) -> list[int]:
 class EngineMetrics:
     def __init__(self, model_name: str, max_model_len: int, kv_bytes_per_block: int, compat: str | None = None,
                  tenant_names: list[str] | None = None,
-                 tenant_slos: dict[str, tuple[float | None, float | None]] | None = None):
+                 tenant_slos: dict[str, tuple[float | None, float | None]] | None = None,
+                 engine_pid: int | None = None):
         self.kv_bytes_per_block = kv_bytes_per_block  # for the swapped-bytes counters
         self.registry = CollectorRegistry(auto_describe=True)
         # process_resident_memory_bytes, CPU seconds, open fds: what a soak watches (vLLM exports them too).
         ProcessCollector(registry=self.registry)
+        if engine_pid is not None:
+            # The engine process holds the weights and the KV cache: its memory is most of the server's.
+            ProcessCollector(namespace="iterserve_engine", pid=lambda: engine_pid, registry=self.registry)
         self._children: dict[str, list] = {}
         namespaces = [("iterserve_", "finish_reason", lambda spec: (spec.name,))]
         if compat == "vllm":

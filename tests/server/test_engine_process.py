@@ -88,6 +88,18 @@ def test_a_disconnect_aborts_and_frees_the_kv_cache(process_server):
     assert post(process_server, "/v1/completions", {**LONG, "max_tokens": 2, "stream": False}).status_code == 200
 
 
+def test_metrics_show_the_engine_process_memory_beside_the_front_end(process_server):
+    samples = scrape(process_server)
+    engine_pid = process_server.engine_process.pid
+    front_end = sample(samples, "process_resident_memory_bytes")
+    engine = sample(samples, "iterserve_engine_process_resident_memory_bytes")
+    with open(f"/proc/{engine_pid}/statm") as statm:
+        resident_now = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    # The engine holds the model and its KV cache: it is its own process's figure, not the front end's.
+    assert engine == pytest.approx(resident_now, rel=0.2)
+    assert front_end > 0 and engine != front_end
+
+
 def test_a_refusal_keeps_its_status_across_the_process(own_process_server):
     server = own_process_server(max_queued_requests=0)
     body = {"model": "tiny", "prompt": ["a", "b", "c"], "max_tokens": 2, "n": 4}  # 12 sequences, 8 seats
