@@ -22,9 +22,11 @@ itself is tested on CPU (the Triton path under TRITON_INTERPRET=1).
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata, DecodeGroup, FlatBatch, context_slots, num_kv_splits
+from engine.input_batch import InputBatch
 from engine.model import LlamaForCausalLM
 from scheduler import ScheduledRequest
 
@@ -70,14 +72,15 @@ class DecodeInputs:
 
 
 def pad_decodes(decodes: list[ScheduledRequest], batch: int, context: int, block_size: int,
-                scratch_block: int) -> DecodeInputs:
+                scratch_block: int, input_batch: InputBatch) -> DecodeInputs:
     """Host tensors for `decodes` in rows [0, len(decodes)), then padding rows up to `batch`."""
     num_padding = batch - len(decodes)
     num_table_blocks = -(-context // block_size)
     positions = torch.tensor([s.start_position for s in decodes] + [0] * num_padding)
     input_ids = torch.tensor([s.request.all_token_ids[s.start_position] for s in decodes] + [0] * num_padding)
-    tables = [(s.block_ids + [scratch_block] * num_table_blocks)[:num_table_blocks] for s in decodes]
-    block_table = torch.tensor(tables + [[scratch_block] * num_table_blocks] * num_padding, dtype=torch.long)
+    tables = input_batch.tables(input_batch.rows(decodes), width=num_table_blocks, pad=scratch_block)
+    padding = np.full((num_padding, num_table_blocks), scratch_block, dtype=np.int32)
+    block_table = torch.from_numpy(np.concatenate([tables, padding]).astype(np.int64))
     context_positions = torch.arange(context).unsqueeze(0)
     slots = context_slots(block_table, context_positions, block_size)
     # A padding row sits at position 0 of the scratch block: it writes and reads that slot alone.
@@ -99,22 +102,23 @@ class PagedDecodeInputs:
 
 
 def pad_paged_decodes(decodes: list[ScheduledRequest], batch: int, block_size: int,
-                      scratch_block: int) -> PagedDecodeInputs:
+                      scratch_block: int, input_batch: InputBatch) -> PagedDecodeInputs:
     """Host tensors for `decodes` in rows [0, len(decodes)), then padding rows up to `batch`,
     whose one key is slot 0 of the scratch block. The table is as wide as the longest real
     row's blocks: columns past it in the device buffer keep earlier steps' block ids, which
     no row reads (its length bounds it)."""
     num_padding = batch - len(decodes)
-    width = max((len(s.block_ids) for s in decodes), default=1)
-    positions = [s.start_position for s in decodes]
-    tables = [s.block_ids + [scratch_block] * (width - len(s.block_ids)) for s in decodes]
+    rows = input_batch.rows(decodes)
+    positions = np.fromiter((s.start_position for s in decodes), dtype=np.int64, count=len(decodes))
+    tables = input_batch.tables(rows, pad=scratch_block)
+    padding = np.full((num_padding, tables.shape[1]), scratch_block, dtype=np.int32)
     return PagedDecodeInputs(
         input_ids=torch.tensor([s.request.all_token_ids[s.start_position] for s in decodes] + [0] * num_padding),
-        positions=torch.tensor(positions + [0] * num_padding),
-        slot_mapping=torch.tensor([s.block_ids[p // block_size] * block_size + p % block_size
-                                   for s, p in zip(decodes, positions)] + [-1] * num_padding),
-        seq_lens=torch.tensor([p + 1 for p in positions] + [1] * num_padding, dtype=torch.int32),
-        block_tables=torch.tensor(tables + [[scratch_block] * width] * num_padding, dtype=torch.int32))
+        positions=torch.from_numpy(np.concatenate([positions, np.zeros(num_padding, dtype=np.int64)])),
+        slot_mapping=torch.from_numpy(np.concatenate([input_batch.slot_mapping(rows, positions),
+                                                      np.full(num_padding, -1, dtype=np.int64)])),
+        seq_lens=torch.from_numpy(np.concatenate([positions + 1, np.ones(num_padding, dtype=np.int64)]).astype(np.int32)),
+        block_tables=torch.from_numpy(np.concatenate([tables, padding])))
 
 
 @dataclass(slots=True)
@@ -136,8 +140,9 @@ class StaticDecodeRunner:
 
     def __init__(self, model: LlamaForCausalLM, kv_caches: torch.Tensor, block_size: int,
                  max_batch: int, max_context: int, capture: bool, batch_sizes: tuple[int, ...] | None = None,
-                 triton_kernels=None):
+                 triton_kernels=None, input_batch: InputBatch | None = None):
         self.model = model
+        self.input_batch = input_batch or InputBatch(block_size)  # the eager path's rows, shared
         self.kv_caches = kv_caches
         self.block_size = block_size
         # ModelRunner allocates one block more than the scheduler's pool holds.
@@ -231,10 +236,11 @@ class StaticDecodeRunner:
 
     def _fill(self, static: StaticBatch, decodes: list[ScheduledRequest]) -> None:
         if self.triton_kernels is not None:
-            host = pad_paged_decodes(decodes, len(static.inputs.input_ids), self.block_size, self.scratch_block)
+            host = pad_paged_decodes(decodes, len(static.inputs.input_ids), self.block_size, self.scratch_block,
+                                     self.input_batch)
         else:
             batch, context = static.inputs.slots.shape
-            host = pad_decodes(decodes, batch, context, self.block_size, self.scratch_block)
+            host = pad_decodes(decodes, batch, context, self.block_size, self.scratch_block, self.input_batch)
         for field in fields(host):
             source = getattr(host, field.name)
             if self.device.type == "cuda":

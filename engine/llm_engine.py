@@ -195,6 +195,8 @@ class LLMEngine:
         started = time.perf_counter()
         self.last_step_shape = None
         plan = self.scheduler.schedule()
+        for request_id in plan.preempted_ids:
+            self.runner.forget(request_id, preempted=True)
         # Before anything else: blocks swapped out this step may be written by it.
         self.runner.swap_blocks(plan.swap_out, plan.swap_in)
         outputs = [self._final_output(request) for request in plan.timed_out]
@@ -287,4 +289,4 @@ class LLMEngine:
 
     def _forget(self, request_id: str) -> None:
         self._texts.pop(request_id, None)
-        self.runner.sampler.release(request_id)
+        self.runner.forget(request_id)

@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass, field
 import importlib
-import itertools
 
+import numpy as np
 import torch
 
 from engine import cpu_kernels
@@ -12,6 +12,7 @@ from engine.attention import (
     select_backend,
 )
 from engine.cuda_graphs import StaticDecodeRunner
+from engine.input_batch import InputBatch, step_positions
 from engine.model import LlamaForCausalLM
 from engine.sampler import Sampler, TokenLogprobs
 from scheduler import ScheduledRequest, SchedulerOutput
@@ -20,12 +21,6 @@ from scheduler import ScheduledRequest, SchedulerOutput
 # Short contexts are grouped together regardless of ratio: an extra attention call per
 # layer costs more than reading a few dozen padded slots.
 MIN_DECODE_GROUP_CONTEXT = 128
-
-
-def block_table(scheduled: list[ScheduledRequest]) -> torch.Tensor:
-    """int32 [len(scheduled), most blocks], each row padded with block 0 (never read: lengths bound it)."""
-    width = max(len(s.block_ids) for s in scheduled)
-    return torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in scheduled], dtype=torch.int32)
 
 
 @dataclass(slots=True)
@@ -81,6 +76,14 @@ class ModelRunner:
         self.attention_path = {"torch": "torch, gathered groups", "triton": "triton, one launch per layer"}.get(
             self.attention_backend) or f"C++ kernel, {self.decode_kernel.isa()} build"
         self.static_decode: StaticDecodeRunner | None = None
+        self.batch = InputBatch(block_size)
+
+    def forget(self, request_id: str, preempted: bool = False) -> None:
+        """`request_id` finished, or was preempted: its row goes (its blocks will change). A
+        preempted request keeps its sampler state, so a seeded one draws on where it left off."""
+        self.batch.forget(request_id)
+        if not preempted:
+            self.sampler.release(request_id)
 
     def swap_blocks(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
         """Copy whole blocks device -> host (`swap_out` pairs), then host -> device (`swap_in`).
@@ -105,7 +108,7 @@ class ModelRunner:
         with `capture`, replay them as CUDA graphs."""
         self.static_decode = StaticDecodeRunner(
             self.model, self.kv_caches, self.block_size, max_batch, max_context, capture, batch_sizes,
-            self.triton_kernels)
+            self.triton_kernels, self.batch)
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> StepResult:
@@ -137,78 +140,67 @@ class ModelRunner:
         # contiguous rows; then prompt chunks, attended one by one.
         decodes = sorted((s for s in output.scheduled if s.num_new_tokens == 1), key=lambda s: s.start_position)
         chunks = [s for s in output.scheduled if s.num_new_tokens > 1]
-        block_size = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        logits_rows: list[int] = []
-        sampling: list[ScheduledRequest] = []
-        prefills: list[PrefillSpan] = []
-        for scheduled in decodes + chunks:
+        order = decodes + chunks
+        rows = self.batch.rows(order)
+        starts = np.fromiter((s.start_position for s in order), dtype=np.int64, count=len(order))
+        num_new = np.fromiter((s.num_new_tokens for s in order), dtype=np.int64, count=len(order))
+        query_start_loc, sequence, positions = step_positions(starts, num_new)
+        input_ids = [s.request.all_token_ids[s.start_position] for s in decodes]
+        for scheduled in chunks:
             start = scheduled.start_position
-            end = start + scheduled.num_new_tokens
-            query_start = len(input_ids)
-            block_ids = scheduled.block_ids
-            input_ids.extend(scheduled.request.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            slot_mapping.extend(block_ids[p // block_size] * block_size + p % block_size for p in range(start, end))
-            if scheduled.num_new_tokens > 1 and self.triton_kernels is None:
-                prefills.append(self._prefill_span(scheduled, query_start, len(input_ids)))
-            if scheduled.samples:
-                logits_rows.append(len(input_ids) - 1)
-                sampling.append(scheduled)
+            input_ids.extend(scheduled.request.all_token_ids[start:start + scheduled.num_new_tokens])
+        samples = np.fromiter((s.samples for s in order), dtype=bool, count=len(order))
 
-        meta = AttentionMetadata(slot_mapping=self._tensor(slot_mapping), decode_groups=[], prefills=prefills)
+        meta = AttentionMetadata(slot_mapping=self._to_device(self.batch.slot_mapping(rows[sequence], positions)),
+                                 decode_groups=[], prefills=[])
         if self.triton_kernels is not None:
-            meta.flat = self._flat_batch(decodes + chunks)
-        elif self.decode_kernel is not None and decodes:
-            meta.paged_decodes = self._paged_decodes(decodes)
+            meta.flat = self._flat_batch(rows, starts + num_new, query_start_loc, int(num_new.max()))
         else:
-            meta.decode_groups = self._decode_groups(decodes)
+            meta.prefills = [self._prefill_span(s, int(query_start_loc[len(decodes) + i]),
+                                                int(query_start_loc[len(decodes) + i + 1]))
+                             for i, s in enumerate(chunks)]
+            decode_rows, context_lens = rows[:len(decodes)], starts[:len(decodes)] + 1
+            if self.decode_kernel is not None and decodes:
+                meta.paged_decodes = PagedDecodes(len(decodes), torch.from_numpy(self.batch.tables(decode_rows)),
+                                                  torch.from_numpy(context_lens.astype(np.int32)), self.block_size,
+                                                  self.decode_kernel)
+            else:
+                meta.decode_groups = self._decode_groups(decode_rows, context_lens)
         return ModelInput(
             input_ids=self._tensor(input_ids),
-            positions=self._tensor(positions),
+            positions=self._to_device(positions),
             meta=meta,
-            logits_indices=self._tensor(logits_rows),
-            sampling=sampling,
+            logits_indices=self._to_device(query_start_loc[1:][samples] - 1),
+            sampling=[s for s, sample in zip(order, samples) if sample],
         )
 
-    def _paged_decodes(self, decodes: list[ScheduledRequest]) -> PagedDecodes:
-        context_lens = torch.tensor([s.start_position + 1 for s in decodes], dtype=torch.int32)
-        return PagedDecodes(len(decodes), block_table(decodes), context_lens, self.block_size, self.decode_kernel)
-
-    def _flat_batch(self, scheduled: list[ScheduledRequest]) -> FlatBatch:
-        query_lens = [s.num_new_tokens for s in scheduled]
-        seq_lens = [s.start_position + s.num_new_tokens for s in scheduled]
-        int32 = dict(dtype=torch.int32)
+    def _flat_batch(self, rows: np.ndarray, seq_lens: np.ndarray, query_start_loc: np.ndarray,
+                    max_query_len: int) -> FlatBatch:
         return FlatBatch(
-            query_start_loc=self._to_device(torch.tensor([0, *itertools.accumulate(query_lens)], **int32)),
-            seq_lens=self._to_device(torch.tensor(seq_lens, **int32)),
-            block_tables=self._to_device(block_table(scheduled)),
-            max_query_len=max(query_lens), block_size=self.block_size,
-            num_splits=num_kv_splits(len(scheduled) * self.model.args.num_kv_heads, max(query_lens),
-                                     max(seq_lens), self.device),
+            query_start_loc=self._to_device(query_start_loc.astype(np.int32)),
+            seq_lens=self._to_device(seq_lens.astype(np.int32)),
+            block_tables=self._to_device(self.batch.tables(rows)),
+            max_query_len=max_query_len, block_size=self.block_size,
+            num_splits=num_kv_splits(len(rows) * self.model.args.num_kv_heads, max_query_len,
+                                     int(seq_lens.max()), self.device),
             kernels=self.triton_kernels)
 
-    def _decode_groups(self, decodes: list[ScheduledRequest]) -> list[DecodeGroup]:
+    def _decode_groups(self, rows: np.ndarray, context_lens: np.ndarray) -> list[DecodeGroup]:
         """Split decodes (sorted by context) where a context is over twice its group's shortest."""
         groups, start = [], 0
-        for end in range(1, len(decodes) + 1):
-            if end == len(decodes) or decodes[end].start_position + 1 > 2 * max(
-                    decodes[start].start_position + 1, MIN_DECODE_GROUP_CONTEXT):
-                groups.append(self._decode_group(decodes, start, end))
+        for end in range(1, len(rows) + 1):
+            if end == len(rows) or context_lens[end] > 2 * max(context_lens[start], MIN_DECODE_GROUP_CONTEXT):
+                groups.append(self._decode_group(rows[start:end], context_lens[start:end], start, end))
                 start = end
         return groups
 
-    def _decode_group(self, decodes: list[ScheduledRequest], start: int, end: int) -> DecodeGroup:
-        decodes = decodes[start:end]
-        context_lens = torch.tensor([s.start_position + 1 for s in decodes])
+    def _decode_group(self, rows: np.ndarray, context_lens: np.ndarray, start: int, end: int) -> DecodeGroup:
         max_context = int(context_lens.max())
         max_blocks = -(-max_context // self.block_size)
-        block_table = torch.tensor([(s.block_ids + [0] * max_blocks)[:max_blocks] for s in decodes])
+        block_table = torch.from_numpy(self.batch.block_table[rows, :max_blocks].astype(np.int64))
         positions = torch.arange(max_context).unsqueeze(0)
         slots = context_slots(block_table, positions, self.block_size)
-        mask = (positions < context_lens.unsqueeze(1)).view(len(decodes), 1, 1, max_context)
+        mask = (positions < torch.from_numpy(context_lens).unsqueeze(1)).view(len(rows), 1, 1, max_context)
         return DecodeGroup(start, end, self._to_device(slots), self._to_device(mask))
 
     def _prefill_span(self, scheduled: ScheduledRequest, query_start: int, query_end: int) -> PrefillSpan:
@@ -225,7 +217,9 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return self._to_device(torch.tensor(values, dtype=torch.long))
 
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _to_device(self, tensor: torch.Tensor | np.ndarray) -> torch.Tensor:
+        if isinstance(tensor, np.ndarray):
+            tensor = torch.from_numpy(tensor)
         if self.device.type == "cpu":
             return tensor
         # Pinned host memory lets the copy overlap with work already queued on the GPU.

@@ -11,6 +11,7 @@ from engine import LLM
 from engine.cuda_graphs import (
     MAX_GRAPH_SLOTS, StaticDecodeRunner, batch_buckets, context_buckets, pad_decodes, pad_paged_decodes,
 )
+from engine.input_batch import InputBatch
 from scheduler import Request, SamplingParams, ScheduledRequest
 
 BLOCK = 16
@@ -54,8 +55,9 @@ def test_only_pure_decode_steps_within_the_cap_are_bucketed():
 def test_padding_rows_write_and_read_only_the_scratch_slot():
     block, scratch_block = 4, 9
     scratch_slot = scratch_block * block
-    decodes = [decode(3, [5]), decode(6, [2, 7])]  # positions 2 and 5
-    inputs = pad_decodes(decodes, batch=4, context=8, block_size=block, scratch_block=scratch_block)
+    decodes = [decode(3, [5], "a"), decode(6, [2, 7], "b")]  # positions 2 and 5
+    inputs = pad_decodes(decodes, batch=4, context=8, block_size=block, scratch_block=scratch_block,
+                         input_batch=InputBatch(block))
 
     assert inputs.positions.tolist() == [2, 5, 0, 0]
     assert inputs.input_ids.tolist() == [102, 105, 0, 0]
@@ -152,8 +154,9 @@ def test_on_the_triton_backend_steps_are_padded_in_rows_alone(tiny_model_path):
 
 def test_paged_padding_rows_attend_one_scratch_slot_and_store_nowhere():
     block, scratch_block = 4, 9
-    decodes = [decode(3, [5]), decode(6, [2, 7])]  # positions 2 and 5
-    inputs = pad_paged_decodes(decodes, batch=4, block_size=block, scratch_block=scratch_block)
+    decodes = [decode(3, [5], "a"), decode(6, [2, 7], "b")]  # positions 2 and 5
+    inputs = pad_paged_decodes(decodes, batch=4, block_size=block, scratch_block=scratch_block,
+                               input_batch=InputBatch(block))
     assert inputs.positions.tolist() == [2, 5, 0, 0]
     assert inputs.slot_mapping.tolist() == [5 * block + 2, 7 * block + 1, -1, -1]
     assert inputs.seq_lens.tolist() == [3, 6, 1, 1]
