@@ -126,7 +126,7 @@ class ModelRunner:
         result = StepResult()
         if not sampling:
             return result
-        logits = self.model.compute_logits(hidden[logits_indices]).float()
+        logits = self.model.compute_logits(hidden[logits_indices])
         requests = [s.request for s in sampling]
         tokens, logprobs = self.sampler.sample(logits, requests)
         for request, token, token_logprobs in zip(requests, tokens, logprobs):

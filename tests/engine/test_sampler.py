@@ -31,6 +31,20 @@ def test_greedy_takes_the_argmax():
     assert logprobs == [None, None]
 
 
+def test_greedy_on_bfloat16_logits_is_the_float_argmax_and_the_first_of_ties():
+    # A greedy-only batch is sampled from the model's own dtype, with no float copy.
+    logits = torch.randn(64, 4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    logits[3, 10] = logits[3, 20] = logits[3].max() + 1  # a tie: the lower id wins, as argmax gives it
+    requests = [make_request(f"r{i}", temperature=0.0) for i in range(64)]
+    tokens, _ = Sampler().sample(logits, requests)
+    assert tokens == logits.float().argmax(dim=-1).tolist()
+    assert tokens[3] == 10
+    # With a row that needs the float path in the batch, the greedy rows agree.
+    requests[5] = make_request("r5", temperature=0.0, logprobs=1)
+    mixed, logprobs = Sampler().sample(logits, requests)
+    assert mixed == tokens and logprobs[5].token_id == tokens[5]
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy():
     logits = peaked_logits(2)
     requests = [make_request("a", temperature=1.5, top_k=1), make_request("b", temperature=1.5, top_p=1e-6)]
