@@ -42,6 +42,7 @@ class Workload:
 
 WORKLOADS = {w.name: w for w in (
     Workload("smollm2-512x128x256", "smollm2", 512, 128, 256),
+    Workload("smollm2-1000x256x128", "smollm2", 1000, 256, 128),  # issue 10: the HTTP run's offline twin
     Workload("8b-512x512x256", "llama3-8b", 512, 512, 256),
     Workload("8b-64x1024x256", "llama3-8b", 64, 1024, 256),
     Workload("8b-256x2048x64", "llama3-8b", 256, 2048, 64),

@@ -33,8 +33,10 @@ class Sampler:
             # bfloat16 takes twice as long (both give the first of equal largest values).
             return logits.max(dim=-1).indices.tolist(), [None] * len(params)
         logits = logits.float()
-        # Logprobs are reported from the model's own distribution, before any processing.
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
+        # Logprobs are reported from the model's own distribution, before any processing,
+        # and computed for the rows that ask alone.
+        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
         if any(p.has_penalties for p in params):
             logits = apply_penalties(logits.clone(), requests)
 
@@ -45,10 +47,12 @@ class Sampler:
             chosen = self._sample_random(logits[rows], [requests[i] for i in random_rows])
             tokens[rows] = chosen
         token_list = tokens.tolist()
-        logprobs = [
-            _token_logprobs(raw_logprobs[i], token_list[i], p.logprobs) if p.logprobs is not None else None
-            for i, p in enumerate(params)
-        ]
+        logprobs: list[TokenLogprobs | None] = [None] * len(params)
+        if logprob_rows:
+            chosen = [token_list[i] for i in logprob_rows]
+            numbers = [params[i].logprobs for i in logprob_rows]
+            for i, token_logprobs in zip(logprob_rows, _token_logprobs(raw_logprobs, chosen, numbers)):
+                logprobs[i] = token_logprobs
         return token_list, logprobs
 
     def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -119,9 +123,12 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
     return logits
 
 
-def _token_logprobs(row: torch.Tensor, token_id: int, num_top: int) -> TokenLogprobs:
-    top = []
-    if num_top:
-        values, indices = row.topk(num_top)
-        top = list(zip(indices.tolist(), values.tolist()))
-    return TokenLogprobs(token_id, row[token_id].item(), top)
+def _token_logprobs(rows: torch.Tensor, token_ids: list[int], numbers: list[int]) -> list[TokenLogprobs]:
+    """Each row's sampled token and its `numbers[i]` best, read back in one copy per kind."""
+    index = torch.tensor(token_ids, device=rows.device).unsqueeze(1)
+    chosen = rows.gather(1, index).squeeze(1).tolist()
+    most = max(numbers)
+    top_values, top_ids = rows.topk(most, dim=-1) if most else (rows[:, :0], rows[:, :0].long())
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [TokenLogprobs(token_id, logprob, list(zip(ids[:number], values[:number])))
+            for token_id, logprob, ids, values, number in zip(token_ids, chosen, top_ids, top_values, numbers)]
