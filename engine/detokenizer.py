@@ -47,3 +47,52 @@ class IncrementalDetokenizer:
 
     def _decode(self, start: int, end: int) -> str:
         return self.tokenizer.decode(self.token_ids[start:end], skip_special_tokens=self.skip_special_tokens)
+
+
+@dataclass(slots=True)
+class RequestText:
+    """One request's output text: decoded token by token, searched for its stop strings, and
+    released short of any tail that could still become one. The engine keeps one per request
+    for the offline API; the server's front end keeps them itself (issue 10), so the engine
+    process never decodes text."""
+
+    detokenizer: IncrementalDetokenizer
+    stop: list[str]
+    include_stop_str_in_output: bool = False
+    text: str = ""
+    num_released: int = 0
+    stopped: bool = False  # a stop string was found: the request ends at this token
+
+    @classmethod
+    def start(cls, tokenizer, prompt_token_ids: list[int], params) -> "RequestText":
+        """`params`: the request's SamplingParams."""
+        return cls(IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens),
+                   list(params.stop), params.include_stop_str_in_output)
+
+    def add(self, token_id: int, last: bool) -> str:
+        """Take the next token (`last` when the engine ended the request on it) and return the
+        text that can go to the client now; `stopped` is set if a stop string ended it here."""
+        self.text += self.detokenizer.add(token_id)
+        if last:
+            self.text += self.detokenizer.flush()
+        if self.stop and self._truncate_at_stop():
+            self.stopped = True
+        if last or self.stopped:
+            released = len(self.text)
+        else:
+            # Hold back a tail that could be the start of a stop string.
+            held = max((len(s) for s in self.stop), default=1) - 1
+            released = max(self.num_released, len(self.text) - held)
+        new_text = self.text[self.num_released:released]
+        self.num_released = released
+        return new_text
+
+    def _truncate_at_stop(self) -> bool:
+        # Only the tail can hold a new match: earlier text was searched on earlier steps.
+        search_from = max(0, self.num_released - max(len(s) for s in self.stop))
+        found = [(index, s) for s in self.stop if (index := self.text.find(s, search_from)) >= 0]
+        if not found:
+            return False
+        index, stop = min(found)
+        self.text = self.text[: index + len(stop) if self.include_stop_str_in_output else index]
+        return True

@@ -9,7 +9,7 @@ import torch
 
 from engine import host
 from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import RequestText
 from engine.loader import linear_path, load_model, resolve_device, resolve_dtype, resolve_model_path
 from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.sampler import TokenLogprobs
@@ -60,15 +60,6 @@ class Completion:
         self.num_cached_tokens = output.num_cached_tokens
         if output.finished:
             self.finished, self.finish_reason, self.error = True, output.finish_reason, output.error
-
-
-@dataclass(slots=True)
-class _TextState:
-    """Per-request text: detokenizer, stop-string search, and how much has been released."""
-
-    detokenizer: IncrementalDetokenizer
-    text: str = ""
-    num_released: int = 0
 
 
 def check_prompt(token_ids: list[int], vocab_size: int, max_model_len: int) -> None:
@@ -122,7 +113,10 @@ class LLMEngine:
         if config.cuda_graphs:
             self.runner.use_static_decode(config.max_num_seqs, self.max_model_len, capture=True,
                                           batch_sizes=config.cuda_graph_sizes)
-        self._texts: dict[str, _TextState] = {}
+        self._texts: dict[str, RequestText] = {}
+        # Whether outputs carry text and stop strings end requests here; the server's front end
+        # does both itself and turns this off (issue 10).
+        self.detokenize = True
         self.observe_steps = True  # feed each step's time to the scheduler's cost model
         self.last_step_shape = None  # the last step's work, for a caller that times steps itself
         # Which kernels this host got: logged once, and shown by the server's /version.
@@ -175,8 +169,8 @@ class LLMEngine:
             slo_tpot_s=slo_tpot_s,
         )
         self.scheduler.add_request(request)
-        self._texts[request.request_id] = _TextState(
-            IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens))
+        if self.detokenize:
+            self._texts[request.request_id] = RequestText.start(self.tokenizer, token_ids, params)
         return request.request_id
 
     def check_prompt(self, token_ids: list[int]) -> None:
@@ -232,46 +226,26 @@ class LLMEngine:
     # -- outputs ----------------------------------------------------------------------
 
     def _output(self, request: Request, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
-        state = self._texts[request.request_id]
-        params = request.sampling_params
-        state.text += state.detokenizer.add(token_id)
-        if request.is_finished:
-            state.text += state.detokenizer.flush()
-        if params.stop and self._truncate_at_stop(state, params):
-            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
-        if request.is_finished:
-            released = len(state.text)
-        else:
-            # Hold back a tail that could be the start of a stop string.
-            held = max((len(s) for s in params.stop), default=1) - 1
-            released = max(state.num_released, len(state.text) - held)
-        new_text = state.text[state.num_released:released]
-        state.num_released = released
+        text = self._texts.get(request.request_id)
+        new_text = ""
+        if text is not None:
+            new_text = text.add(token_id, request.is_finished)
+            if text.stopped and not request.is_finished:
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
         output = RequestOutput(
             request_id=request.request_id,
             new_token_ids=[token_id],
             new_text=new_text,
             finished=request.is_finished,
             times=request.times(),
-            finish_reason=request.status.finish_reason,
+            # A stop string found on the token that also reached max_tokens still cut the text.
+            finish_reason="stop" if text is not None and text.stopped else request.status.finish_reason,
             new_logprobs=[logprobs] if logprobs is not None else [],
             num_cached_tokens=request.num_cached_tokens,
         )
         if request.is_finished:
             self._forget(request.request_id)
         return output
-
-    @staticmethod
-    def _truncate_at_stop(state: _TextState, params: SamplingParams) -> bool:
-        # Only the tail can hold a new match: earlier text was searched on earlier steps.
-        search_from = max(0, state.num_released - max(len(s) for s in params.stop))
-        found = [(state.text.find(s, search_from), s) for s in params.stop]
-        found = [(index, s) for index, s in found if index >= 0]
-        if not found:
-            return False
-        index, stop = min(found)
-        state.text = state.text[: index + len(stop) if params.include_stop_str_in_output else index]
-        return True
 
     def _final_output(self, request: Request) -> RequestOutput:
         """The end of a request that stopped between tokens (abort, timeout, a failed step):

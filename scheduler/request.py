@@ -51,19 +51,26 @@ FINISH_REASONS = tuple(status.finish_reason for status in RequestStatus if statu
 
 
 def within_slo(request: "Request") -> bool:
-    """Whether a finished request counts toward goodput: it ended normally (stop or length),
-    its first token came within its TTFT target and its mean time per output token after
-    that within its TPOT target (a request without targets only has to end normally)."""
+    """Whether a finished request counts toward goodput: it ended normally (stop or length)
+    and met its targets (see meets_targets)."""
     if request.status not in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
         return False
-    if request.first_token_time is None:
+    return meets_targets(request.arrival_time, request.first_token_time, request.last_token_time,
+                         len(request.output_token_ids), request.slo_ttft_s, request.slo_tpot_s)
+
+
+def meets_targets(arrival_time: float, first_token_time: float | None, last_token_time: float | None,
+                  num_output_tokens: int, slo_ttft_s: float | None, slo_tpot_s: float | None) -> bool:
+    """Whether the first token came within the TTFT target and the mean time per output token
+    after it within the TPOT target (no targets: a first token is enough). Plain values, so a
+    front end that ends a request at a stop string can judge it too."""
+    if first_token_time is None:
         return False
-    if request.slo_ttft_s is not None and request.first_token_time - request.arrival_time > request.slo_ttft_s:
+    if slo_ttft_s is not None and first_token_time - arrival_time > slo_ttft_s:
         return False
-    num_after_first = len(request.output_token_ids) - 1
-    if request.slo_tpot_s is not None and num_after_first > 0:
-        tpot = (request.last_token_time - request.first_token_time) / num_after_first
-        if tpot > request.slo_tpot_s:
+    num_after_first = num_output_tokens - 1
+    if slo_tpot_s is not None and num_after_first > 0:
+        if (last_token_time - first_token_time) / num_after_first > slo_tpot_s:
             return False
     return True
 

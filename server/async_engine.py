@@ -8,7 +8,9 @@ outputs come back through the listener methods below, handed to the event loop w
 thread that reads the engine process's messages. When no request is unfinished the
 loop blocks on its commands, so an idle server burns no CPU; while a static or dynamic
 batch fills it waits until the batch is due. A long step never stalls HTTP: the event
-loop only parses, streams and detokenizes logprob tokens.
+loop only parses, streams and detokenizes logprob tokens. The engine sends token ids; they
+become text, and stop strings end requests, on the thread that hears each iteration
+(server/output_text.py), never on the engine's loop.
 """
 
 import asyncio
@@ -25,6 +27,7 @@ from server.engine_core import (
 )
 from server.engine_process import EngineProcess
 from server.errors import APIError, EngineError, QueueFullError, ServiceUnavailableError
+from server.output_text import OutputText
 from server.rate_limit import RateLimited, TokenBucket
 
 logger = logging.getLogger(__name__)
@@ -103,12 +106,18 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine | EngineThread | EngineProcess, observer: StepObserver | None = None,
                  max_queued_requests: int | None = None, tenant_max_queued: dict[str, int] | None = None,
                  tenant_tokens_per_minute: dict[str, int] | None = None,
-                 on_reject: RejectionObserver | None = None, stats_by_tenant: bool = False):
+                 on_reject: RejectionObserver | None = None, stats_by_tenant: bool = False,
+                 tokenizer=None):
         """`engine`: an LLMEngine to run on a thread here, or where to run it. `observer` is
         told of each iteration's outputs and the scheduler's state after it (with per-tenant
-        counts when `stats_by_tenant`)."""
+        counts when `stats_by_tenant`). `tokenizer` decodes outputs, and nothing else may use
+        it (by default: an engine thread's own, which its engine leaves idle, or a new one)."""
         self._runner = engine if isinstance(engine, (EngineThread, EngineProcess)) else EngineThread(engine)
         self.info: EngineInfo = self._runner.info
+        if tokenizer is None:
+            tokenizer = self._runner.engine.tokenizer if isinstance(self._runner, EngineThread) else _load_tokenizer(
+                self.info.model_path)
+        self._text = OutputText(tokenizer)
         self.observer = observer
         self.on_reject = on_reject
         self.max_queued_requests = max_queued_requests
@@ -174,6 +183,7 @@ class AsyncEngine:
         stream = OutputStream(self, [request.request_id for request in requests])
         for request in requests:
             self._streams[request.request_id] = stream
+        self._text.start(requests)
         self._idle.clear()
         self._inbox.put((ADD, requests))
         return stream
@@ -293,6 +303,7 @@ class AsyncEngine:
             self._set_seats(seats)
 
     def refused(self, failures: list[Failure]) -> None:
+        self._text.forget([request_id for request_id, _ in failures])
         self._call_loop(self._deliver, [], failures)
 
     def queued(self, request_ids: list[str]) -> None:
@@ -304,6 +315,9 @@ class AsyncEngine:
     def stepped(self, outputs: list[RequestOutput], seats: Seats, stats: SchedulerStats | None) -> None:
         with self._lock:
             self._set_seats(seats)
+        outputs, stopped = self._text.process(outputs)
+        if stopped:
+            self.abort(stopped)
         if self.observer is not None:
             try:
                 self.observer(outputs, stats)
@@ -314,6 +328,7 @@ class AsyncEngine:
 
     def died(self, error: EngineError) -> None:
         self.error = error
+        self._text.clear()
         self._call_loop(self._fail_all, error)
 
     def _set_seats(self, seats: Seats) -> None:
@@ -328,3 +343,9 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
+
+
+def _load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)

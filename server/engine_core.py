@@ -5,7 +5,8 @@ left to do), apply them, step the engine while work is left, and tell the front 
 the thread that runs it touches the `LLMEngine`. Everything it tells the front end goes
 through the `CoreListener` methods, each with plain values (outputs, errors, counts, a
 stats snapshot): the seam along which the engine can move to a process of its own
-(issue 10), where each call becomes a message.
+(issue 10), where each call becomes a message. Outputs carry token ids, not text: the
+front end decodes them and finds stop strings, off the engine's loop.
 
 Where it runs is an `EngineThread` (here) or an `EngineProcess` (server/engine_process.py):
 both take the listener and a `take_commands` to start, and say whether the core is alive.
@@ -119,6 +120,9 @@ class EngineCore:
         self.engine = engine
         # The loop times whole iterations for the cost model itself (see run).
         engine.observe_steps = False
+        # Text is the front end's (AsyncEngine): outputs carry token ids, and a stop string
+        # found there comes back as an abort.
+        engine.detokenize = False
         self.listener = listener
         self.wants_stats = options.wants_stats
         self.stats_by_tenant = options.stats_by_tenant

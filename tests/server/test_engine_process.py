@@ -88,6 +88,35 @@ def test_a_disconnect_aborts_and_frees_the_kv_cache(process_server):
     assert post(process_server, "/v1/completions", {**LONG, "max_tokens": 2, "stream": False}).status_code == 200
 
 
+def test_a_stop_string_ends_the_request_as_the_offline_engine_ends_it(process_server, tiny_model_path):
+    from engine import LLM
+    from scheduler import SamplingParams
+
+    body = {"model": "tiny", "prompt": "The capital of France is", "max_tokens": 24, "temperature": 0,
+            "ignore_eos": True}
+    full = post(process_server, "/v1/completions", body).json()["choices"][0]["text"]
+    stop = next(full[i:i + 2] for i in range(4, len(full) - 2)
+                if full[i:i + 2].strip() and full.find(full[i:i + 2]) == i)
+    before = scrape(process_server)
+    answer = post(process_server, "/v1/completions", {**body, "stop": [stop]}).json()
+    offline = LLM(str(tiny_model_path), num_kv_blocks=64, max_model_len=512).generate(
+        "The capital of France is", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    # The front end found it, the engine process was told to abort: the client sees the offline answer.
+    assert answer["choices"][0]["text"] == offline.text == full[:full.index(stop)]
+    assert answer["choices"][0]["finish_reason"] == offline.finish_reason == "stop"
+    assert answer["usage"]["completion_tokens"] == len(offline.token_ids) < 24
+    wait_until(lambda: sample(scrape(process_server), "iterserve_num_requests_running", model_name="tiny") == 0,
+               what="the stopped request to leave its seat")
+    after = scrape(process_server)
+    assert sample(after, "iterserve_kv_cache_usage_perc", model_name="tiny") == 0
+
+    def finished(samples, reason):
+        return sample(samples, "iterserve_requests_finished_total", model_name="tiny", finish_reason=reason)
+
+    assert finished(after, "stop") - finished(before, "stop") == 1
+    assert finished(after, "abort") == finished(before, "abort")  # the abort that freed it is not the client's
+
+
 def test_metrics_show_the_engine_process_memory_beside_the_front_end(process_server):
     samples = scrape(process_server)
     engine_pid = process_server.engine_process.pid
