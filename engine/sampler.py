@@ -1,6 +1,7 @@
 """Turns one step's logits into tokens: penalties, temperature, top-k/top-p/min-p, seeds, logprobs."""
 
 from dataclasses import dataclass
+import itertools
 
 import torch
 
@@ -38,7 +39,7 @@ class Sampler:
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
         if any(p.has_penalties for p in params):
-            logits = apply_penalties(logits.clone(), requests)
+            logits = apply_penalties(logits.clone(memory_format=torch.contiguous_format), requests)
 
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
@@ -103,24 +104,43 @@ def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> to
 
 
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """Repetition (over prompt and output, as in CTRL), presence and frequency (output only, as OpenAI)."""
-    vocab = logits.shape[-1]
-    for row, request in enumerate(requests):
-        params = request.sampling_params
-        if not params.has_penalties:
-            continue
-        output_ids = torch.tensor(request.output_token_ids, dtype=torch.long, device=logits.device)
-        counts = torch.bincount(output_ids, minlength=vocab)[:vocab].to(logits.dtype)
-        row_logits = logits[row]
-        if params.repetition_penalty != 1.0:
-            seen = counts > 0
-            seen[torch.tensor(request.prompt_token_ids, dtype=torch.long, device=logits.device)] = True
-            penalty = params.repetition_penalty
-            penalized = torch.where(row_logits > 0, row_logits / penalty, row_logits * penalty)
-            row_logits = torch.where(seen, penalized, row_logits)
-        row_logits = row_logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
-        logits[row] = row_logits
+    """Repetition (over prompt and output, as in CTRL), presence and frequency (output only, as
+    OpenAI), on the rows whose requests ask; `logits` is contiguous and changed in place.
+
+    Only the entries of tokens a request has seen change, so they are addressed directly, as
+    row * vocab + token over the flat logits: a dozen kernels and a few small copies for the
+    whole batch, where a pass per row over the vocabulary cost a dozen kernels per row on a
+    GPU, and a pass over the whole batch is bound by memory on a CPU."""
+    rows = [row for row, request in enumerate(requests) if request.sampling_params.has_penalties]
+    if not rows:
+        return logits
+    vocab, flat = logits.shape[-1], logits.view(-1)
+    output_keys = _token_keys(rows, [requests[row].output_token_ids for row in rows], vocab, logits.device)
+    repeating = [row for row in rows if requests[row].sampling_params.repetition_penalty != 1.0]
+    if repeating:
+        in_prompt = _token_keys(repeating, [requests[row].prompt_token_ids for row in repeating], vocab, logits.device)
+        seen_output = output_keys[torch.isin(output_keys // vocab, torch.tensor(repeating, device=logits.device))]
+        seen = torch.unique(torch.cat([in_prompt, seen_output]))
+        penalty = _by_row([r.sampling_params.repetition_penalty for r in requests], logits)[seen // vocab]
+        values = flat[seen]
+        flat[seen] = torch.where(values > 0, values / penalty, values * penalty)
+    keys, counts = torch.unique(output_keys, return_counts=True)
+    row_of = keys // vocab
+    frequency = _by_row([r.sampling_params.frequency_penalty for r in requests], logits)[row_of]
+    presence = _by_row([r.sampling_params.presence_penalty for r in requests], logits)[row_of]
+    flat[keys] = flat[keys] - frequency * counts.to(logits.dtype) - presence
     return logits
+
+
+def _token_keys(rows: list[int], token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """row * vocab + token for every token of each row's list, in one tensor on `device`."""
+    tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long, device=device)
+    lengths = torch.tensor([len(ids) for ids in token_lists], device=device)
+    return torch.repeat_interleave(torch.tensor(rows, device=device) * vocab, lengths) + tokens
+
+
+def _by_row(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
 def _token_logprobs(rows: torch.Tensor, token_ids: list[int], numbers: list[int]) -> list[TokenLogprobs]:

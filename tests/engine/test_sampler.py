@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from engine.sampler import Sampler
+from engine.sampler import Sampler, apply_penalties
 from scheduler import Request, SamplingParams
 
 VOCAB = 50
@@ -105,6 +105,36 @@ def test_penalties_move_away_from_repeated_tokens():
     # Repetition penalty covers the prompt too: 7 in the prompt, 5.0 / 2 < 4.5.
     assert sampler.sample(logits, [make_request(temperature=0.0, prompt=[7], repetition_penalty=2.0)])[0] == [9]
     assert sampler.sample(logits, [make_request(temperature=0.0, output=[7])])[0] == [7]
+
+
+def penalized_row(logits: torch.Tensor, request: Request) -> torch.Tensor:
+    """The penalties' definition, one row at a time."""
+    params = request.sampling_params
+    counts = torch.bincount(torch.tensor(request.output_token_ids, dtype=torch.long), minlength=VOCAB).float()
+    if params.repetition_penalty != 1.0:
+        seen = counts > 0
+        seen[torch.tensor(request.prompt_token_ids, dtype=torch.long)] = True
+        penalty = params.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+
+
+def test_penalties_on_a_mixed_batch_are_each_rows_own_exactly():
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, VOCAB, generator=generator) * 4
+    requests = [
+        make_request("plain", output=(7, 7, 9)),
+        make_request("presence", output=(7, 7, 9), presence_penalty=0.5),
+        make_request("frequency", prompt=(4,), output=(3, 3, 3, 11), frequency_penalty=-1.25),
+        make_request("repetition", prompt=(1, 2, 40), output=(2, 8), repetition_penalty=1.7),
+        make_request("all", prompt=(5, 5, 6), output=(6, 0, 49, 49), repetition_penalty=0.6,
+                     presence_penalty=-0.3, frequency_penalty=0.9),
+        make_request("no output yet", prompt=(9, 10), repetition_penalty=1.9, presence_penalty=1.0),
+    ]
+    got = apply_penalties(logits.clone(), requests)
+    for row, request in enumerate(requests):
+        expected = penalized_row(logits[row], request) if request.sampling_params.has_penalties else logits[row]
+        assert torch.equal(got[row], expected), request.request_id
 
 
 def test_logprobs_are_the_model_distribution():
