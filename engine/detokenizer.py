@@ -59,6 +59,8 @@ class RequestText:
     detokenizer: IncrementalDetokenizer
     stop: list[str]
     include_stop_str_in_output: bool = False
+    min_tokens: int = 0  # stop strings count only once more tokens than this have come (as vLLM)
+    num_tokens: int = 0
     text: str = ""
     num_released: int = 0
     stopped: bool = False  # a stop string was found: the request ends at this token
@@ -67,15 +69,17 @@ class RequestText:
     def start(cls, tokenizer, prompt_token_ids: list[int], params) -> "RequestText":
         """`params`: the request's SamplingParams."""
         return cls(IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens),
-                   list(params.stop), params.include_stop_str_in_output)
+                   list(params.stop), params.include_stop_str_in_output, params.min_tokens)
 
     def add(self, token_id: int, last: bool) -> str:
         """Take the next token (`last` when the engine ended the request on it) and return the
         text that can go to the client now; `stopped` is set if a stop string ended it here."""
+        new_from = len(self.text)
         self.text += self.detokenizer.add(token_id)
+        self.num_tokens += 1
         if last:
             self.text += self.detokenizer.flush()
-        if self.stop and self._truncate_at_stop():
+        if self.stop and self.num_tokens > self.min_tokens and self._truncate_at_stop(new_from):
             self.stopped = True
         if last or self.stopped:
             released = len(self.text)
@@ -87,10 +91,11 @@ class RequestText:
         self.num_released = released
         return new_text
 
-    def _truncate_at_stop(self) -> bool:
-        # Only the tail can hold a new match: earlier text was searched on earlier steps.
-        search_from = max(0, self.num_released - max(len(s) for s in self.stop))
-        found = [(index, s) for s in self.stop if (index := self.text.find(s, search_from)) >= 0]
+    def _truncate_at_stop(self, new_from: int) -> bool:
+        """Cut the text at the first stop string that ends in what this token added (text from
+        `new_from` on): one that ended earlier was either found then or came within min_tokens.
+        Such a match starts in the held-back tail, never in text already released."""
+        found = [(index, s) for s in self.stop if (index := self.text.find(s, max(0, new_from - len(s) + 1))) >= 0]
         if not found:
             return False
         index, stop = min(found)

@@ -29,10 +29,11 @@ def outputs_of(token_ids: list[int], request_id: str = "r", finished_at: int | N
             for index, token_id in enumerate(token_ids)]
 
 
-def start(tokenizer, stop: list[str], request_id: str = "r", slo_ttft_s: float | None = None) -> OutputText:
+def start(tokenizer, stop: list[str], request_id: str = "r", slo_ttft_s: float | None = None,
+          min_tokens: int = 0) -> OutputText:
     text = OutputText(tokenizer)
-    text.start([EngineRequest(request_id, tokenizer.encode("Say:"), SamplingParams(max_tokens=64, stop=stop), 0.0,
-                              slo_ttft_s=slo_ttft_s)])
+    params = SamplingParams(max_tokens=64, stop=stop, min_tokens=min_tokens)
+    text.start([EngineRequest(request_id, tokenizer.encode("Say:"), params, 0.0, slo_ttft_s=slo_ttft_s)])
     return text
 
 
@@ -88,6 +89,16 @@ def test_a_stop_string_on_the_engines_last_token_needs_no_abort(tokenizer):
     assert stopped == []  # the engine has ended it already
     assert kept[-1].finish_reason == "stop"
     assert "".join(output.new_text for output in kept) == TEXT[:TEXT.index("fox")]
+
+
+def test_a_stop_string_before_min_tokens_does_not_count(tokenizer):
+    token_ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    first_the = next(i for i in range(len(token_ids)) if "the" in tokenizer.decode(token_ids[:i + 1]))
+    text = start(tokenizer, ["the"], min_tokens=first_the + 1)  # "the" first completes at token first_the + 1
+    kept, stopped = text.process(outputs_of(token_ids))
+    # Not at "over the", within min_tokens, but at "then", the next "the" after it (as vLLM counts).
+    assert stopped == ["r"]
+    assert "".join(output.new_text for output in kept) == TEXT[:TEXT.index("then")]
 
 
 def test_requests_are_decoded_apart_and_forgotten(tokenizer):
