@@ -7,7 +7,9 @@ Models are Llama-shaped with SmolLM2's tokenizer (its files are small enough to 
 embedded GGUF is not) and random weights, written once into `--model-dir`. Each workload
 reports output tokens/s, prompt tokens/s, the median pure-decode step time, and the step's
 physical limit: bytes read (weights + KV) over measured copy bandwidth plus FLOPs over the
-measured bf16 matmul peak. `--hf` also times transformers `generate_batch` on the same model.
+measured bf16 matmul peak. On CUDA a few of those steps also run under the profiler, for the
+GPU's kernel time per step and the share of the step the GPU waits on the host (issue 10's
+host-work target). `--hf` also times transformers `generate_batch` on the same model.
 On a CPU it runs too (`--device cpu --shape tiny`), which is how its logic is tested.
 """
 
@@ -113,17 +115,28 @@ def run_workload(path: Path, workload: Workload, device: str, backend: str, cuda
     prompts = random_prompts(workload)
     params = SamplingParams(max_tokens=workload.output_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-    engine, decode_steps = llm.engine, []
-    step = engine.step
+    engine, decode_steps, device_steps = llm.engine, [], []
+    step, on_cuda = engine.step, engine.device.type == "cuda"
 
     def timed_step():  # pure-decode steps at the full batch: the figure the limit is computed for
-        plan_size = len(engine.scheduler.running)
+        full = len(engine.scheduler.running) >= min(256, workload.num_requests)
+        # A few of them under the profiler, for the GPU's busy time (issue 10's host share); their
+        # wall time, slowed by the profiler, is not counted.
+        profiling = on_cuda and full and len(decode_steps) >= 8 and len(device_steps) < PROFILED_STEPS
         start = time.perf_counter()
-        outputs = step()
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        if outputs and all(o.times.num_output_tokens > 1 for o in outputs) and plan_size >= min(256, workload.num_requests):
-            decode_steps.append(time.perf_counter() - start)
+        if profiling:
+            with kernel_timer(engine.device) as timer:
+                outputs = step()
+        else:
+            outputs = step()
+            if on_cuda:
+                torch.cuda.synchronize()
+        if outputs and all(o.times.num_output_tokens > 1 for o in outputs) and full:
+            if profiling:
+                if (busy := timer.busy_ms()) is not None:
+                    device_steps.append(busy)
+            else:
+                decode_steps.append(time.perf_counter() - start)
         return outputs
 
     engine.step = timed_step
@@ -135,11 +148,55 @@ def run_workload(path: Path, workload: Workload, device: str, backend: str, cuda
     step_ms = 1000 * statistics.median(decode_steps) if decode_steps else None
     limit_ms = physical_limit_ms(workload.shape, batch, workload.prompt_len + workload.output_len // 2,
                                  limits["bandwidth"], limits["peak_flops"])
+    device_ms = statistics.median(device_steps) if device_steps else None
     return {"workload": workload.name, "backend": engine.paths["attention"], "cuda_graphs": cuda_graphs,
             "seconds": round(seconds, 2), "output_tok_per_s": round(output_tokens / seconds, 1),
             "prompt_tok_per_s": round(workload.num_requests * workload.prompt_len / seconds, 1),
             "decode_step_ms_median": step_ms and round(step_ms, 2), "decode_batch": batch,
-            "decode_step_limit_ms": round(limit_ms, 2)}
+            "decode_step_limit_ms": round(limit_ms, 2),
+            # The GPU's kernel time in such a step, and the share of the step it is idle for (host work).
+            "decode_step_device_ms": device_ms and round(device_ms, 2),
+            "decode_step_host_share": round(1 - device_ms / step_ms, 3) if device_ms and step_ms else None}
+
+
+PROFILED_STEPS = 3
+
+
+class kernel_timer:
+    """`with kernel_timer(device) as timer: ...`, then `timer.busy_ms()`: the time the device's
+    kernels and copies ran inside the block (on a CPU, the operators' own CPU time). A profiler
+    that fails leaves the block to run unprofiled and `busy_ms` None: a benchmark's one device
+    call must not be lost to it."""
+
+    def __init__(self, device: torch.device):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.device = device
+        on_cuda = device.type == "cuda"
+        self._profile = profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU])
+        self._attribute = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+        self._failed: Exception | None = None
+
+    def __enter__(self) -> "kernel_timer":
+        try:
+            self._profile.__enter__()
+        except Exception as error:  # noqa: BLE001 - see the class docstring
+            self._failed = error
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if self._failed is None:
+            try:
+                self._profile.__exit__(*exc_info)
+            except Exception as error:  # noqa: BLE001
+                self._failed = error
+
+    def busy_ms(self) -> float | None:
+        if self._failed is not None:
+            return None
+        return sum(getattr(event, self._attribute) for event in self._profile.key_averages()) / 1000
 
 
 def run_hf(path: Path, workload: Workload, device: str) -> dict:

@@ -22,6 +22,20 @@ def test_tiny_run_writes_every_field(tmp_path, monkeypatch, smollm2_path):
     assert row["output_tok_per_s"] > 0 and row["decode_batch"] == 3
     assert row["decode_step_ms_median"] > 0 and row["decode_step_limit_ms"] > 0
     assert report["copy_bandwidth_gb_per_s"] > 0 and report["bf16_matmul_tflop_per_s"] > 0
+    # The GPU's busy time is taken under the CUDA profiler only; on a CPU the fields are there, empty.
+    assert row["decode_step_device_ms"] is None and row["decode_step_host_share"] is None
+
+
+def test_the_kernel_timer_sums_what_ran_inside_it():
+    import torch
+
+    with gpu_bench.kernel_timer(torch.device("cpu")) as timer:
+        for _ in range(20):
+            torch.randn(256, 256) @ torch.randn(256, 256)
+    assert timer.busy_ms() > 0
+    with gpu_bench.kernel_timer(torch.device("cpu")) as idle:
+        pass
+    assert idle.busy_ms() == 0
 
 
 def test_physical_limit_of_the_8b_decode_step():
