@@ -171,6 +171,24 @@ def test_the_engine_process_stops_when_the_front_end_goes(tiny_model_path):
     assert process._process.exitcode == 0
 
 
+def test_a_steps_outputs_cross_the_pipe_unchanged():
+    from engine import RequestOutput
+    from engine.sampler import TokenLogprobs
+    from scheduler.request import RequestTimes
+    from server.engine_process import pack_outputs, unpack_outputs
+
+    outputs = [
+        RequestOutput("a", [5], "", False, RequestTimes("t1", 1.0, 7, 1, 1.1, 1.2, 1.2, None, False)),
+        RequestOutput("b", [9, 10], "", True, RequestTimes("", 2.0, 3, 4, 2.1, 2.2, 2.5, 2.5, True), "length",
+                      [TokenLogprobs(9, -0.5, [(9, -0.5), (3, -1.5)])], num_cached_tokens=16),
+        RequestOutput("c", [], "", True, RequestTimes("", 3.0, 3, 0, None, None, None, 3.5, False), "error",
+                      error="model step failed"),
+    ]
+    a, b = Pipe(duplex=False)
+    b.send(pack_outputs(outputs))
+    assert unpack_outputs(a.recv()) == outputs
+
+
 def test_receive_commands_takes_everything_sent_and_stops_at_the_end_of_the_pipe():
     from server.engine_core import ABORT, STOP
     from server.engine_process import receive_commands
