@@ -13,7 +13,9 @@ from engine import host
 from scheduler.cost_model import StepCostModel, StepShape
 from scheduler.roofline import hardware_preset
 from scheduler.tenants import Tenants
-from server.cli import add_engine_arguments, add_server_arguments, engine_config, main, planned_cuda_graph_sizes
+from server.cli import main
+from server.engine_args import add_engine_arguments, engine_config
+from server.serve_command import add_server_arguments, planned_cuda_graph_sizes
 
 
 

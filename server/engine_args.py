@@ -1,0 +1,105 @@
+"""The engine's flags, shared by every subcommand that builds or simulates an engine, and the
+EngineConfig they make."""
+
+import argparse
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="Hugging Face model folder (default: embedded SmolLM2-135M)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--kv-cache-memory", default="2GiB", help="bytes for the KV cache, e.g. 2GiB")
+    parser.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-memory")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--long-prefill-token-threshold", type=int, default=256, metavar="N",
+                        help="with chunked prefill, at most N tokens of one prompt per step, so short "
+                             "prompts start beside a long one (0: no cap; default 256)")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    # On CPU a swap out and back costs 1-7% of recomputing the same context, from 16 tokens
+    # up (BENCHMARKS.md, issue 11: python -m engine.swap_cost), so every victim that fits is swapped.
+    parser.add_argument("--swap-space", default="1GiB", help="host memory for preempted requests' KV "
+                        "(default 1GiB; 0: preempted requests are recomputed)")
+    parser.add_argument("--swap-threshold-tokens", type=int, default=0, metavar="N",
+                        help="victims with fewer than N computed tokens are recomputed instead of swapped")
+    parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "sjf", "fair", "slo"],
+                        help="the order of waiting requests: first come; lower `priority` first, preempting; "
+                             "shortest remaining work first; fair share between tenants (VTC); or earliest TTFT "
+                             "deadline first, with TTFT and TPOT targets (slo)")
+    parser.add_argument("--priority-aging-s", type=float, default=60.0, metavar="S",
+                        help="priority and sjf: a waiting request gains one level per S seconds, so nothing "
+                             "starves; slo: a request without a TTFT target is due S seconds after it came "
+                             "(0: no aging)")
+    parser.add_argument("--slo-infeasible", default="reject", choices=["reject", "best-effort"],
+                        help="slo: a request whose TTFT target cannot be met at the measured step times gets "
+                             "429 (reject), or runs without its target after those that can make theirs")
+    parser.add_argument("--cost-model", default=None, metavar="FILE",
+                        help="start the step cost model from this calibration (iterserve calibrate) instead "
+                             "of measuring from nothing")
+    parser.add_argument("--batching", default="continuous", choices=["continuous", "dynamic", "static"],
+                        help="continuous admits every step; static and dynamic run padded batches to completion")
+    parser.add_argument("--static-batch-size", type=int, default=None,
+                        help="requests per static or dynamic batch (default: --max-num-seqs)")
+    parser.add_argument("--batch-timeout-s", type=float, default=0.5,
+                        help="how long a static batch, or a dynamic bucket's oldest request, waits to fill")
+    parser.add_argument("--cuda-graphs", action="store_true", help="capture decode steps as CUDA graphs")
+    parser.add_argument("--cuda-graph-sizes", default=None, metavar="SIZES",
+                        help="the decode batch sizes to capture (implies --cuda-graphs), comma-separated, or auto: "
+                             "planned from a simulated run of --trace so that its decode steps pad the fewest rows "
+                             "(default: powers of two up to --max-num-seqs)")
+    parser.add_argument("--max-cuda-graph-sizes", type=int, default=9, metavar="K",
+                        help="--cuda-graph-sizes auto: at most K sizes (default 9, as many as the powers of two)")
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "cpu-kernel", "torch"],
+                        help="auto: the C++ kernel on CPU, torch on CUDA; triton: our Triton kernels (on CPU only "
+                             "under TRITON_INTERPRET=1, for checking); torch: the gather reference")
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch threads on CPU (default: torch's choice; 1 helps on a busy machine)")
+
+
+def engine_config(args: argparse.Namespace):
+    from engine.config import EngineConfig, parse_size
+
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        kv_cache_memory=parse_size(args.kv_cache_memory),
+        num_kv_blocks=args.num_kv_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
+        enable_prefix_caching=args.enable_prefix_caching,
+        swap_space=parse_size(args.swap_space),
+        swap_threshold_tokens=args.swap_threshold_tokens,
+        policy=args.scheduling_policy,
+        priority_aging_s=args.priority_aging_s or None,
+        slo_infeasible=args.slo_infeasible,
+        cost_model=args.cost_model,
+        batching=args.batching,
+        static_batch_size=args.static_batch_size,
+        batch_timeout_s=args.batch_timeout_s,
+        seed=getattr(args, "seed", None) or 0,
+        cuda_graphs=args.cuda_graphs or args.cuda_graph_sizes is not None,
+        cuda_graph_sizes=parse_cuda_graph_sizes(args.cuda_graph_sizes),
+        num_threads=args.num_threads,
+        attention_backend=args.attention_backend,
+    )
+
+
+def parse_cuda_graph_sizes(text: str | None) -> tuple[int, ...] | None:
+    """None for the default and for auto (which serve plans from its trace)."""
+    if text is None or text == "auto":
+        return None
+    try:
+        sizes = tuple(sorted({int(size) for size in text.split(",") if size.strip()}))
+    except ValueError:
+        raise ValueError(f"--cuda-graph-sizes takes auto or batch sizes separated by commas, got {text!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"--cuda-graph-sizes must be positive, got {text!r}")
+    return sizes
