@@ -55,6 +55,7 @@ class OutputStream:
         self._not_yet_queued = set(request_ids)  # until the engine thread has taken them in
         self._queued = asyncio.Event()
         self._refusal: APIError | None = None
+        self._error: APIError | None = None  # met by take_ready: raised by the next read
 
     def push(self, item: RequestOutput | APIError) -> None:
         if isinstance(item, RequestOutput) and item.finished:
@@ -81,6 +82,9 @@ class OutputStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
         if self._num_finished_read == len(self.request_ids):
             raise StopAsyncIteration
         item = await self._queue.get()
@@ -89,6 +93,21 @@ class OutputStream:
         if item.finished:
             self._num_finished_read += 1
         return item
+
+    def take_ready(self) -> list[RequestOutput]:
+        """The outputs already here, without waiting: when the event loop falls behind the
+        engine, a stream can answer several steps in one write. An error stops the taking, and
+        the next read raises it."""
+        taken = []
+        while self._num_finished_read < len(self.request_ids) and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, APIError):
+                self._error = item
+                break
+            if item.finished:
+                self._num_finished_read += 1
+            taken.append(item)
+        return taken
 
     def close(self) -> None:
         if not self._closed:

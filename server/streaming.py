@@ -41,14 +41,12 @@ async def stream_events(stream: OutputStream, generation: Generation, formatter:
         for chunk in formatter.first_chunks():
             yield event(chunk)
         async for output in stream:
-            choice = generation.choices[output.request_id]
-            choice.add(output)
-            error = failure(output.finish_reason, output.error)
+            # What else is here already goes out in the same write, each request's outputs as one chunk.
+            events, error = format_outputs(merge_outputs([output, *stream.take_ready()]), generation, formatter)
+            if events:
+                yield "".join(events)
             if error is not None:
                 raise error
-            chunk = formatter.chunk(output, choice)
-            if chunk is not None:
-                yield event(chunk)
         if include_usage:
             yield event(formatter.usage_chunk(generation.usage()))
     except APIError as error:
@@ -57,6 +55,42 @@ async def stream_events(stream: OutputStream, generation: Generation, formatter:
         logger.exception("streaming %s failed", generation.request_id)
         yield event(json.dumps(EngineError(f"internal error: {type(error).__name__}").envelope()))
     yield DONE_EVENT
+
+
+def format_outputs(outputs: list[RequestOutput], generation: Generation,
+                   formatter: ChunkFormatter) -> tuple[list[str], APIError | None]:
+    """The events for `outputs`, up to the first that failed, and its error."""
+    events = []
+    for output in outputs:
+        choice = generation.choices[output.request_id]
+        choice.add(output)
+        error = failure(output.finish_reason, output.error)
+        if error is not None:
+            return events, error
+        chunk = formatter.chunk(output, choice)
+        if chunk is not None:
+            events.append(event(chunk))
+    return events, None
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """Each request's consecutive outputs as one, in the order the requests first appear (as
+    vLLM's front end merges the deltas a slow reader has not taken yet). An output that failed
+    stays on its own, after what came before it."""
+    position: dict[str, int] = {}  # request id -> where its output being merged into stands
+    result: list[RequestOutput] = []
+    for output in outputs:
+        index = position.get(output.request_id)
+        last = result[index] if index is not None else None
+        if last is None or last.finished or failure(output.finish_reason, output.error) is not None:
+            position[output.request_id] = len(result)
+            result.append(output)
+            continue
+        result[index] = RequestOutput(
+            output.request_id, last.new_token_ids + output.new_token_ids, last.new_text + output.new_text,
+            output.finished, output.times, output.finish_reason, last.new_logprobs + output.new_logprobs,
+            output.num_cached_tokens, output.error)
+    return result
 
 
 async def event_stream_response(engine: AsyncEngine, stream: OutputStream, generation: Generation,

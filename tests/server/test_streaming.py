@@ -1,0 +1,78 @@
+"""A stream that falls behind the engine answers what is waiting in one write, each request's
+outputs merged into one chunk, and an error still comes after what came before it."""
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+from engine import RequestOutput
+from scheduler.request import RequestTimes
+from server.async_engine import OutputStream
+from server.completions import CompletionChunks
+from server.errors import EngineError
+from server.serving import ChoiceResult, Generation
+from server.streaming import DONE_EVENT, merge_outputs, stream_events
+
+
+def output(request_id: str, text: str, finished: bool = False, finish_reason: str | None = None,
+           error: str | None = None, num_tokens: int = 1) -> RequestOutput:
+    times = RequestTimes("", 0.0, 3, num_tokens, 0.1, 0.2, 0.3, 0.3 if finished else None, False)
+    return RequestOutput(request_id, list(range(num_tokens)), text, finished, times, finish_reason, error=error)
+
+
+def test_consecutive_outputs_of_a_request_merge_in_first_seen_order():
+    merged = merge_outputs([output("a", "x"), output("b", "1"), output("a", "y"), output("b", "2", True, "length"),
+                            output("a", "z", True, "stop")])
+    assert [(o.request_id, o.new_text, o.new_token_ids, o.finished, o.finish_reason) for o in merged] == [
+        ("a", "xyz", [0, 0, 0], True, "stop"), ("b", "12", [0, 0], True, "length")]
+
+
+def test_a_failed_output_is_not_merged_into_what_came_before():
+    merged = merge_outputs([output("a", "x"), output("a", "y"), output("a", "", True, "error", "boom")])
+    assert [(o.new_text, o.finish_reason) for o in merged] == [("xy", None), ("", "error")]
+
+
+class Releases:
+    """Where an OutputStream reports its close (the AsyncEngine's part, not under test here)."""
+
+    def __init__(self):
+        self.released = []
+
+    def _release(self, stream):
+        self.released.append(stream)
+
+
+def events_of(queued: list, request_ids: list[str]) -> list[str]:
+    async def run():
+        stream = OutputStream(Releases(), request_ids)
+        for item in queued:  # all there before the stream is read: the reader fell behind
+            stream.push(item)
+        generation = Generation("cmpl-1", [[1, 2, 3]], [], {rid: ChoiceResult(i) for i, rid in enumerate(request_ids)})
+        formatter = CompletionChunks(SimpleNamespace(model_name="m"), generation, with_logprobs=False)
+        return [piece async for piece in stream_events(stream, generation, formatter, include_usage=True)]
+
+    return asyncio.run(run())
+
+
+def data_of(pieces: list[str]) -> list[str]:
+    return [line[len("data: "):] for piece in pieces for line in piece.split("\n") if line.startswith("data: ")]
+
+
+def test_what_waits_goes_out_in_one_write_with_one_chunk_per_choice():
+    pieces = events_of([output("a", "Hel"), output("b", "Wor"), output("a", "lo", True, "length"),
+                        output("b", "ld", True, "stop")], ["a", "b"])
+    assert len(pieces) == 3  # the merged chunks, the usage, [DONE]
+    chunks = [json.loads(data) for data in data_of(pieces[:1])]
+    assert [(c["choices"][0]["index"], c["choices"][0]["text"], c["choices"][0]["finish_reason"]) for c in chunks] == [
+        (0, "Hello", "length"), (1, "World", "stop")]
+    usage = json.loads(data_of(pieces[1:2])[0])["usage"]
+    assert usage["completion_tokens"] == 4
+    assert pieces[-1] == DONE_EVENT
+
+
+def test_an_error_after_waiting_outputs_comes_after_their_text():
+    pieces = events_of([output("a", "Hel"), output("a", "lo"), EngineError("the engine stopped")], ["a"])
+    data = data_of(pieces)
+    assert json.loads(data[0])["choices"][0]["text"] == "Hello"
+    assert json.loads(data[1])["error"]["message"] == "the engine stopped"
+    assert data[2] == "[DONE]"
