@@ -31,20 +31,19 @@ class IncrementalDetokenizer:
     token_ids: list[int] = field(default_factory=list)
     prefix_offset: int = 0
     read_offset: int = 0
-    stream: object = None  # the fast tokenizer's DecodeStream, when it has one
+    use_stream: bool = True  # False: windows only
+    stream: object = None  # the fast tokenizer's DecodeStream, from the first token on
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids[-CONTEXT_TOKENS:])
         self.read_offset = len(self.token_ids)
-        self.stream = _decode_stream(self.tokenizer, self.skip_special_tokens)
-        if self.stream is not None:
-            # Primed with the prompt's tail, as the window is: a first token's leading space.
-            for token_id in self.token_ids:
-                if not self._step(token_id):
-                    break
 
     def add(self, token_id: int) -> str:
         """Take one new token; return the text it completes (possibly empty)."""
+        if self.stream is None and self.use_stream:
+            # Made here, not when the request is made: the tokenizer is used only on the thread
+            # that decodes (a server's front end creates requests on another).
+            self._start_stream()
         self.token_ids.append(token_id)
         if self.stream is not None:
             piece = self._step(token_id)
@@ -70,6 +69,16 @@ class IncrementalDetokenizer:
     def _decode(self, start: int, end: int) -> str:
         return self.tokenizer.decode(self.token_ids[start:end], skip_special_tokens=self.skip_special_tokens)
 
+    def _start_stream(self) -> None:
+        self.stream = _decode_stream(self.tokenizer, self.skip_special_tokens)
+        if self.stream is None:
+            self.use_stream = False
+            return
+        # Primed with the prompt's tail, as the window is: a first token's leading space.
+        for token_id in self.token_ids:
+            if self._step(token_id) is False:
+                return
+
     def _step(self, token_id: int) -> str | None | bool:
         """The stream's text for one more token (None: held back), or False once it failed and
         the window has taken over."""
@@ -77,7 +86,7 @@ class IncrementalDetokenizer:
             return self.stream.step(self.tokenizer._tokenizer, token_id)
         except Exception as error:  # noqa: BLE001 - e.g. "Invalid prefix": the window still decodes right
             logger.debug("DecodeStream failed (%s); decoding this request by windows", error)
-            self.stream = None
+            self.stream, self.use_stream = None, False
             return False
 
 

@@ -5,6 +5,7 @@ part way and the window takes over."""
 import pytest
 from transformers import AutoTokenizer
 
+from engine import detokenizer as detokenizer_module
 from engine.detokenizer import IncrementalDetokenizer
 
 TEXTS = [
@@ -33,15 +34,15 @@ class FailingStream:
 
 
 @pytest.fixture(params=["stream", "window", "stream failing"])
-def make(request):
+def make(request, monkeypatch):
+    if request.param == "stream failing":
+        # Past the prompt's tail (at most 5 tokens primed), a few tokens into the output.
+        real = detokenizer_module._decode_stream
+        monkeypatch.setattr(detokenizer_module, "_decode_stream", lambda *args: FailingStream(real(*args), 8))
+
     def make(tokenizer, prompt):
-        detokenizer = IncrementalDetokenizer(tokenizer, prompt)
-        assert detokenizer.stream is not None, "SmolLM2's fast tokenizer has a DecodeStream"
-        if request.param == "window":
-            detokenizer.stream = None
-        elif request.param == "stream failing":
-            detokenizer.stream = FailingStream(detokenizer.stream, fail_at=4)
-        return detokenizer
+        assert detokenizer_module._decode_stream(tokenizer, True) is not None, "SmolLM2's fast tokenizer streams"
+        return IncrementalDetokenizer(tokenizer, prompt, use_stream=request.param != "window")
     return make
 
 
