@@ -115,16 +115,16 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
     if not rows:
         return logits
     vocab, flat = logits.shape[-1], logits.view(-1)
-    output_keys = _token_keys(rows, [requests[row].output_token_ids for row in rows], vocab, logits.device)
+    keys, counts = torch.unique(_token_keys(rows, [requests[row].output_token_ids for row in rows], vocab,
+                                            logits.device), return_counts=True)
     repeating = [row for row in rows if requests[row].sampling_params.repetition_penalty != 1.0]
     if repeating:
         in_prompt = _token_keys(repeating, [requests[row].prompt_token_ids for row in repeating], vocab, logits.device)
-        seen_output = output_keys[torch.isin(output_keys // vocab, torch.tensor(repeating, device=logits.device))]
-        seen = torch.unique(torch.cat([in_prompt, seen_output]))
+        seen = torch.unique(torch.cat([in_prompt, keys]))
+        # Rows without a repetition penalty have 1 here: divided or multiplied by it, exactly unchanged.
         penalty = _by_row([r.sampling_params.repetition_penalty for r in requests], logits)[seen // vocab]
         values = flat[seen]
         flat[seen] = torch.where(values > 0, values / penalty, values * penalty)
-    keys, counts = torch.unique(output_keys, return_counts=True)
     row_of = keys // vocab
     frequency = _by_row([r.sampling_params.frequency_penalty for r in requests], logits)[row_of]
     presence = _by_row([r.sampling_params.presence_penalty for r in requests], logits)[row_of]
