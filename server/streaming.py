@@ -7,6 +7,7 @@ is sent as a `data:` event carrying the error envelope, then `[DONE]` (the opena
 client raises it as an `APIError`).
 """
 
+from dataclasses import replace
 import json
 import logging
 from typing import AsyncIterator, Protocol
@@ -86,10 +87,9 @@ def merge_outputs(outputs: list[RequestOutput]) -> list[RequestOutput]:
             position[output.request_id] = len(result)
             result.append(output)
             continue
-        result[index] = RequestOutput(
-            output.request_id, last.new_token_ids + output.new_token_ids, last.new_text + output.new_text,
-            output.finished, output.times, output.finish_reason, last.new_logprobs + output.new_logprobs,
-            output.num_cached_tokens, output.error)
+        result[index] = replace(output, new_token_ids=last.new_token_ids + output.new_token_ids,
+                                new_text=last.new_text + output.new_text,
+                                new_logprobs=last.new_logprobs + output.new_logprobs)
     return result
 
 
