@@ -2,7 +2,8 @@
 # The GPU figures issues 9 and 10 ask for, in one command on a GPU machine, in parts that each
 # fit one device call (a session is lent 15 minutes in all):
 #   deploy/gpu-check.sh small OUT    SmolLM2 shape: issue 10 (offline 512x128/256 and 1000x256/128,
-#                                    the same 1000 through HTTP, host prepare time) and issue 9's
+#                                    with and without async scheduling, the same 1000 through HTTP,
+#                                    host prepare time) and issue 9's
 #                                    SmolLM2 row with transformers beside it (~5 min on an H100)
 #   deploy/gpu-check.sh 8b OUT       the Llama-3-8B-shaped workloads of issue 9, both backends
 #                                    eager and Triton with graphs (~8 min, most of it the 8B build)
@@ -35,6 +36,8 @@ case "$PART" in
 small)
   "${bench[@]}" --workloads smollm2-512x128x256 "${eager[@]}" --hf --out "$OUT/smollm2-eager.json"
   "${bench[@]}" --workloads smollm2-512x128x256,smollm2-1000x256x128 "${graphs[@]}" --out "$OUT/smollm2-graphs.json"
+  # Async scheduling is the CUDA default: the same run without it, for what it buys.
+  "${bench[@]}" --workloads smollm2-512x128x256 "${graphs[@]}" --async-scheduling off --out "$OUT/smollm2-graphs-sync.json"
   "$PY" -m engine.prepare_bench --device "$DEVICE" --out "$OUT/prepare.json"
   # The same build through HTTP, with the same random model and 1000 x 256 in / 128 out at once.
   model="$MODELS/${SHAPE:-smollm2}"

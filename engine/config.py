@@ -41,6 +41,9 @@ class EngineConfig:
     cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; None: powers of two
     # "auto", "triton", "cpu-kernel" or "torch" (engine/attention.py: ATTENTION_BACKENDS).
     attention_backend: str = "auto"
+    # Queue step N+1 while step N runs, reading N's tokens back after (LLMEngine.step); None:
+    # on for CUDA, off on CPU, where the model runs as it is called and nothing would overlap.
+    async_scheduling: bool | None = None
 
     def scheduler_config(self, max_model_len: int, swaps: bool) -> SchedulerConfig:
         """The scheduler's knobs, for an engine (or a simulated one) of this context length,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata, DecodeGroup, FlatBatch, context_slots, num_kv_splits
-from engine.input_batch import InputBatch
+from engine.input_batch import InputBatch, known_token
 from engine.model import LlamaForCausalLM
 from scheduler import ScheduledRequest
 
@@ -77,7 +77,7 @@ def pad_decodes(decodes: list[ScheduledRequest], batch: int, context: int, block
     num_padding = batch - len(decodes)
     num_table_blocks = -(-context // block_size)
     positions = torch.tensor([s.start_position for s in decodes] + [0] * num_padding)
-    input_ids = torch.tensor([s.request.all_token_ids[s.start_position] for s in decodes] + [0] * num_padding)
+    input_ids = torch.tensor([known_token(s) for s in decodes] + [0] * num_padding)
     tables = input_batch.tables(input_batch.rows(decodes), width=num_table_blocks, pad=scratch_block)
     padding = np.full((num_padding, num_table_blocks), scratch_block, dtype=np.int32)
     block_table = torch.from_numpy(np.concatenate([tables, padding]).astype(np.int64))
@@ -113,7 +113,7 @@ def pad_paged_decodes(decodes: list[ScheduledRequest], batch: int, block_size: i
     tables = input_batch.tables(rows, pad=scratch_block)
     padding = np.full((num_padding, tables.shape[1]), scratch_block, dtype=np.int32)
     return PagedDecodeInputs(
-        input_ids=torch.tensor([s.request.all_token_ids[s.start_position] for s in decodes] + [0] * num_padding),
+        input_ids=torch.tensor([known_token(s) for s in decodes] + [0] * num_padding),
         positions=torch.from_numpy(np.concatenate([positions, np.zeros(num_padding, dtype=np.int64)])),
         slot_mapping=torch.from_numpy(np.concatenate([input_batch.slot_mapping(rows, positions),
                                                       np.full(num_padding, -1, dtype=np.int64)])),
@@ -199,14 +199,19 @@ class StaticDecodeRunner:
     def num_graphs(self) -> int:
         return sum(static.graph is not None for static in self._batches.values())
 
-    def run(self, decodes: list[ScheduledRequest], key: tuple[int, int]) -> torch.Tensor:
-        """Hidden states of `decodes`, in their order: [len(decodes), hidden]."""
+    def run(self, decodes: list[ScheduledRequest], key: tuple[int, int],
+            pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Hidden states of `decodes`, in their order: [len(decodes), hidden]. `pending`:
+        (rows, device values) of input ids the step before this one sampled and the host
+        has yet to see (async scheduling)."""
         static = self._static_batch(key)
         if self.capture and static.graph is None:
             # Warmed up and captured on padding rows alone, so only the scratch block is written.
             self._fill(static, [])
             self._capture(static)
         self._fill(static, decodes)
+        if pending is not None:
+            static.inputs.input_ids[pending[0]] = pending[1]
         if static.graph is None:
             return self._forward(static)[: len(decodes)]
         with torch.cuda.device(self.device):

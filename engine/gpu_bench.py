@@ -109,34 +109,41 @@ def random_prompts(workload: Workload) -> list[list[int]]:
             for _ in range(workload.num_requests)]
 
 
-def run_workload(path: Path, workload: Workload, device: str, backend: str, cuda_graphs: bool, limits) -> dict:
+def run_workload(path: Path, workload: Workload, device: str, backend: str, cuda_graphs: bool, limits,
+                 async_scheduling: bool | None = None) -> dict:
     llm = LLM(str(path), dtype="bfloat16", device=device, max_num_seqs=256, attention_backend=backend,
-              cuda_graphs=cuda_graphs, kv_cache_memory=int(limits["kv_cache_bytes"]))
+              cuda_graphs=cuda_graphs, kv_cache_memory=int(limits["kv_cache_bytes"]),
+              async_scheduling=async_scheduling)
     prompts = random_prompts(workload)
     params = SamplingParams(max_tokens=workload.output_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     engine, decode_steps, device_steps = llm.engine, [], []
     step, on_cuda = engine.step, engine.device.type == "cuda"
+    window: list = []  # [kernel_timer, steps taken] while PROFILED_STEPS steps run under it
 
     def timed_step():  # pure-decode steps at the full batch: the figure the limit is computed for
         full = len(engine.scheduler.running) >= min(256, workload.num_requests)
-        # A few of them under the profiler, for the GPU's busy time (issue 10's host share); their
-        # wall time, slowed by the profiler, is not counted.
-        profiling = on_cuda and full and len(decode_steps) >= 8 and len(device_steps) < PROFILED_STEPS
+        # Once, a few consecutive steps under the profiler, for the GPU's busy time per step
+        # (issue 10's host share): consecutive, because under async scheduling a step's kernels
+        # run while the next call queues its successor. Their wall time, slowed by the
+        # profiler, is not counted.
+        if on_cuda and full and len(decode_steps) >= 8 and not window and not device_steps:
+            window[:] = [kernel_timer(engine.device).__enter__(), 0]
         start = time.perf_counter()
-        if profiling:
-            with kernel_timer(engine.device) as timer:
-                outputs = step()
-        else:
-            outputs = step()
-            if on_cuda:
-                torch.cuda.synchronize()
-        if outputs and all(o.times.num_output_tokens > 1 for o in outputs) and full:
-            if profiling:
-                if (busy := timer.busy_ms()) is not None:
-                    device_steps.append(busy)
-            else:
-                decode_steps.append(time.perf_counter() - start)
+        outputs = step()
+        seconds = time.perf_counter() - start
+        if window:
+            window[1] += 1
+            if window[1] == PROFILED_STEPS:
+                timer = window[0]
+                timer.__exit__(None, None, None)
+                busy = timer.busy_ms()
+                device_steps.append(busy / PROFILED_STEPS if busy is not None else None)
+                window.clear()
+        elif outputs and all(o.times.num_output_tokens > 1 for o in outputs) and full:
+            # Synchronous steps end with their tokens read back; async ones with the step
+            # before's, so their period is the step time the batch sees.
+            decode_steps.append(seconds)
         return outputs
 
     engine.step = timed_step
@@ -148,8 +155,9 @@ def run_workload(path: Path, workload: Workload, device: str, backend: str, cuda
     step_ms = 1000 * statistics.median(decode_steps) if decode_steps else None
     limit_ms = physical_limit_ms(workload.shape, batch, workload.prompt_len + workload.output_len // 2,
                                  limits["bandwidth"], limits["peak_flops"])
-    device_ms = statistics.median(device_steps) if device_steps else None
+    device_ms = device_steps[0] if device_steps else None
     return {"workload": workload.name, "backend": engine.paths["attention"], "cuda_graphs": cuda_graphs,
+            "async_scheduling": engine.async_scheduling,
             "seconds": round(seconds, 2), "output_tok_per_s": round(output_tokens / seconds, 1),
             "prompt_tok_per_s": round(workload.num_requests * workload.prompt_len / seconds, 1),
             "decode_step_ms_median": step_ms and round(step_ms, 2), "decode_batch": batch,
@@ -221,6 +229,8 @@ def main() -> None:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--backends", default="torch,triton", help="attention backends to compare")
     parser.add_argument("--cuda-graphs", action="store_true")
+    parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                        help="auto: the engine's default (on for CUDA)")
     parser.add_argument("--hf", action="store_true", help="also run transformers generate_batch")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="run every workload on this shape instead")
@@ -245,7 +255,8 @@ def main() -> None:
             workload = Workload(name, args.shape or workload.shape, args.num_requests or workload.num_requests,
                                 workload.prompt_len, workload.output_len)
         path = build_model(workload.shape, args.model_dir, tokenizer_dir)
-        runs = [lambda b=b: run_workload(path, workload, args.device, b, args.cuda_graphs, limits)
+        async_scheduling = {"auto": None, "on": True, "off": False}[args.async_scheduling]
+        runs = [lambda b=b: run_workload(path, workload, args.device, b, args.cuda_graphs, limits, async_scheduling)
                 for b in args.backends.split(",")]
         if args.hf:
             runs.append(lambda: run_hf(path, workload, args.device))

@@ -93,3 +93,10 @@ def step_positions(starts: np.ndarray, num_new: np.ndarray) -> tuple[np.ndarray,
     sequence = np.repeat(np.arange(len(num_new)), num_new)
     positions = np.arange(query_start_loc[-1]) - query_start_loc[sequence] + starts[sequence]
     return query_start_loc, sequence, positions
+
+
+def known_token(scheduled: ScheduledRequest) -> int:
+    """A decode's input token; 0 as a stand-in when the step in flight has yet to sample it
+    (async scheduling: the engine writes it in on the device)."""
+    request, position = scheduled.request, scheduled.start_position
+    return request.all_token_ids[position] if position < request.num_tokens else 0

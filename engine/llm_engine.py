@@ -11,7 +11,7 @@ from engine import host
 from engine.config import EngineConfig
 from engine.detokenizer import RequestText
 from engine.loader import linear_path, load_model, resolve_device, resolve_dtype, resolve_model_path
-from engine.model_runner import ModelRunner, kv_bytes_per_block
+from engine.model_runner import LaunchedStep, ModelRunner, StepResult, kv_bytes_per_block
 from engine.sampler import TokenLogprobs
 from kvcache import KVCacheManager
 from scheduler import (
@@ -60,6 +60,19 @@ class Completion:
         self.num_cached_tokens = output.num_cached_tokens
         if output.finished:
             self.finished, self.finish_reason, self.error = True, output.finish_reason, output.error
+
+
+@dataclass(slots=True)
+class InFlightStep:
+    """Async scheduling: a step launched on the device and not yet read back."""
+
+    plan: SchedulerOutput
+    launched: LaunchedStep
+
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether the next step's sampling needs this step's tokens on the host (penalties)."""
+        return any(s.samples and s.request.sampling_params.has_penalties for s in self.plan.scheduled)
 
 
 def check_prompt(token_ids: list[int], vocab_size: int, max_model_len: int) -> None:
@@ -114,6 +127,9 @@ class LLMEngine:
             self.runner.use_static_decode(config.max_num_seqs, self.max_model_len, capture=True,
                                           batch_sizes=config.cuda_graph_sizes)
         self._texts: dict[str, RequestText] = {}
+        self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
+                                 else config.async_scheduling)
+        self._in_flight: InFlightStep | None = None  # async scheduling: the step launched, not yet read back
         # Whether outputs carry text and stop strings end requests here; the server's front end
         # does both itself and turns this off (issue 10).
         self.detokenize = True
@@ -123,8 +139,9 @@ class LLMEngine:
         self.paths = {"linear": linear_path(self.dtype, self.device),
                       "attention": self.runner.attention_path}
         logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens; linears: %s; attention: %s; "
-                    "host: %s", self.model_path, self.dtype, self.device, num_blocks, config.block_size,
-                    self.paths["linear"], self.paths["attention"], host.current().summary())
+                    "async scheduling: %s; host: %s", self.model_path, self.dtype, self.device, num_blocks,
+                    config.block_size, self.paths["linear"], self.paths["attention"],
+                    "on" if self.async_scheduling else "off", host.current().summary())
 
     # -- requests in ------------------------------------------------------------------
 
@@ -181,34 +198,82 @@ class LLMEngine:
         return self._final_output(request) if request is not None else None
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     # -- one step -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
         self.last_step_shape = None
+        if self.async_scheduling:
+            outputs = self._step_async()
+        else:
+            plan, outputs = self._schedule()
+            if plan.is_empty:
+                return outputs
+            self.last_step_shape = plan.shape()
+            try:
+                result = self.runner.execute(plan)
+            except Exception as error:  # noqa: BLE001 - a bad step must not take the engine down
+                return outputs + self._fail_step(plan, error)
+            outputs += self._step_outputs(plan, result, advanced=False)
+        # The whole iteration, as a request waiting on it sees it: what TTFT and TPOT are made of
+        # (a server's loop, which does more per iteration, times it itself).
+        if self.observe_steps and self.last_step_shape is not None:
+            self.scheduler.cost_model.observe(self.last_step_shape, time.perf_counter() - started)
+        return outputs
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Schedule and launch step N+1, then read back step N, which ran on the device
+        meanwhile: the host's scheduling and batch building hide behind the device's work.
+        Its outputs come a step later than they were launched, so each call returns the
+        tokens of the step before the one it queues.
+
+        A request N stops (EOS, a stop token or string, an abort) was already given its
+        place in N+1: that token is computed and dropped, and its blocks, freed at N, are
+        reused only by steps queued after N+1. Requests whose pending token is their last
+        (max_tokens, the context's end) are not scheduled again. Penalties need every
+        earlier token on the host, so a step with a penalised request is read back before
+        the next is scheduled."""
+        outputs: list[RequestOutput] = []
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and in_flight.needs_tokens:
+            outputs += self._finish_step(in_flight)
+            in_flight = None
+        plan, timed_out = self._schedule()
+        outputs += timed_out
+        if not plan.is_empty:
+            self.last_step_shape = plan.shape()
+            try:
+                launched = self.runner.launch(plan)
+            except Exception as error:  # noqa: BLE001 - a bad step must not take the engine down
+                outputs += self._fail_step(plan, error)
+            else:
+                self.scheduler.advance(plan)
+                self._in_flight = InFlightStep(plan, launched)
+        if in_flight is not None:
+            outputs += self._finish_step(in_flight)
+        return outputs
+
+    def _schedule(self) -> tuple[SchedulerOutput, list[RequestOutput]]:
+        """The next step's plan, its KV moves done, and the ends of requests that timed out."""
         plan = self.scheduler.schedule()
         for request_id in plan.preempted_ids:
             self.runner.forget(request_id, preempted=True)
         # Before anything else: blocks swapped out this step may be written by it.
         self.runner.swap_blocks(plan.swap_out, plan.swap_in)
-        outputs = [self._final_output(request) for request in plan.timed_out]
-        if plan.is_empty:
-            return outputs
-        shape = self.last_step_shape = plan.shape()
+        return plan, [self._final_output(request) for request in plan.timed_out]
+
+    def _finish_step(self, step: "InFlightStep") -> list[RequestOutput]:
         try:
-            result = self.runner.execute(plan)
-        except Exception as error:  # noqa: BLE001 - a bad step must not take the engine down
-            return outputs + self._fail_step(plan, error)
-        for request in self.scheduler.update(plan, result.sampled_token_ids):
-            logprobs = result.logprobs.get(request.request_id)
-            outputs.append(self._output(request, request.output_token_ids[-1], logprobs))
-        # The whole iteration, as a request waiting on it sees it: what TTFT and TPOT are made of
-        # (a server's loop, which does more per iteration, times it itself).
-        if self.observe_steps:
-            self.scheduler.cost_model.observe(shape, time.perf_counter() - started)
-        return outputs
+            result = self.runner.collect(step.launched)
+        except Exception as error:  # noqa: BLE001 - as in step: the step's requests fail, not the engine
+            return self._fail_step(step.plan, error)
+        return self._step_outputs(step.plan, result, advanced=True)
+
+    def _step_outputs(self, plan: SchedulerOutput, result: StepResult, advanced: bool) -> list[RequestOutput]:
+        return [self._output(request, request.output_token_ids[-1], result.logprobs.get(request.request_id))
+                for request in self.scheduler.update(plan, result.sampled_token_ids, advanced)]
 
     def _fail_step(self, plan: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         logger.exception("model step failed; failing its %d requests", len(plan.scheduled))

@@ -12,10 +12,10 @@ from engine.attention import (
     select_backend,
 )
 from engine.cuda_graphs import StaticDecodeRunner
-from engine.input_batch import InputBatch, step_positions
+from engine.input_batch import InputBatch, known_token, step_positions
 from engine.model import LlamaForCausalLM
-from engine.sampler import Sampler, TokenLogprobs
-from scheduler import ScheduledRequest, SchedulerOutput
+from engine.sampler import SampledTokens, Sampler, TokenLogprobs
+from scheduler import Request, ScheduledRequest, SchedulerOutput
 
 
 # Short contexts are grouped together regardless of ratio: an extra attention call per
@@ -27,6 +27,14 @@ MIN_DECODE_GROUP_CONTEXT = 128
 class StepResult:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step queued on the device: what it will sample, for whom, read back by `collect`."""
+
+    requests: list[Request] = field(default_factory=list)  # the sampling rows' requests, in row order
+    sampled: SampledTokens | None = None
 
 
 @dataclass(slots=True)
@@ -77,6 +85,11 @@ class ModelRunner:
             self.attention_backend) or f"C++ kernel, {self.decode_kernel.isa()} build"
         self.static_decode: StaticDecodeRunner | None = None
         self.batch = InputBatch(block_size)
+        # The last launched step's sampled tokens on the device and each request's row in
+        # them: under async scheduling the next step is built before they are read back,
+        # and a decode whose input is one of them takes it from here (`_pending_input_ids`).
+        self._last_sampled: torch.Tensor | None = None
+        self._last_sampled_rows: dict[str, int] = {}
 
     def forget(self, request_id: str, preempted: bool = False) -> None:
         """`request_id` finished, or was preempted: its row goes (its blocks will change). A
@@ -110,8 +123,13 @@ class ModelRunner:
             self.model, self.kv_caches, self.block_size, max_batch, max_context, capture, batch_sizes,
             self.triton_kernels, self.batch)
 
-    @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> StepResult:
+        return self.collect(self.launch(output))
+
+    @torch.inference_mode()
+    def launch(self, output: SchedulerOutput) -> LaunchedStep:
+        """Queue the step's model run and sampling on the device, and the copy of its tokens
+        back; on a GPU this returns before the step has run."""
         static_key = self.static_decode.bucket(output.scheduled) if self.static_decode is not None else None
         if static_key is None:
             batch = self.prepare(output)
@@ -120,20 +138,42 @@ class ModelRunner:
         else:
             # The eager path's row order, so the sampler sees the requests in the same order.
             decodes = sorted(output.scheduled, key=lambda s: s.start_position)
-            hidden = self.static_decode.run(decodes, static_key)
+            hidden = self.static_decode.run(decodes, static_key, self._pending_input_ids(decodes))
             sampling = [s for s in decodes if s.samples]
             logits_indices = self._tensor([row for row, s in enumerate(decodes) if s.samples])
-        result = StepResult()
+        launched = LaunchedStep([s.request for s in sampling])
         if not sampling:
-            return result
+            return launched
         logits = self.model.compute_logits(hidden[logits_indices])
-        requests = [s.request for s in sampling]
-        tokens, logprobs = self.sampler.sample(logits, requests)
-        for request, token, token_logprobs in zip(requests, tokens, logprobs):
+        launched.sampled = self.sampler.draw(logits, launched.requests)
+        launched.sampled.start_copy()
+        self._last_sampled = launched.sampled.token_ids
+        self._last_sampled_rows = {request.request_id: row for row, request in enumerate(launched.requests)}
+        return launched
+
+    def collect(self, launched: LaunchedStep) -> StepResult:
+        """Wait for a launched step's tokens and read them (and any logprobs) back."""
+        result = StepResult()
+        if launched.sampled is None:
+            return result
+        tokens, logprobs = launched.sampled.to_host()
+        for request, token, token_logprobs in zip(launched.requests, tokens, logprobs):
             result.sampled_token_ids[request.request_id] = token
             if token_logprobs is not None:
                 result.logprobs[request.request_id] = token_logprobs
         return result
+
+    def _pending_input_ids(self, order: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows of the step's input ids, their values on the device) for the decodes whose
+        input token was sampled by the step still in flight, or None when every input is known."""
+        rows, sources = [], []
+        for row, scheduled in enumerate(order):
+            if scheduled.start_position >= scheduled.request.num_tokens:
+                rows.append(row)
+                sources.append(self._last_sampled_rows[scheduled.request.request_id])
+        if not rows:
+            return None
+        return self._tensor(rows), self._last_sampled[self._tensor(sources)]
 
     def prepare(self, output: SchedulerOutput) -> ModelInput:
         # Decodes first, shortest context first, so that groups of similar length are
@@ -145,7 +185,7 @@ class ModelRunner:
         starts = np.fromiter((s.start_position for s in order), dtype=np.int64, count=len(order))
         num_new = np.fromiter((s.num_new_tokens for s in order), dtype=np.int64, count=len(order))
         query_start_loc, sequence, positions = step_positions(starts, num_new)
-        input_ids = [s.request.all_token_ids[s.start_position] for s in decodes]
+        input_ids = [known_token(s) for s in decodes]
         for scheduled in chunks:
             start = scheduled.start_position
             input_ids.extend(scheduled.request.all_token_ids[start:start + scheduled.num_new_tokens])
@@ -166,8 +206,12 @@ class ModelRunner:
                                                   self.decode_kernel)
             else:
                 meta.decode_groups = self._decode_groups(decode_rows, context_lens)
+        input_ids = self._tensor(input_ids)
+        pending = self._pending_input_ids(decodes)  # only a decode's input can be in flight
+        if pending is not None:
+            input_ids[pending[0]] = pending[1]
         return ModelInput(
-            input_ids=self._tensor(input_ids),
+            input_ids=input_ids,
             positions=self._to_device(positions),
             meta=meta,
             logits_indices=self._to_device(query_start_loc[1:][samples] - 1),

@@ -1,6 +1,6 @@
 """Turns one step's logits into tokens: penalties, temperature, top-k/top-p/min-p, seeds, logprobs."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import itertools
 
 import torch
@@ -27,44 +27,50 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits: [len(requests), vocab], in the model's dtype or float32."""
+        return self.draw(logits, requests).to_host()
+
+    def draw(self, logits: torch.Tensor, requests: list[Request]) -> "SampledTokens":
+        """`sample` without reading anything back: the tokens (and logprobs) stay where the
+        logits are, so an engine can queue the next step before this one's tokens are known."""
         params = [r.sampling_params for r in requests]
         if all(p.is_greedy and p.logprobs is None and not p.has_penalties for p in params):
             # The common case needs no float copy of the logits: widening is exact, so the
             # largest is the same token. `max` rather than `argmax`: on CPU, argmax over
             # bfloat16 takes twice as long (both give the first of equal largest values).
-            return logits.max(dim=-1).indices.tolist(), [None] * len(params)
+            return SampledTokens(logits.max(dim=-1).indices)
         logits = logits.float()
         # Logprobs are reported from the model's own distribution, before any processing,
         # and computed for the rows that ask alone.
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-        raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
+        if logprob_rows:
+            logprob_index = to_device(logprob_rows, torch.long, logits.device)
+            raw_logprobs = torch.log_softmax(logits[logprob_index], dim=-1)
         if any(p.has_penalties for p in params):
             logits = apply_penalties(logits.clone(memory_format=torch.contiguous_format), requests)
 
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
+            rows = to_device(random_rows, torch.long, logits.device)
             chosen = self._sample_random(logits[rows], [requests[i] for i in random_rows])
             tokens[rows] = chosen
-        token_list = tokens.tolist()
-        logprobs: list[TokenLogprobs | None] = [None] * len(params)
+        sampled = SampledTokens(tokens)
         if logprob_rows:
-            chosen = [token_list[i] for i in logprob_rows]
-            numbers = [params[i].logprobs for i in logprob_rows]
-            for i, token_logprobs in zip(logprob_rows, _token_logprobs(raw_logprobs, chosen, numbers)):
-                logprobs[i] = token_logprobs
-        return token_list, logprobs
+            sampled.logprob_rows = logprob_rows
+            sampled.numbers = [params[i].logprobs for i in logprob_rows]
+            sampled.chosen, sampled.top_values, sampled.top_ids = _logprob_tensors(
+                raw_logprobs, tokens[logprob_index], max(sampled.numbers))
+        return sampled
 
     def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
-        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        temperature = to_device([p.temperature for p in params], logits.dtype, logits.device)
         logits = logits / temperature.unsqueeze(1)
         if any(p.top_k or p.top_p < 1.0 for p in params):
             logits = _apply_top_k_top_p(logits, params)
         probs = torch.softmax(logits, dim=-1)
         if any(p.min_p > 0.0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+            min_p = to_device([p.min_p for p in params], probs.dtype, logits.device)
             threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
             probs = probs.masked_fill(probs < threshold, 0.0)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, with no copy to the host.
@@ -90,11 +96,11 @@ class Sampler:
 def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     vocab = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    top_k = torch.tensor([p.top_k or vocab for p in params], device=logits.device)
+    top_k = to_device([p.top_k or vocab for p in params], torch.long, logits.device)
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
     drop = ranks >= top_k.unsqueeze(1)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+    top_p = to_device([p.top_p for p in params], logits.dtype, logits.device)
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     # The most likely token is always kept, whatever top_p says.
@@ -134,21 +140,75 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
 
 def _token_keys(rows: list[int], token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """row * vocab + token for every token of each row's list, in one tensor on `device`."""
-    tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long, device=device)
-    lengths = torch.tensor([len(ids) for ids in token_lists], device=device)
-    return torch.repeat_interleave(torch.tensor(rows, device=device) * vocab, lengths) + tokens
+    flat = list(itertools.chain.from_iterable(token_lists))
+    lengths = to_device([len(ids) for ids in token_lists], torch.long, device)
+    # output_size given: otherwise a GPU would have to report the sum of lengths back first.
+    starts = torch.repeat_interleave(to_device(rows, torch.long, device) * vocab, lengths, output_size=len(flat))
+    return starts + to_device(flat, torch.long, device)
 
 
 def _by_row(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device)
+    return to_device(values, like.dtype, like.device)
 
 
-def _token_logprobs(rows: torch.Tensor, token_ids: list[int], numbers: list[int]) -> list[TokenLogprobs]:
-    """Each row's sampled token and its `numbers[i]` best, read back in one copy per kind."""
-    index = torch.tensor(token_ids, device=rows.device).unsqueeze(1)
-    chosen = rows.gather(1, index).squeeze(1).tolist()
-    most = max(numbers)
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor from host values. On a GPU through pinned memory and without a sync:
+    `torch.tensor(values, device=...)` waits for the whole stream, which would stall an
+    engine that queues the next step before this one is read back."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _logprob_tensors(rows: torch.Tensor, token_ids: torch.Tensor,
+                     most: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampled tokens' logprobs and the `most` best of each row, on the device."""
+    chosen = rows.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     top_values, top_ids = rows.topk(most, dim=-1) if most else (rows[:, :0], rows[:, :0].long())
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    return [TokenLogprobs(token_id, logprob, list(zip(ids[:number], values[:number])))
-            for token_id, logprob, ids, values, number in zip(token_ids, chosen, top_ids, top_values, numbers)]
+    return chosen, top_values, top_ids
+
+
+@dataclass(slots=True)
+class SampledTokens:
+    """One step's samples where the logits were: the tokens, and for the rows that asked
+    for logprobs (`logprob_rows`) the chosen token's logprob and the best alternatives.
+
+    `start_copy` queues their copy to the host without waiting (on a GPU, into pinned
+    memory, with an event to wait on); `to_host` waits for that copy alone, not for work
+    queued behind it, and turns the values into lists."""
+
+    token_ids: torch.Tensor  # [rows]
+    logprob_rows: list[int] = field(default_factory=list)
+    numbers: list[int] = field(default_factory=list)  # how many alternatives each of those rows wants
+    chosen: torch.Tensor | None = None  # [len(logprob_rows)]
+    top_values: torch.Tensor | None = None  # [len(logprob_rows), max(numbers)]
+    top_ids: torch.Tensor | None = None
+    _host: tuple | None = None
+    _copied: "torch.cuda.Event | None" = None
+
+    def start_copy(self) -> None:
+        tensors = (self.token_ids, self.chosen, self.top_values, self.top_ids)
+        if self.token_ids.device.type == "cpu":
+            self._host = tensors
+            return
+        # Into pinned host memory, so the copy is queued behind the step without a sync; the
+        # event marks its arrival.
+        self._host = tuple(None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
+            t, non_blocking=True) for t in tensors)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def to_host(self) -> tuple[list[int], list[TokenLogprobs | None]]:
+        if self._host is None:
+            self.start_copy()
+        if self._copied is not None:
+            self._copied.synchronize()
+        token_ids, chosen, top_values, top_ids = self._host
+        tokens = token_ids.tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * len(tokens)
+        if self.logprob_rows:
+            for row, logprob, ids, values, number in zip(self.logprob_rows, chosen.tolist(), top_ids.tolist(),
+                                                          top_values.tolist(), self.numbers):
+                logprobs[row] = TokenLogprobs(tokens[row], logprob, list(zip(ids[:number], values[:number])))
+        return tokens, logprobs

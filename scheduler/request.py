@@ -170,6 +170,9 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     # The one counter chunked prefill, prefix hits, recompute and decode all advance.
     num_computed_tokens: int = 0
+    # Sampled by a step still in flight, not yet known (async scheduling): counted in the
+    # tokens to compute, since the next step computes it, but not yet in all_token_ids.
+    num_pending_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     num_preemptions: int = 0
     first_scheduled_time: float | None = None

@@ -25,15 +25,15 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     block_ids: list[int]
+    # Both read off the request when it is scheduled: under async scheduling it moves on
+    # (`Scheduler.advance`) before this step has run.
+    start_position: int = field(init=False)
+    samples: bool = field(init=False)  # the step reaches the request's last token, so a new one is sampled
 
-    @property
-    def start_position(self) -> int:
-        return self.request.num_computed_tokens
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the request's last known token, so a new one is sampled."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    def __post_init__(self):
+        request = self.request
+        self.start_position = request.num_computed_tokens
+        self.samples = self.start_position + self.num_new_tokens == request.num_tokens + request.num_pending_tokens
 
 
 @dataclass(slots=True)
@@ -247,7 +247,10 @@ class Scheduler:
 
     def _num_tokens_to_schedule(self, request: Request, budget: int, num_computed: int | None = None) -> int:
         """Tokens to give `request` this step (0: it must wait), from `num_computed` on."""
-        num_new = request.num_tokens - (request.num_computed_tokens if num_computed is None else num_computed)
+        if request.num_pending_tokens and self._ends_with_pending(request):
+            return 0  # the token in flight is its last: another step would be thrown away
+        num_new = (request.num_tokens + request.num_pending_tokens
+                   - (request.num_computed_tokens if num_computed is None else num_computed))
         if not self.config.enable_chunked_prefill:
             return num_new if num_new <= budget else 0
         threshold = self.config.long_prefill_token_threshold
@@ -386,23 +389,48 @@ class Scheduler:
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         return ScheduledRequest(request, num_new, self.kv_cache.block_ids(request.request_id))
 
+    def _ends_with_pending(self, request: Request) -> bool:
+        """Whether the tokens in flight bring `request` to its max_tokens or the context's end."""
+        num_tokens = request.num_tokens + request.num_pending_tokens
+        return (len(request.output_token_ids) + request.num_pending_tokens >= request.sampling_params.max_tokens
+                or num_tokens >= self.config.max_model_len)
+
     # -- after the model ran ------------------------------------------------------------
 
-    def update(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
-        """Apply one step's results; returns the requests that got a token, in step order."""
+    def advance(self, output: SchedulerOutput) -> None:
+        """Async scheduling: move the scheduled requests on as if the step had run, before its
+        tokens are known, so the next step can be scheduled while this one runs. A request
+        that samples holds a pending token until `update(output, ..., advanced=True)`; the
+        next step computes that token from the device (the engine fills it in)."""
+        for scheduled in output.scheduled:
+            self._advance(scheduled)
+
+    def _advance(self, scheduled: ScheduledRequest) -> None:
+        request = scheduled.request
+        start = request.num_computed_tokens
+        request.num_computed_tokens += scheduled.num_new_tokens
+        num_prompt_computed = max(0, min(request.num_computed_tokens, request.num_prompt_tokens) - start)
+        self.waiting.charge(request, num_prompt_computed, 1 if scheduled.samples else 0)
+        request.num_pending_tokens += scheduled.samples
+
+    def update(self, output: SchedulerOutput, sampled_token_ids: dict[str, int],
+               advanced: bool = False) -> list[Request]:
+        """Apply one step's results (`advanced`: `advance` already moved it on); returns the
+        requests that got a token, in step order.
+
+        Under async scheduling a request may have stopped, or been aborted, at the step
+        before this one, which had already scheduled it here: its token here is dropped."""
         now = self.clock()
         updated = []
         for scheduled in output.scheduled:
             request = scheduled.request
-            if request.is_finished:  # aborted while the step ran
+            if request.is_finished:  # aborted while the step ran, or stopped at the one before
                 continue
-            samples = scheduled.samples
-            start = request.num_computed_tokens
-            request.num_computed_tokens += scheduled.num_new_tokens
-            num_prompt_computed = max(0, min(request.num_computed_tokens, request.num_prompt_tokens) - start)
-            self.waiting.charge(request, num_prompt_computed, 1 if samples else 0)
-            if not samples:
+            if not advanced:
+                self._advance(scheduled)
+            if not scheduled.samples:
                 continue
+            request.num_pending_tokens -= 1
             token_id = sampled_token_ids[request.request_id]
             request.append_output_token(token_id)
             if request.first_token_time is None:

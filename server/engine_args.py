@@ -55,6 +55,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "cpu-kernel", "torch"],
                         help="auto: the C++ kernel on CPU, torch on CUDA; triton: our Triton kernels (on CPU only "
                              "under TRITON_INTERPRET=1, for checking); torch: the gather reference")
+    parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                        help="schedule and queue each step while the one before runs on the device, its tokens "
+                             "read back a step later (auto: on for CUDA; on CPU a step runs as it is queued, so "
+                             "there is nothing to overlap)")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads on CPU (default: torch's choice; 1 helps on a busy machine)")
 
@@ -89,6 +93,7 @@ def engine_config(args: argparse.Namespace):
         cuda_graph_sizes=parse_cuda_graph_sizes(args.cuda_graph_sizes),
         num_threads=args.num_threads,
         attention_backend=args.attention_backend,
+        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
     )
 
 

@@ -89,9 +89,9 @@ def generate(path, static: bool, dtype: str = "float32", batch_sizes=None, **con
                                  batch_sizes=batch_sizes)
         run = runner.static_decode.run
 
-        def recording_run(decodes, key):
+        def recording_run(decodes, key, pending=None):
             keys.append(key)
-            return run(decodes, key)
+            return run(decodes, key, pending)
 
         runner.static_decode.run = recording_run
     outputs = llm.generate(prompts(), SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))

@@ -131,8 +131,12 @@ def test_smollm2_prefix_cache_reused_across_calls(smollm2_path, smollm2_expected
     assert all(o.num_cached_tokens > 0 for o in second)
 
 
-def test_smollm2_preemption_with_tiny_pool(smollm2_path, smollm2_expected):
+# Async scheduling too (the CUDA default): each step queued before the last one's tokens are
+# read back, with preemption, prefix hits and chunks in the way.
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_smollm2_preemption_with_tiny_pool(smollm2_path, smollm2_expected, async_scheduling):
     prompts, expected = smollm2_expected
-    got, llm = run_ours(smollm2_path, prompts, 20, num_kv_blocks=16, max_model_len=256, block_size=16)
+    got, llm = run_ours(smollm2_path, prompts, 20, num_kv_blocks=16, max_model_len=256, block_size=16,
+                        async_scheduling=async_scheduling)
     assert llm.engine.scheduler.num_preemptions > 0, "the pool was small enough to force preemption"
     assert got == expected

@@ -63,12 +63,7 @@ def step(scheduler: Scheduler, model: Model = fake_model,
     The virtual clock moves a second per step, or `step_cost(shape)` seconds, which the
     scheduler's cost model then observes as the engine's measured step time.
     """
-    threshold = scheduler.config.long_prefill_token_threshold
-    needs_before = {r.request_id: r.num_tokens - r.num_computed_tokens for r in scheduler.running}
-    if threshold:
-        needs_before = {request_id: min(need, threshold) for request_id, need in needs_before.items()}
-    plan = scheduler.schedule()
-    check_plan(scheduler, plan, needs_before)
+    plan = checked_schedule(scheduler)
     shape = plan.shape()
     sampled = {s.request.request_id: model(s.request) for s in plan.scheduled if s.samples}
     scheduler.update(plan, sampled)
@@ -79,6 +74,46 @@ def step(scheduler: Scheduler, model: Model = fake_model,
         scheduler.cost_model.observe(shape, seconds)
         scheduler.clock.now += seconds
     return plan
+
+
+def checked_schedule(scheduler: Scheduler) -> SchedulerOutput:
+    threshold = scheduler.config.long_prefill_token_threshold
+    # A request whose token in flight is its last needs nothing more.
+    needs_before = {r.request_id: tokens_to_compute(r) for r in scheduler.running if not ends_with_pending(scheduler, r)}
+    if threshold:
+        needs_before = {request_id: min(need, threshold) for request_id, need in needs_before.items()}
+    plan = scheduler.schedule()
+    check_plan(scheduler, plan, needs_before)
+    return plan
+
+
+def tokens_to_compute(request: Request) -> int:
+    """Known tokens not yet computed, and under async scheduling the one in flight."""
+    return request.num_tokens + request.num_pending_tokens - request.num_computed_tokens
+
+
+def ends_with_pending(scheduler: Scheduler, request: Request) -> bool:
+    """Whether the token in flight is the request's last, so it must not be scheduled again."""
+    num_output = len(request.output_token_ids) + request.num_pending_tokens
+    return request.num_pending_tokens > 0 and (
+        num_output >= request.sampling_params.max_tokens
+        or request.num_tokens + request.num_pending_tokens >= scheduler.config.max_model_len)
+
+
+def async_step(scheduler: Scheduler, in_flight: SchedulerOutput | None,
+               model: Model = fake_model) -> SchedulerOutput | None:
+    """One engine step under async scheduling: schedule the next plan and move it on before
+    the plan in flight has its tokens, then apply those (drawn only now: the fake model reads
+    the whole sequence, known up to them at last). Returns the new plan in flight."""
+    plan = checked_schedule(scheduler)
+    if not plan.is_empty:
+        scheduler.advance(plan)
+    if in_flight is not None:
+        sampled = {s.request.request_id: model(s.request) for s in in_flight.scheduled
+                   if s.samples and not s.request.is_finished}
+        scheduler.update(in_flight, sampled, advanced=True)
+    scheduler.clock.now += 1.0
+    return None if plan.is_empty else plan
 
 
 def run(scheduler: Scheduler, model: Model = fake_model, max_steps: int = 2000,
@@ -110,7 +145,7 @@ def check_plan(scheduler: Scheduler, plan: SchedulerOutput, needs_before: dict[s
     for s in plan.scheduled:
         request = s.request
         assert request in scheduler.running
-        assert 1 <= s.num_new_tokens <= request.num_tokens - request.num_computed_tokens
+        assert 1 <= s.num_new_tokens <= tokens_to_compute(request)
         assert len(s.block_ids) * block_size >= request.num_computed_tokens + s.num_new_tokens
         if not config.enable_chunked_prefill:
             assert s.samples, "a prompt was chunked with chunked prefill off"
@@ -151,21 +186,28 @@ def check_plan(scheduler: Scheduler, plan: SchedulerOutput, needs_before: dict[s
 
 
 def replay(scheduler: Scheduler, requests: list[Request], specs: list[dict], aborts: dict[int, int],
-           max_steps: int = 3000):
-    """Drive a generated workload: arrivals and aborts at their steps, then one step.
+           max_steps: int = 3000, async_scheduling: bool = False):
+    """Drive a generated workload: arrivals and aborts at their steps, then one step (with
+    `async_scheduling`, aborts land while a step is in flight).
 
-    Yields (the request aborted before this step, or None; the step's plan).
+    Yields (the request aborted before this step, or None; the step's plan, or the plan
+    launched by it under async scheduling, None if none was).
     """
     last_arrival = max(spec["arrival_step"] for spec in specs)
     step_index = 0
-    while scheduler.has_unfinished_requests() or step_index <= last_arrival:
+    in_flight = None
+    while scheduler.has_unfinished_requests() or step_index <= last_arrival or in_flight is not None:
         assert step_index < max_steps, "the scheduler stopped making progress"
         for request, spec in zip(requests, specs):
             if spec["arrival_step"] == step_index:
                 scheduler.add_request(request)
         victim = requests[aborts[step_index]] if step_index in aborts else None
         aborted = victim if victim is not None and scheduler.abort(victim.request_id) else None
-        yield aborted, step(scheduler)
+        if async_scheduling:
+            in_flight = async_step(scheduler, in_flight)
+            yield aborted, in_flight
+        else:
+            yield aborted, step(scheduler)
         step_index += 1
 
 

@@ -5,6 +5,7 @@ big enough for one request at full length, so preemption is common too.
 """
 
 from hypothesis import event, given, settings, strategies as st
+import pytest
 
 from scheduler_sim import assert_pool_free, assert_replay_outputs, make_request, make_scheduler, replay
 
@@ -43,19 +44,25 @@ def workloads(draw, max_model_len):
     return requests, dict(aborts)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
-def test_random_workloads_keep_limits_and_give_exact_outputs(data):
+def test_random_workloads_keep_limits_and_give_exact_outputs(data, async_scheduling):
+    """Under async scheduling too: each step is scheduled before the one before it has its
+    tokens, and aborts land while a step is in flight."""
     config = data.draw(configs(), label="config")
     specs, aborts = data.draw(workloads(config["max_model_len"]), label="workload")
     scheduler = make_scheduler(**config)
     requests = [make_request(f"r{i}", spec["prompt"], spec["max_tokens"]) for i, spec in enumerate(specs)]
     aborted: set[str] = set()
-    for victim, plan in replay(scheduler, requests, specs, aborts):  # step() checks budget, seats, tables
+    for victim, plan in replay(scheduler, requests, specs, aborts, async_scheduling=async_scheduling):
+        # step() and async_step() check budget, seats, tables
         if victim is not None:  # aborted in whatever state it was
             aborted.add(victim.request_id)
             assert scheduler.kv_cache.block_ids(victim.request_id) == []
-        assert not aborted & {s.request.request_id for s in plan.scheduled}
+        if plan is not None:
+            assert not aborted & {s.request.request_id for s in plan.scheduled}
+    assert all(request.num_pending_tokens == 0 for request in requests if not request.is_finished)
 
     assert_pool_free(scheduler)
     event(f"preempted: {scheduler.num_preemptions > 0}")

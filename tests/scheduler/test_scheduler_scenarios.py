@@ -245,3 +245,31 @@ def test_without_prefix_caching_the_whole_prompt_is_computed():
         scheduler.add_request(make_request(request_id, prompt(13)))
         plans = run(scheduler)
         assert new_tokens_per_step(plans, request_id)[0] == 13
+
+
+# -- async scheduling -------------------------------------------------------------------------
+
+
+def test_async_scheduling_schedules_on_the_token_in_flight_and_stops_at_the_last():
+    """Step N+1 is scheduled before N's token is known: the request is given that pending
+    token to compute, and once the pending token is its max_tokens-th it gets no more."""
+    scheduler = make_scheduler()
+    request = make_request("a", prompt(5), max_tokens=2)
+    scheduler.add_request(request)
+    first = scheduler.schedule()
+    assert [(s.start_position, s.num_new_tokens, s.samples) for s in first.scheduled] == [(0, 5, True)]
+    scheduler.advance(first)
+    assert (request.num_computed_tokens, request.num_pending_tokens, request.output_token_ids) == (5, 1, [])
+
+    second = scheduler.schedule()  # the first step's token is still in flight
+    assert [(s.start_position, s.num_new_tokens, s.samples) for s in second.scheduled] == [(5, 1, True)]
+    scheduler.advance(second)
+    scheduler.update(first, {"a": 7}, advanced=True)
+    assert (request.num_computed_tokens, request.num_pending_tokens, request.output_token_ids) == (6, 1, [7])
+
+    # The second step's token will be the last: no step is scheduled on it.
+    assert scheduler.schedule().is_empty
+    scheduler.update(second, {"a": 8}, advanced=True)
+    assert request.output_token_ids == [7, 8] and request.status is RequestStatus.FINISHED_LENGTH
+    assert not scheduler.has_unfinished_requests()
+    assert_pool_free(scheduler)

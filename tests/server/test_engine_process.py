@@ -19,9 +19,12 @@ pytestmark = pytest.mark.slow
 LONG = {"model": "tiny", "prompt": "Tell me a long story", "max_tokens": 200, "ignore_eos": True, "stream": True}
 
 
-@pytest.fixture(scope="module")
-def process_server(tiny_model_path, torch_threads):
-    server = start_server(tiny_model_path, "tiny", engine_core="process", max_queued_requests=64)
+# Also with async scheduling (the default on CUDA): outputs a step late, requests ending
+# while the next step is in flight, and still the engine thread's and offline answers.
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def process_server(request, tiny_model_path, torch_threads):
+    server = start_server(tiny_model_path, "tiny", engine_core="process", max_queued_requests=64,
+                          engine_args={"async_scheduling": request.param})
     yield server
     server.stop()
 

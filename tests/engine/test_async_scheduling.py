@@ -1,0 +1,174 @@
+"""Async scheduling (LLMEngine.step): step N+1 is scheduled and launched before step N's
+tokens are read back. It must give exactly the synchronous engine's outputs, token for
+token and finish for finish (the synchronous engine is held to transformers in
+test_greedy_equivalence), whatever ends requests and whatever the batch holds, and leave no
+block, request or step behind.
+
+On CPU the model runs as it is launched, so nothing overlaps here; what is checked is that
+every input the next step takes from the step in flight, and every request that ends while
+it runs, comes out right.
+"""
+
+import pytest
+
+from engine import LLM
+from scheduler import SamplingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived a",
+    "def fibonacci(n):",
+    "Hello",
+    "counting sheep, " * 20,
+    "List three colors:",
+]
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def make_llm(path, async_scheduling: bool, **config) -> LLM:
+    config.setdefault("num_kv_blocks", 256)
+    return LLM(str(path), dtype="float32", device="cpu", max_model_len=128, block_size=4, num_threads=1,
+               async_scheduling=async_scheduling, **config)
+
+
+def generate(path, async_scheduling: bool, params=GREEDY, prompts=PROMPTS, **config):
+    llm = make_llm(path, async_scheduling, **config)
+    completions = llm.generate(prompts, params)
+    assert_drained(llm)
+    return [(c.token_ids, c.finish_reason, c.logprobs) for c in completions], llm.engine
+
+
+def assert_drained(llm: LLM) -> None:
+    engine = llm.engine
+    assert engine._in_flight is None and not engine.has_unfinished_requests()
+    pool = engine.kv_cache.pool
+    assert pool.num_free_blocks == pool.num_blocks, "every block is free or cached"
+
+
+@pytest.mark.parametrize("config", [
+    {},
+    {"max_num_batched_tokens": 16},  # prompts chunked across steps, decodes beside the chunks
+    {"num_kv_blocks": 40},  # preempted by recompute, over and over
+    {"num_kv_blocks": 40, "swap_space": 16 * 1024 * 1024, "swap_threshold_tokens": 1},  # preempted by swap
+    {"max_num_seqs": 2},  # requests admitted as others finish, beside steps in flight
+])
+def test_greedy_tokens_are_the_synchronous_engines(tiny_model_path, config):
+    expected, sync_engine = generate(tiny_model_path, False, **config)
+    got, engine = generate(tiny_model_path, True, **config)
+    assert engine.async_scheduling and not sync_engine.async_scheduling
+    assert got == expected
+    if "num_kv_blocks" in config:
+        assert engine.scheduler.num_preemptions > 0, "the pool was small enough to preempt"
+
+
+def test_shared_prefixes_hit_the_cache_under_async_scheduling(tiny_model_path):
+    prefix = "You are a careful assistant who answers in one short sentence. " * 2
+    prompts = [prefix + question for question in ("Why is the sky blue?", "What is rain?", "Name a planet.")]
+    expected, _ = generate(tiny_model_path, False, prompts=prompts)
+    got, engine = generate(tiny_model_path, True, prompts=prompts)
+    assert got == expected
+    assert engine.kv_cache.prefix_cache_hits > 0
+
+
+def test_requests_that_stop_mid_flight_end_as_they_do_synchronously(tiny_model_path):
+    """Stop tokens met at different steps: each request's next step is already queued when it
+    stops, and that token must not reach its output."""
+    free_run, _ = generate(tiny_model_path, False)
+    # Each request stops at its own token: the one it would produce at step 3 + i.
+    params = [SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=[tokens[3 + i]])
+              for i, (tokens, _, _) in enumerate(free_run)]
+    expected, _ = generate(tiny_model_path, False, params=params)
+    got, _ = generate(tiny_model_path, True, params=params)
+    assert got == expected
+    assert all(reason == "stop" for _, reason, _ in got)
+    assert [len(tokens) for tokens, _, _ in got] != [24] * len(PROMPTS)
+
+
+def test_a_request_is_not_scheduled_past_its_last_token(tiny_model_path):
+    """A request whose token in flight is its max_tokens-th gets no step after it: every
+    request computes its prompt and max_tokens - 1 outputs, no more, as synchronously."""
+    computed = {}
+    for async_scheduling in (False, True):
+        llm = make_llm(tiny_model_path, async_scheduling)
+        scheduler = llm.engine.scheduler
+        schedule = scheduler.schedule
+        tokens = computed[async_scheduling] = {}
+
+        def counting_schedule():
+            plan = schedule()
+            for s in plan.scheduled:
+                tokens[s.request.request_id] = tokens.get(s.request.request_id, 0) + s.num_new_tokens
+            return plan
+
+        scheduler.schedule = counting_schedule
+        llm.generate(PROMPTS, [SamplingParams(max_tokens=3 + i, temperature=0.0, ignore_eos=True)
+                               for i in range(len(PROMPTS))])
+        assert_drained(llm)
+    prompt_lengths = [len(llm.tokenizer.encode(p)) for p in PROMPTS]
+    assert sorted(computed[True].values()) == sorted(computed[False].values()) == sorted(
+        n + 3 + i - 1 for i, n in enumerate(prompt_lengths))
+
+
+def test_seeded_sampling_is_reproducible_across_modes_and_batches(tiny_model_path):
+    seeded = [SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=100 + i) for i in range(len(PROMPTS))]
+    expected, _ = generate(tiny_model_path, False, params=seeded)
+    got, _ = generate(tiny_model_path, True, params=seeded)
+    assert got == expected
+    # The same request alone, beside unseeded neighbours: the same tokens again.
+    alone, _ = generate(tiny_model_path, True, params=[seeded[2], SamplingParams(max_tokens=16, temperature=1.0)],
+                        prompts=[PROMPTS[2], PROMPTS[0]])
+    assert alone[0] == expected[2]
+
+
+def test_penalties_and_logprobs_under_async_scheduling(tiny_model_path):
+    """Penalised rows need every earlier token, so their steps are read back before the next
+    is scheduled; logprobs ride along with the tokens. Both as synchronously."""
+    params = [SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, repetition_penalty=1.3,
+                             presence_penalty=0.5),
+              SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=3),
+              SamplingParams(max_tokens=16, temperature=0.7, seed=3, frequency_penalty=0.8, logprobs=1)]
+    prompts = PROMPTS[:3]
+    expected, _ = generate(tiny_model_path, False, params=params, prompts=prompts)
+    got, _ = generate(tiny_model_path, True, params=params, prompts=prompts)
+    assert got == expected
+    assert len(got[1][2]) == 16 and len(got[1][2][0].top) == 3
+
+
+def test_a_request_aborted_while_its_step_is_in_flight(tiny_model_path):
+    """The abort ends it at once and frees its blocks; the token its queued step samples is
+    dropped, and the requests beside it go on as if it had never been there."""
+    llm = make_llm(tiny_model_path, True)
+    engine = llm.engine
+    ids = [engine.add_request(prompt, GREEDY) for prompt in PROMPTS[:3]]
+    outputs = {request_id: [] for request_id in ids}
+    for _ in range(4):
+        for output in engine.step():
+            outputs[output.request_id].append(output)
+    assert engine._in_flight is not None and ids[1] in [s.request.request_id for s in engine._in_flight.plan.scheduled]
+    final = engine.abort(ids[1])
+    assert final.finished and final.finish_reason == "abort" and not final.new_token_ids
+    num_before = len(outputs[ids[1]])
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            outputs[output.request_id].append(output)
+    assert len(outputs[ids[1]]) == num_before, "nothing came for the aborted request after its end"
+    assert_drained(llm)
+    expected, _ = generate(tiny_model_path, False, prompts=[PROMPTS[0], PROMPTS[2]])
+    for request_id, (tokens, _, _) in zip([ids[0], ids[2]], expected):
+        assert [t for o in outputs[request_id] for t in o.new_token_ids] == tokens
+
+
+def test_padded_static_decode_steps_take_their_inputs_from_the_step_in_flight(tiny_model_path):
+    """The CUDA-graph path's buffers, run eagerly: a decode's input id is written into the
+    static buffer on the device from the step before's samples."""
+    expected, _ = generate(tiny_model_path, False)
+    llm = make_llm(tiny_model_path, True)
+    llm.engine.runner.use_static_decode(llm.engine.config.max_num_seqs, 128, capture=False)
+    got = [(c.token_ids, c.finish_reason, c.logprobs) for c in llm.generate(PROMPTS, GREEDY)]
+    assert_drained(llm)
+    assert got == expected
+
+
+def test_async_scheduling_is_on_for_cuda_alone_by_default(tiny_model_path):
+    llm = LLM(str(tiny_model_path), dtype="float32", device="cpu", num_kv_blocks=64)
+    assert not llm.engine.async_scheduling
