@@ -10,6 +10,7 @@ it runs, comes out right.
 """
 
 import pytest
+import torch
 
 from engine import LLM
 from scheduler import SamplingParams
@@ -172,3 +173,29 @@ def test_padded_static_decode_steps_take_their_inputs_from_the_step_in_flight(ti
 def test_async_scheduling_is_on_for_cuda_alone_by_default(tiny_model_path):
     llm = LLM(str(tiny_model_path), dtype="float32", device="cpu", num_kv_blocks=64)
     assert not llm.engine.async_scheduling
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_launching_a_step_never_waits_for_the_gpu(tiny_model_path, backend):
+    """What overlap rests on: queueing a step (prompt chunks, decodes, greedy, seeded and
+    logprob rows) makes no call that waits for the device. Penalties are left out: their
+    steps are read back anyway."""
+    llm = LLM(str(tiny_model_path), dtype="float32", device="cuda", num_kv_blocks=256, max_model_len=128,
+              attention_backend=backend, async_scheduling=True, max_num_batched_tokens=32)
+    engine = llm.engine
+    params = [GREEDY, SamplingParams(max_tokens=24, temperature=0.8, seed=1, ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=0.0, logprobs=2, ignore_eos=True)]
+    llm.generate(PROMPTS[:2], GREEDY)  # lazy initialisation (cuBLAS, Triton compiles) before the check
+    launch = engine.runner.launch
+
+    def strict_launch(plan):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(plan)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    engine.runner.launch = strict_launch
+    got = [c.token_ids for c in llm.generate(PROMPTS, [params[i % 3] for i in range(len(PROMPTS))])]
+    assert all(len(tokens) == 24 for tokens in got)
