@@ -197,7 +197,7 @@ class SampledTokens:
         self._host = tuple(None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
             t, non_blocking=True) for t in tensors)
         self._copied = torch.cuda.Event()
-        self._copied.record()
+        self._copied.record(torch.cuda.current_stream(self.token_ids.device))
 
     def to_host(self) -> tuple[list[int], list[TokenLogprobs | None]]:
         if self._host is None:
