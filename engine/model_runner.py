@@ -14,7 +14,7 @@ from engine.attention import (
 from engine.cuda_graphs import StaticDecodeRunner
 from engine.input_batch import InputBatch, known_token, step_positions
 from engine.model import LlamaForCausalLM
-from engine.sampler import SampledTokens, Sampler, TokenLogprobs
+from engine.sampler import SampledTokens, Sampler, TokenLogprobs, copy_to_device
 from scheduler import Request, ScheduledRequest, SchedulerOutput
 
 
@@ -85,11 +85,11 @@ class ModelRunner:
             self.attention_backend) or f"C++ kernel, {self.decode_kernel.isa()} build"
         self.static_decode: StaticDecodeRunner | None = None
         self.batch = InputBatch(block_size)
-        # The last launched step's sampled tokens on the device and each request's row in
-        # them: under async scheduling the next step is built before they are read back,
-        # and a decode whose input is one of them takes it from here (`_pending_input_ids`).
+        # The last launched step's sampled tokens on the device, and the request of each of
+        # their rows: under async scheduling the next step is built before they are read
+        # back, and a decode whose input is one of them takes it from here (`_pending_input_ids`).
         self._last_sampled: torch.Tensor | None = None
-        self._last_sampled_rows: dict[str, int] = {}
+        self._last_sampled_requests: list[Request] = []
 
     def forget(self, request_id: str, preempted: bool = False) -> None:
         """`request_id` finished, or was preempted: its row goes (its blocks will change). A
@@ -147,8 +147,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[logits_indices])
         launched.sampled = self.sampler.draw(logits, launched.requests)
         launched.sampled.start_copy()
-        self._last_sampled = launched.sampled.token_ids
-        self._last_sampled_rows = {request.request_id: row for row, request in enumerate(launched.requests)}
+        self._last_sampled, self._last_sampled_requests = launched.sampled.token_ids, launched.requests
         return launched
 
     def collect(self, launched: LaunchedStep) -> StepResult:
@@ -166,13 +165,12 @@ class ModelRunner:
     def _pending_input_ids(self, order: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows of the step's input ids, their values on the device) for the decodes whose
         input token was sampled by the step still in flight, or None when every input is known."""
-        rows, sources = [], []
-        for row, scheduled in enumerate(order):
-            if scheduled.start_position >= scheduled.request.num_tokens:
-                rows.append(row)
-                sources.append(self._last_sampled_rows[scheduled.request.request_id])
+        rows = [row for row, scheduled in enumerate(order) if scheduled.start_position >= scheduled.request.num_tokens]
         if not rows:
             return None
+        # Built only here: a synchronous engine, every step read back, never gets this far.
+        sampled_row = {request.request_id: row for row, request in enumerate(self._last_sampled_requests)}
+        sources = [sampled_row[order[row].request.request_id] for row in rows]
         return self._tensor(rows), self._last_sampled[self._tensor(sources)]
 
     def prepare(self, output: SchedulerOutput) -> ModelInput:
@@ -264,7 +262,4 @@ class ModelRunner:
     def _to_device(self, tensor: torch.Tensor | np.ndarray) -> torch.Tensor:
         if isinstance(tensor, np.ndarray):
             tensor = torch.from_numpy(tensor)
-        if self.device.type == "cpu":
-            return tensor
-        # Pinned host memory lets the copy overlap with work already queued on the GPU.
-        return tensor.pin_memory().to(self.device, non_blocking=True)
+        return copy_to_device(tensor, self.device)

@@ -152,10 +152,15 @@ def _by_row(values: list[float], like: torch.Tensor) -> torch.Tensor:
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small tensor from host values. On a GPU through pinned memory and without a sync:
-    `torch.tensor(values, device=...)` waits for the whole stream, which would stall an
-    engine that queues the next step before this one is read back."""
-    tensor = torch.tensor(values, dtype=dtype)
+    """A small tensor from host values, copied as `copy_to_device` copies."""
+    return copy_to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def copy_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`: on a GPU through pinned memory and without a sync, so the copy
+    is queued behind work already on the stream. A plain `.to(device)` (or `torch.tensor(
+    values, device=...)`) waits for the whole stream, which would stall an engine that
+    queues the next step before this one is read back."""
     if device.type == "cpu":
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
