@@ -99,21 +99,7 @@ class ModelRunner:
             self.sampler.release(request_id)
 
     def swap_blocks(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
-        """Copy whole blocks device -> host (`swap_out` pairs), then host -> device (`swap_in`).
-
-        Outs go first: a device block a swapped-out request gave up may be the one a
-        swapped-in request gets back in the same step.
-        """
-        if not swap_out and not swap_in:
-            return
-        device_blocks = self.kv_caches.unflatten(2, (-1, self.block_size))
-        host_blocks = self.host_kv_caches.unflatten(2, (-1, self.block_size))
-        if swap_out:
-            source, target = zip(*swap_out)
-            host_blocks[:, :, list(target)] = device_blocks[:, :, list(source)].to("cpu")
-        if swap_in:
-            source, target = zip(*swap_in)
-            device_blocks[:, :, list(target)] = host_blocks[:, :, list(source)].to(self.device)
+        swap_blocks(self.kv_caches, self.host_kv_caches, self.block_size, swap_out, swap_in)
 
     def use_static_decode(self, max_batch: int, max_context: int, capture: bool,
                           batch_sizes: tuple[int, ...] | None = None) -> None:
@@ -263,3 +249,28 @@ class ModelRunner:
         if isinstance(tensor, np.ndarray):
             tensor = torch.from_numpy(tensor)
         return copy_to_device(tensor, self.device)
+
+
+def swap_blocks(kv_caches: torch.Tensor, host_kv_caches: torch.Tensor, block_size: int,
+                swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+    """Copy whole blocks device -> host (`swap_out`: (device, host) pairs) and host -> device
+    (`swap_in`: (host, device) pairs), as if every copy read its source before any wrote.
+
+    Within one step the two may trade blocks either way: a swapped-out request can be given
+    the host blocks a request swapped in earlier in the same schedule gave up, and a
+    swapped-in request the device blocks a swapped-out one gave up. So the ins are read
+    first, the outs copied, and the ins written last.
+    """
+    if not swap_out and not swap_in:
+        return
+    device_blocks = kv_caches.unflatten(2, (-1, block_size))
+    host_blocks = host_kv_caches.unflatten(2, (-1, block_size))
+    if swap_in:
+        in_source, in_target = zip(*swap_in)
+        # Indexing with a list gathers a copy: the blocks as they are now, whatever the outs write.
+        incoming = host_blocks[:, :, list(in_source)].to(kv_caches.device)
+    if swap_out:
+        source, target = zip(*swap_out)
+        host_blocks[:, :, list(target)] = device_blocks[:, :, list(source)].to("cpu")
+    if swap_in:
+        device_blocks[:, :, list(in_target)] = incoming

@@ -2,8 +2,10 @@
 tokens of a run that never preempted, and both pools are empty at the end."""
 
 import pytest
+import torch
 
 from engine import LLM
+from engine.model_runner import swap_blocks
 from scheduler import SamplingParams
 
 PROMPTS = [f"Story number {index}: once upon a time there was a" for index in range(6)]
@@ -35,3 +37,26 @@ def test_preempted_requests_give_the_tokens_of_an_unpreempted_run(tiny_model_pat
     kv_cache = engine.kv_cache
     assert kv_cache.pool.num_free_blocks == kv_cache.pool.num_blocks
     assert kv_cache.num_free_host_blocks == kv_cache.num_host_blocks > 0
+
+
+def test_swap_copies_read_every_source_before_any_copy_writes():
+    """One schedule may swap a request in and then another out into the host blocks the first
+    gave up (an outranking swapped request is admitted before a running one is preempted), and
+    give a swapped-in request the device blocks a swapped-out one gave up: every copy must move
+    its block as it was before the step's copies began."""
+    block_size = 2
+    device = torch.arange(2 * 4 * block_size * 3, dtype=torch.float32).reshape(1, 2, 4 * block_size, 1, 3)
+    host = -1 - torch.arange(2 * 3 * block_size * 3, dtype=torch.float32).reshape(1, 2, 3 * block_size, 1, 3)
+    device_before, host_before = device.clone(), host.clone()
+
+    def block(cache, index):
+        return cache.unflatten(2, (-1, block_size))[:, :, index]
+
+    swap_blocks(device, host, block_size, swap_out=[(1, 0)], swap_in=[(0, 1), (2, 3)])
+    assert torch.equal(block(host, 0), block(device_before, 1))  # out into the host block an in gave up
+    assert torch.equal(block(device, 1), block(host_before, 0))  # in into the device block that out gave up
+    assert torch.equal(block(device, 3), block(host_before, 2))
+    for index in (0, 2):
+        assert torch.equal(block(device, index), block(device_before, index))
+    for index in (1, 2):
+        assert torch.equal(block(host, index), block(host_before, index))
