@@ -39,6 +39,7 @@ class PrefillGate:
 
 
 def is_decode(request: Request) -> bool:
-    """Whether this step's work for `request` is one output token (the rest is prompt work)."""
-    return request.num_tokens - request.num_computed_tokens == 1 and \
+    """Whether this step's work for `request` is one output token (the rest is prompt work);
+    under async scheduling that token may be the one still in flight."""
+    return request.num_tokens + request.num_pending_tokens - request.num_computed_tokens == 1 and \
         request.num_computed_tokens >= request.num_prompt_tokens

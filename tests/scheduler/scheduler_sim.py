@@ -7,7 +7,6 @@ also checks the token budget, the seat limit and the block tables.
 from typing import Callable
 
 from kvcache import KVCacheManager
-from scheduler.prefill_gate import is_decode
 from scheduler import Request, RequestStatus, SamplingParams, Scheduler, SchedulerConfig, SchedulerOutput, StepShape
 
 VOCAB = 50
@@ -90,6 +89,11 @@ def checked_schedule(scheduler: Scheduler) -> SchedulerOutput:
 def tokens_to_compute(request: Request) -> int:
     """Known tokens not yet computed, and under async scheduling the one in flight."""
     return request.num_tokens + request.num_pending_tokens - request.num_computed_tokens
+
+
+def is_decode(request: Request) -> bool:
+    """Whether the request's work this step is one output token: the gate never holds that back."""
+    return tokens_to_compute(request) == 1 and request.num_computed_tokens >= request.num_prompt_tokens
 
 
 def ends_with_pending(scheduler: Scheduler, request: Request) -> bool:

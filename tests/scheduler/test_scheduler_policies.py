@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 import pytest
 
 from scheduler import Request, RequestStatus, SamplingParams, SchedulerConfig
-from scheduler_sim import make_scheduler, reference_output, run, step
+from scheduler_sim import async_step, make_scheduler, reference_output, run, step
 
 
 def request(request_id: str, prompt_len: int = 4, max_tokens: int = 8, priority: int = 0, tenant: str = "",
@@ -213,6 +213,21 @@ def test_a_tenant_that_becomes_active_is_lifted_to_the_least_served_active_one()
     run(scheduler)
 
 
+def test_fair_share_requests_of_two_tenants_that_need_the_same_blocks_both_finish():
+    """Two prompts that cannot both fit: the one with less computed gives way, not the one of
+    the tenant with more service. By service they would take turns, each preemption charging
+    the other tenant for the recomputation, and neither would ever finish."""
+    scheduler = make_scheduler(max_model_len=9, max_num_seqs=2, max_num_batched_tokens=3, num_blocks=9, block_size=1,
+                               enable_prefix_caching=False, policy="fair")
+    requests = [request(f"a{index}", prompt_len=7, max_tokens=1, tenant="a") for index in range(5)]
+    requests.append(request("b0", prompt_len=7, max_tokens=1, tenant="b"))
+    for item in requests:
+        scheduler.add_request(item)
+    run(scheduler, max_steps=100)
+    for item in requests:
+        assert item.output_token_ids == reference_output(item.prompt_token_ids, 1)
+
+
 def test_config_rejects_an_unknown_policy_and_bad_weights():
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         SchedulerConfig(max_model_len=64, policy="lottery")
@@ -286,6 +301,30 @@ def test_under_priority_an_urgent_prompts_step_carries_no_lower_priority_prompt_
     assert ("batch-prefilling" not in scheduled) == held_back
     # The step after, with the urgent prompt decoding, the batch prompt goes on.
     assert "batch-prefilling" in {s.request.request_id for s in step(scheduler).scheduled}
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_under_priority_a_decode_of_lower_priority_is_never_held_back(async_scheduling):
+    """Only prompt work waits for an urgent prompt's step. Under async scheduling a decode's
+    input token is still in flight when its next step is planned: a decode all the same, so the
+    batch request decodes beside the urgent one instead of waiting for it to finish."""
+    scheduler = make_scheduler(max_model_len=256, num_blocks=256, policy="priority", priority_aging_s=None)
+    urgent = request("urgent", prompt_len=12, max_tokens=20, priority=0)
+    batch = request("batch", prompt_len=8, max_tokens=20, priority=1)
+    scheduler.add_request(urgent)
+    scheduler.add_request(batch)
+    plans, in_flight = [], None
+    while scheduler.has_unfinished_requests() or in_flight is not None:
+        assert len(plans) < 100
+        if async_scheduling:
+            in_flight = async_step(scheduler, in_flight)
+            plans.append(in_flight)
+        else:
+            plans.append(step(scheduler))
+    together = [plan for plan in plans if plan is not None and len(plan.scheduled) == 2]
+    assert len(together) >= 19  # every step of the urgent request's but its prompt's
+    for item in (urgent, batch):
+        assert item.output_token_ids == reference_output(item.prompt_token_ids, 20)
 
 
 def test_under_fcfs_running_prompts_keep_the_budget():
