@@ -54,8 +54,13 @@ class FairShareQueue:
         self._queues[request.tenant].remove(request)
 
     def rank(self, request: Request) -> tuple:
-        # When blocks run out, the tenant that has had the most service gives one up.
         return (self.counters.get(request.tenant, 0.0),)
+
+    def victim_rank(self, request: Request) -> tuple:
+        # Not the most-served tenant's request: recomputing it charges the other tenant, so
+        # the two would take turns preempting each other and neither finish. The request with
+        # the least computed loses least, and the one that keeps its blocks only gains on it.
+        return (-request.num_computed_tokens,)
 
     def charge(self, request: Request, num_prompt_tokens: int, num_output_tokens: int) -> None:
         weight = self.tenant_weights.get(request.tenant, 1.0)

@@ -6,9 +6,11 @@ A policy is a queue with a few extra duties:
   policies give it back the place its rank says (priority, then arrival), which for a
   request that waited is near the front;
 - `rank` orders requests, lowest first, so the scheduler can tell whether a waiting
-  request outranks a running one (`preempts` policies take the seat) and which running
-  request to preempt when KV blocks run out (the worst rank, the last admitted among
-  equals);
+  request outranks a running one (`preempts` policies take the seat);
+- `victim_rank` says which running request gives its blocks up when they run out: the
+  worst, the last admitted among equals. It is the rank wherever ranks are static; under
+  fair share, whose ranks move as service is charged, it is the least progress, since two
+  requests that took turns preempting each other would both be recomputed forever;
 - `charge` and `finished` let a policy account service (the fair-share policy does).
 
 The slo policy orders by TTFT deadline (arrival plus the request's TTFT target), earliest
@@ -47,6 +49,7 @@ class WaitingQueue(Protocol):
     def pop(self) -> Request: ...
     def remove(self, request: Request) -> None: ...
     def rank(self, request: Request) -> tuple: ...
+    def victim_rank(self, request: Request) -> tuple: ...
     def charge(self, request: Request, num_prompt_tokens: int, num_output_tokens: int) -> None: ...
     def finished(self, request: Request) -> None: ...
     def __len__(self) -> int: ...
@@ -79,6 +82,9 @@ class FCFSQueue:
     def rank(self, request: Request) -> tuple:
         return ()  # all equal: the last admitted is preempted first
 
+    def victim_rank(self, request: Request) -> tuple:
+        return ()
+
     def charge(self, request: Request, num_prompt_tokens: int, num_output_tokens: int) -> None:
         pass
 
@@ -104,7 +110,8 @@ class _Entry:
 
 
 class RankedQueue:
-    """A heap on a static key, lowest first; ties go to the earlier arrival, then the earlier add."""
+    """A heap on a static key, lowest first; ties go to the earlier arrival, then to a request
+    put back (`prepend`: the last put back first), then to the earlier add."""
 
     preempts = False
 
@@ -113,6 +120,7 @@ class RankedQueue:
         self._heap: list[_Entry] = []
         self._entries: dict[str, _Entry] = {}
         self._order = count()
+        self._front = count(-1, -1)  # orders for requests put back, before every add
 
     def level(self, request: Request) -> float:
         raise NotImplementedError
@@ -122,13 +130,19 @@ class RankedQueue:
             return (self.level(request), request.arrival_time)
         return (self.level(request) + request.arrival_time / self.aging_s, request.arrival_time)
 
-    def add(self, request: Request) -> None:
-        entry = _Entry(self.rank(request), next(self._order), request)
+    def victim_rank(self, request: Request) -> tuple:
+        return self.rank(request)
+
+    def add(self, request: Request, order: int | None = None) -> None:
+        entry = _Entry(self.rank(request), next(self._order) if order is None else order, request)
         self._entries[request.request_id] = entry
         heapq.heappush(self._heap, entry)
 
     def prepend(self, request: Request) -> None:
-        self.add(request)  # the rank alone decides the place
+        # The rank decides the place; among equals a request put back goes first, as FCFS puts
+        # it at the front: a preempted request resumes before its equals that never ran, and a
+        # launched static batch's members stay ahead of those left for the next batch.
+        self.add(request, next(self._front))
 
     def peek(self) -> Request:
         while not self._heap[0].valid:

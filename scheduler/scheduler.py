@@ -151,12 +151,18 @@ class Scheduler:
                 self._preempt(max(victims, key=self.waiting.rank), output)
 
     def _next_admissible(self) -> Request | None:
-        """The waiting request to offer a seat: the policy's next, or with KV caps the next
-        whose tenant has room."""
+        """The waiting request to offer a seat: the policy's next that the batching mode lets
+        in (under static or dynamic batching, a member of the launched batch: a request that
+        came later may outrank them) and, with KV caps, whose tenant has room."""
         request = self.waiting.peek()
-        if not self.kv_caps.binding or not self.kv_caps.has_no_room(request.tenant):
+        if self._may_admit(request):
             return request
-        return next((r for r in self.waiting if not self.kv_caps.has_no_room(r.tenant)), None)
+        return next((r for r in self.waiting if self._may_admit(r)), None)
+
+    def _may_admit(self, request: Request) -> bool:
+        if self.kv_caps.binding and self.kv_caps.has_no_room(request.tenant):
+            return False
+        return self.batching.may_admit(request)
 
     @property
     def padding_tokens(self) -> int:
@@ -223,7 +229,7 @@ class Scheduler:
                 index += 1
                 continue
             if not self._allocate_or_preempt(index, num_new, output):
-                break  # the request itself was preempted: it ranked below all that were left
+                continue  # the request itself gave way: running[index] is now the next one
             output.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
             index += 1
@@ -259,20 +265,22 @@ class Scheduler:
         return min(num_new, budget)
 
     def _allocate_or_preempt(self, index: int, num_new: int, output: SchedulerOutput) -> bool:
-        """Blocks for running[index], preempting the worst-ranked request not yet scheduled this
-        step (the last admitted among equals, which is all of them under FCFS) until they fit."""
+        """Blocks for running[index], preempting the worst request by the policy's victim rank
+        not yet scheduled this step (the last admitted among equals, which is all of them under
+        FCFS) until they fit."""
         request = self.running[index]
         while (blocks := self.kv_cache.allocate_slots(request, num_new)) is None:
-            victim = self._worst_running(start=index)
+            victim = self._worst_running(start=index, rank=self.waiting.victim_rank)
             self._preempt(victim, output)
             if victim is request:
                 return False
         self.kv_caps.gained(request.tenant, len(blocks))
         return True
 
-    def _worst_running(self, start: int = 0) -> Request:
-        """The next victim: with KV caps, a request of a tenant over its cap comes first."""
-        rank = self.waiting.rank
+    def _worst_running(self, start: int = 0, rank: Callable[[Request], tuple] | None = None) -> Request:
+        """The worst of running[start:] by `rank` (the policy's by default), the last among
+        equals; with KV caps, a request of a tenant over its cap comes first."""
+        rank = rank or self.waiting.rank
         if self.kv_caps:
             def key(i: int) -> tuple:
                 request = self.running[i]
@@ -330,7 +338,7 @@ class Scheduler:
         num_admitted = 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self._next_admissible()
-            if request is None or not self.batching.may_admit(request):
+            if request is None:
                 break
             if request.status is RequestStatus.PREEMPTED and request.request_id in output.preempted_ids:
                 break  # it gave its seat up this very step, to someone who could not take it after all

@@ -202,6 +202,21 @@ def test_config_checks_the_batching_knobs():
         make_scheduler(batching="adaptive")
 
 
+@pytest.mark.parametrize("batching", ["static", "dynamic"])
+@pytest.mark.parametrize("policy", ["priority", "sjf"])
+def test_a_launched_batch_is_admitted_before_equals_and_later_arrivals_that_outrank_it(policy, batching):
+    # r1 is launched alone; r2 ties with it (priority) or outranks it (sjf: a shorter job).
+    scheduler = make_scheduler(max_model_len=16, max_num_seqs=1, enable_chunked_prefill=False, num_blocks=16,
+                               block_size=1, enable_prefix_caching=False, policy=policy, batching=batching,
+                               static_batch_size=1, batch_timeout_s=0.0)
+    first = add(scheduler, "r0", 6, max_tokens=1)
+    launched = add(scheduler, "r1", 9 if policy == "sjf" else 6, max_tokens=1)
+    assert scheduled_ids(step(scheduler)) == ["r0"]
+    later = add(scheduler, "r2", 6, max_tokens=1)
+    run(scheduler, max_steps=10)
+    assert all(item.is_finished for item in (first, launched, later))
+
+
 # -- random workloads -------------------------------------------------------------------------
 
 

@@ -1,7 +1,8 @@
 """Random workloads, configurations and aborts: every plan keeps the limits, every output is exact.
 
 Prompts use three token ids so prefix-cache hits are common, and pools are often just
-big enough for one request at full length, so preemption is common too.
+big enough for one request at full length, so preemption is common too; the policies that
+rank requests differ, preempt (priority) and swap do, since that is where plans interleave.
 """
 
 from hypothesis import event, given, settings, strategies as st
@@ -18,6 +19,7 @@ def configs(draw):
     # Tiny budgets are where off-by-one errors live, so they are drawn often.
     budgets = st.integers(1, 3) | st.integers(1, 40) if chunked else st.integers(max_model_len, max_model_len + 8)
     budget = draw(budgets)
+    swaps = draw(st.booleans())
     return dict(
         max_model_len=max_model_len,
         max_num_seqs=draw(st.integers(1, 5)),
@@ -27,6 +29,9 @@ def configs(draw):
         num_blocks=-(-max_model_len // block_size) + draw(st.integers(0, 3)),
         block_size=block_size,
         enable_prefix_caching=draw(st.booleans()),
+        policy=draw(st.sampled_from(["fcfs", "priority", "sjf", "fair"])),
+        num_host_blocks=draw(st.integers(0, 2 * max_model_len)) if swaps else 0,
+        swap_threshold_tokens=draw(st.integers(1, max_model_len)) if swaps else None,
     )
 
 
@@ -39,7 +44,8 @@ def workloads(draw, max_model_len):
         # Most prompts start with much of the shared prefix; a tail makes them differ.
         prefix = shared_prefix[:len(shared_prefix) - draw(st.integers(0, len(shared_prefix)))]
         prompt = (prefix + draw(st.lists(st.integers(0, 2), min_size=1, max_size=4)))[:max_model_len - 1]
-        requests.append(dict(prompt=prompt, max_tokens=draw(st.integers(1, 12)), arrival_step=draw(st.integers(0, 6))))
+        requests.append(dict(prompt=prompt, max_tokens=draw(st.integers(1, 12)), arrival_step=draw(st.integers(0, 6)),
+                             priority=draw(st.integers(0, 2)), tenant=draw(st.sampled_from(["a", "b"]))))
     aborts = draw(st.lists(st.tuples(st.integers(0, 30), st.integers(0, num_requests - 1)), max_size=2))
     return requests, dict(aborts)
 
@@ -54,6 +60,8 @@ def test_random_workloads_keep_limits_and_give_exact_outputs(data, async_schedul
     specs, aborts = data.draw(workloads(config["max_model_len"]), label="workload")
     scheduler = make_scheduler(**config)
     requests = [make_request(f"r{i}", spec["prompt"], spec["max_tokens"]) for i, spec in enumerate(specs)]
+    for request, spec in zip(requests, specs):
+        request.priority, request.tenant = spec["priority"], spec["tenant"]
     aborted: set[str] = set()
     for victim, plan in replay(scheduler, requests, specs, aborts, async_scheduling=async_scheduling):
         # step() and async_step() check budget, seats, tables
@@ -66,5 +74,6 @@ def test_random_workloads_keep_limits_and_give_exact_outputs(data, async_schedul
 
     assert_pool_free(scheduler)
     event(f"preempted: {scheduler.num_preemptions > 0}")
+    event(f"swapped: {scheduler.num_preemptions_by_mode['swap'] > 0}")
     event(f"prefix hit: {any(r.num_cached_tokens for r in requests)}")
     assert_replay_outputs(requests, specs, aborted, config["max_model_len"])
