@@ -31,8 +31,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                                   id_prefix="chatcmpl")
     stream = serving.engine.submit(generation.requests)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        formatter = ChatChunks(serving, generation, num_top)
+        include_usage, continuous_usage = body.usage_in_stream()
+        formatter = ChatChunks(serving, generation, num_top, continuous_usage)
         return await event_stream_response(serving.engine, stream, generation, formatter, include_usage)
     with stream:
         choices = await collect(stream, generation, request)
@@ -146,16 +146,19 @@ def chat_logprobs(serving: ServingState, logprobs: list[TokenLogprobs], num_top:
 class ChatChunks:
     """Streaming chunks of /v1/chat/completions: the role first, then content deltas, then the end."""
 
-    def __init__(self, serving: ServingState, generation: Generation, num_top: int | None):
+    def __init__(self, serving: ServingState, generation: Generation, num_top: int | None,
+                 continuous_usage: bool = False):
         self.serving = serving
         self.generation = generation
         self.num_top = num_top
+        self.continuous_usage = continuous_usage
         self.created = int(time.time())
 
     def first_chunks(self) -> list[str]:
-        indices = sorted(choice.index for choice in self.generation.choices.values())
-        return [self._chunk([ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
-                for index in indices]
+        choices = sorted(self.generation.choices.values(), key=lambda choice: choice.index)
+        return [self._chunk([ChatChunkChoice(index=choice.index, delta={"role": "assistant", "content": ""})],
+                            self._usage(choice))
+                for choice in choices]
 
     def chunk(self, output: RequestOutput, choice: ChoiceResult) -> str | None:
         logprobs = None
@@ -166,10 +169,13 @@ class ChatChunks:
         delta = {"content": output.new_text} if output.new_text else {}
         finish_reason = output.finish_reason if output.finished else None
         return self._chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs,
-                                            finish_reason=finish_reason)])
+                                            finish_reason=finish_reason)], self._usage(choice))
 
     def usage_chunk(self, usage: Usage) -> str:
         return self._chunk([], usage)
+
+    def _usage(self, choice: ChoiceResult) -> Usage | None:
+        return choice.usage() if self.continuous_usage else None
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         return ChatCompletionChunk(id=self.generation.request_id, created=self.created,

@@ -25,8 +25,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                                   COMPLETIONS_DEFAULT_MAX_TOKENS, body.logprobs, id_prefix="cmpl")
     stream = serving.engine.submit(generation.requests)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        formatter = CompletionChunks(serving, generation, body.logprobs is not None)
+        include_usage, continuous_usage = body.usage_in_stream()
+        formatter = CompletionChunks(serving, generation, body.logprobs is not None, continuous_usage)
         return await event_stream_response(serving.engine, stream, generation, formatter, include_usage)
     with stream:
         choices = await collect(stream, generation, request)
@@ -89,10 +89,12 @@ def completion_logprobs(serving: ServingState, logprobs: list[TokenLogprobs],
 class CompletionChunks:
     """Streaming chunks of /v1/completions: one per output that carries text, logprobs or an end."""
 
-    def __init__(self, serving: ServingState, generation: Generation, with_logprobs: bool):
+    def __init__(self, serving: ServingState, generation: Generation, with_logprobs: bool,
+                 continuous_usage: bool = False):
         self.serving = serving
         self.generation = generation
         self.with_logprobs = with_logprobs
+        self.continuous_usage = continuous_usage
         self.created = int(time.time())
         self.text_offsets: dict[int, int] = {}
 
@@ -109,7 +111,7 @@ class CompletionChunks:
         finish_reason = output.finish_reason if output.finished else None
         choices = [CompletionChoice(index=choice.index, text=output.new_text, logprobs=logprobs,
                                     finish_reason=finish_reason)]
-        return self._response(choices, None).model_dump_json()
+        return self._response(choices, choice.usage() if self.continuous_usage else None).model_dump_json()
 
     def usage_chunk(self, usage: Usage) -> str:
         return self._response([], usage).model_dump_json()

@@ -11,7 +11,7 @@ messages match the offline API's.
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts in one completions request
@@ -29,6 +29,16 @@ class APIRequest(BaseModel):
     """
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        """OpenAI documents its optional fields as nullable, and SDKs and wrappers send `null`
+        for what a caller left unset: an explicit null takes the field's default, as vLLM's
+        server gives it, instead of failing a field that is not Optional here."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
     @field_validator("*", mode="after")
     @classmethod
@@ -53,7 +63,9 @@ def _check_unicode(value) -> None:
 
 
 class StreamOptions(APIRequest):
-    include_usage: bool = False
+    # Sending stream_options asks for usage unless it says otherwise, as vLLM reads it.
+    include_usage: bool = True
+    continuous_usage_stats: bool = False  # vLLM's: the running usage on every chunk too
 
 
 class GenerationRequest(APIRequest):
@@ -90,6 +102,13 @@ class GenerationRequest(APIRequest):
     # Targets for --scheduling-policy slo (default: the tenant's): time to first token, time per output token.
     slo_ttft_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
     slo_tpot_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+    def usage_in_stream(self) -> tuple[bool, bool]:
+        """Whether a stream ends with a usage chunk, and whether every chunk carries the usage so far."""
+        options = self.stream_options
+        if options is None:
+            return False, False
+        return options.include_usage, options.include_usage and options.continuous_usage_stats
 
 
 class CompletionRequest(GenerationRequest):

@@ -104,6 +104,7 @@ class ChoiceResult:
     """One choice, accumulated from its engine request's outputs."""
 
     index: int
+    num_prompt_tokens: int
     text: str = ""
     num_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -117,6 +118,11 @@ class ChoiceResult:
         if output.finished:
             self.finish_reason = output.finish_reason
             self.error = output.error
+
+    def usage(self) -> Usage:
+        """This choice's usage so far (a stream's continuous usage, per choice as vLLM counts it)."""
+        return Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=self.num_tokens,
+                     total_tokens=self.num_prompt_tokens + self.num_tokens)
 
 
 @dataclass(slots=True)
@@ -200,7 +206,7 @@ def build_generation(serving: ServingState, body: GenerationRequest, tenant: Ten
             engine_id = f"{request_id}-{prompt_index}-{sample_index}"
             requests.append(EngineRequest(engine_id, prompt, params, arrival_time, priority, tenant.name,
                                           cache_salt, deadline, slo_ttft_s, slo_tpot_s))
-            choices[engine_id] = ChoiceResult(index=prompt_index * body.n + sample_index)
+            choices[engine_id] = ChoiceResult(prompt_index * body.n + sample_index, len(prompt))
     return Generation(request_id, prompts, requests, choices)
 
 

@@ -39,11 +39,14 @@ class ChunkFormatter(Protocol):
 async def stream_events(stream: OutputStream, generation: Generation, formatter: ChunkFormatter,
                         include_usage: bool) -> AsyncIterator[str]:
     try:
-        for chunk in formatter.first_chunks():
-            yield event(chunk)
+        # The opening chunks (chat's role) wait for the engine's first output, as vLLM sends
+        # them: clients such as vLLM's benchmark time the first token from the first chunk.
+        opening = [event(chunk) for chunk in formatter.first_chunks()]
         async for output in stream:
             # What else is here already goes out in the same write, each request's outputs as one chunk.
             events, error = format_outputs(merge_outputs([output, *stream.take_ready()]), generation, formatter)
+            if opening:
+                events, opening = opening + events, []
             if events:
                 yield "".join(events)
             if error is not None:

@@ -1,5 +1,7 @@
 """The official `openai` client against a real server on the tiny random Llama (the text is noise)."""
 
+import json
+
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -166,3 +168,37 @@ def test_version_says_which_kernels_this_host_got(http, tiny_server):
     assert version["paths"] == engine.paths
     assert version["paths"]["linear"] in ("onednn-packed", "F.linear")
     assert version["host"] == host.current().summary()
+
+
+def test_explicit_nulls_take_the_defaults(http):
+    # What SDK wrappers send for every field a caller left unset; OpenAI documents them nullable.
+    nulls = dict.fromkeys(["n", "stream", "stream_options", "logprobs", "top_logprobs", "temperature", "top_p", "seed",
+                           "stop", "user", "ignore_eos", "min_tokens", "skip_special_tokens", "presence_penalty",
+                           "include_stop_str_in_output", "max_completion_tokens", "response_format", "tools"])
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi", "name": None}], "max_tokens": 3, **nulls}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert [choice["index"] for choice in response.json()["choices"]] == [0]
+    completion = http.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "echo": None,
+                                                    "suffix": None, "best_of": None, **nulls})
+    assert completion.status_code == 200, completion.text
+
+
+def test_stream_options_ask_for_usage_by_being_there(http):
+    """As vLLM reads them: `stream_options: {}` means include_usage, and continuous_usage_stats
+    puts the running count on every chunk."""
+    def stream(options):
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "ignore_eos": True, "stream": True,
+                "stream_options": options}
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            data = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        return [json.loads(item) for item in data[:-1]]
+
+    chunks = stream({})
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+    assert all(chunk["usage"] is None for chunk in chunks[:-1])
+    chunks = stream({"continuous_usage_stats": True})
+    counts = [chunk["usage"]["completion_tokens"] for chunk in chunks]
+    assert counts == sorted(counts) and counts[-1] == 4 and all(chunk["usage"]["prompt_tokens"] == 4 for chunk in chunks)
+    assert stream({"include_usage": False})[-1]["choices"]

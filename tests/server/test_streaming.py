@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from engine import RequestOutput
 from scheduler.request import RequestTimes
 from server.async_engine import OutputStream
+from server.chat import ChatChunks
 from server.completions import CompletionChunks
 from server.errors import EngineError
 from server.serving import ChoiceResult, Generation
@@ -47,7 +48,8 @@ def events_of(queued: list, request_ids: list[str]) -> list[str]:
         stream = OutputStream(Releases(), request_ids)
         for item in queued:  # all there before the stream is read: the reader fell behind
             stream.push(item)
-        generation = Generation("cmpl-1", [[1, 2, 3]], [], {rid: ChoiceResult(i) for i, rid in enumerate(request_ids)})
+        choices = {rid: ChoiceResult(i, 3) for i, rid in enumerate(request_ids)}
+        generation = Generation("cmpl-1", [[1, 2, 3]], [], choices)
         formatter = CompletionChunks(SimpleNamespace(model_name="m"), generation, with_logprobs=False)
         return [piece async for piece in stream_events(stream, generation, formatter, include_usage=True)]
 
@@ -76,3 +78,42 @@ def test_an_error_after_waiting_outputs_comes_after_their_text():
     assert json.loads(data[0])["choices"][0]["text"] == "Hello"
     assert json.loads(data[1])["error"]["message"] == "the engine stopped"
     assert data[2] == "[DONE]"
+
+
+def chat_stream(request_ids: list[str], continuous_usage: bool = False):
+    """A chat stream's formatter and events, read as a client would, with nothing queued yet."""
+    stream = OutputStream(Releases(), request_ids)
+    choices = {rid: ChoiceResult(i, 3) for i, rid in enumerate(request_ids)}
+    generation = Generation("chatcmpl-1", [[1, 2, 3]], [], choices)
+    formatter = ChatChunks(SimpleNamespace(model_name="m"), generation, None, continuous_usage)
+    return stream, stream_events(stream, generation, formatter, include_usage=True)
+
+
+def test_the_role_chunk_waits_for_the_first_output_and_goes_out_with_it():
+    # vLLM's benchmark client times the first token from the first chunk with choices in it.
+    async def run():
+        stream, events = chat_stream(["a"])
+        first = asyncio.ensure_future(events.__anext__())
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not first.done()  # the prompt is still being computed: nothing to send yet
+        stream.push(output("a", "Hi"))
+        return data_of([await first])
+
+    role, content = [json.loads(data)["choices"][0]["delta"] for data in asyncio.run(run())]
+    assert role == {"role": "assistant", "content": ""}
+    assert content == {"content": "Hi"}
+
+
+def test_continuous_usage_counts_each_chunks_tokens_so_far():
+    async def run():
+        stream, events = chat_stream(["a"], continuous_usage=True)
+        stream.push(output("a", "Hel", num_tokens=2))
+        pieces = [await events.__anext__()]  # the role and the first text, in one write
+        stream.push(output("a", "lo", True, "length"))
+        return data_of(pieces + [piece async for piece in events])
+
+    chunks = [json.loads(data) for data in asyncio.run(run())[:-1]]
+    assert [(chunk["usage"]["prompt_tokens"], chunk["usage"]["completion_tokens"]) for chunk in chunks] == [
+        (3, 0), (3, 2), (3, 3), (3, 3)]  # the role, each text chunk, and the usage chunk at the end
+    assert chunks[-1]["choices"] == []
