@@ -89,6 +89,12 @@ def check_prompt(token_ids: list[int], vocab_size: int, max_model_len: int) -> N
         )
 
 
+def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
+    """InvalidRequestError unless every token `params.logit_bias` names is in the vocabulary."""
+    if params.logit_bias and max(params.logit_bias) >= vocab_size:
+        raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab_size})", param="logit_bias")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -172,6 +178,7 @@ class LLMEngine:
         params = sampling_params or SamplingParams()
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(token_ids)
+        check_logit_bias(params, self.vocab_size)
         request = Request(
             request_id=request_id or uuid.uuid4().hex,
             prompt_token_ids=token_ids,

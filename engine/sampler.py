@@ -1,4 +1,4 @@
-"""Turns one step's logits into tokens: penalties, temperature, top-k/top-p/min-p, seeds, logprobs."""
+"""Turns one step's logits into tokens: logit bias, penalties, temperature, top-k/top-p/min-p, seeds, logprobs."""
 
 from dataclasses import dataclass, field
 import itertools
@@ -33,7 +33,7 @@ class Sampler:
         """`sample` without reading anything back: the tokens (and logprobs) stay where the
         logits are, so an engine can queue the next step before this one's tokens are known."""
         params = [r.sampling_params for r in requests]
-        if all(p.is_greedy and p.logprobs is None and not p.has_penalties for p in params):
+        if all(p.is_greedy and p.logprobs is None and not p.has_penalties and not p.logit_bias for p in params):
             # The common case needs no float copy of the logits: widening is exact, so the
             # largest is the same token. `max` rather than `argmax`: on CPU, argmax over
             # bfloat16 takes twice as long (both give the first of equal largest values).
@@ -45,8 +45,13 @@ class Sampler:
         if logprob_rows:
             logprob_index = to_device(logprob_rows, torch.long, logits.device)
             raw_logprobs = torch.log_softmax(logits[logprob_index], dim=-1)
-        if any(p.has_penalties for p in params):
-            logits = apply_penalties(logits.clone(memory_format=torch.contiguous_format), requests)
+        biased, penalised = any(p.logit_bias for p in params), any(p.has_penalties for p in params)
+        if biased or penalised:
+            logits = logits.clone(memory_format=torch.contiguous_format)  # the model's own stay as they are
+        if biased:
+            apply_logit_bias(logits, requests)
+        if penalised:
+            apply_penalties(logits, requests)
 
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
@@ -107,6 +112,18 @@ def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> to
     drop = (mass_before > top_p.unsqueeze(1)) & (ranks > 0)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Each asking row's biases added to its tokens' logits, addressed as row * vocab + token
+    over the flat logits (as the penalties are); `logits` is contiguous and changed in place."""
+    vocab, keys, biases = logits.shape[-1], [], []
+    for row, request in enumerate(requests):
+        for token, bias in (request.sampling_params.logit_bias or {}).items():
+            keys.append(row * vocab + token)
+            biases.append(bias)
+    logits.view(-1).index_add_(0, to_device(keys, torch.long, logits.device), _by_row(biases, logits))
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

@@ -93,8 +93,11 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    # OpenAI's logit_bias: added to these tokens' logits before penalties and sampling.
+    logit_bias: dict[int, float] | None = None
 
     MAX_LOGPROBS = 20
+    MAX_LOGIT_BIAS = 100.0
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -130,6 +133,10 @@ class SamplingParams:
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "must be non-negative integers"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+            ("logit_bias", self.logit_bias is None or all(
+                isinstance(token, int) and token >= 0 and isinstance(bias, (int, float))
+                and -self.MAX_LOGIT_BIAS <= bias <= self.MAX_LOGIT_BIAS for token, bias in self.logit_bias.items()),
+             f"must map token ids to biases between -{self.MAX_LOGIT_BIAS:g} and {self.MAX_LOGIT_BIAS:g}"),
         ]
         for param, ok, message in checks:
             if not ok:

@@ -137,6 +137,29 @@ def test_penalties_on_a_mixed_batch_are_each_rows_own_exactly():
         assert torch.equal(got[row], expected), request.request_id
 
 
+def test_logit_bias_moves_only_its_own_rows_tokens():
+    logits = peaked_logits(4)
+    requests = [make_request("banned", temperature=0.0, logit_bias={7: -100.0}),
+                make_request("forced", temperature=0.0, logit_bias={30: 100.0}),
+                make_request("plain", temperature=0.0),
+                make_request("sampled", temperature=1.0, seed=3, logit_bias={7: -100.0, 9: -100.0, 12: 100.0})]
+    tokens, logprobs = Sampler().sample(logits, requests)
+    assert tokens == [9, 30, 7, 12]
+    assert torch.equal(logits, peaked_logits(4))  # the model's logits are left as they were
+    # Logprobs are the model's own distribution's, as vLLM reports them, before any bias.
+    _, (entry,) = Sampler().sample(logits[:1], [make_request(temperature=0.0, logprobs=0, logit_bias={7: -100.0})])
+    assert entry.token_id == 9
+    assert math.isclose(entry.logprob, torch.log_softmax(logits[0], dim=-1)[9].item(), rel_tol=1e-6)
+
+
+def test_logit_bias_is_added_before_the_penalties():
+    logits = peaked_logits()
+    # As vLLM orders them. 7 is biased to 3.0; 9 (already generated) is biased to 5.5 and then
+    # halved to 2.75, so 7 wins. Penalised first, 9 would be 4.5 / 2 + 1 = 3.25, and win.
+    request = make_request(temperature=0.0, output=[9], repetition_penalty=2.0, logit_bias={7: -2.0, 9: 1.0})
+    assert Sampler().sample(logits, [request])[0] == [7]
+
+
 def test_logprobs_are_the_model_distribution():
     logits = peaked_logits()
     tokens, logprobs = Sampler().sample(logits, [make_request(temperature=0.0, logprobs=3)])
