@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from engine import LLMEngine, host
 from server.async_engine import AsyncEngine
-from server.chat import apply_chat_template, create_chat_completion
+from server.chat import apply_chat_template, create_chat_completion, template_options
 from server.completions import create_completion
 from server.engine_core import EngineInfo, EngineThread
 from server.engine_process import EngineProcess
@@ -120,7 +120,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     if (body.prompt is None) == (body.messages is None):
         raise BadRequestError("give exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
-        tokens = await serving.run_tokenizer(apply_chat_template, serving, body.messages)
+        tokens = await serving.run_tokenizer(apply_chat_template, serving, body.messages, template_options(body))
     else:
         tokens = await serving.run_tokenizer(serving.tokenizer.encode, body.prompt,
                                              add_special_tokens=body.add_special_tokens)

@@ -10,7 +10,7 @@ from engine.sampler import TokenLogprobs
 from server.errors import BadRequestError
 from server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatLogprobs, ChatMessage, TokenLogprob, TopLogprob, Usage,
+    ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTemplateFields, TokenLogprob, TopLogprob, Usage,
 )
 from server.serving import ChoiceResult, Generation, ServingState, build_generation, collect, logprob_value, \
     reject_unsupported
@@ -25,7 +25,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     if body.top_logprobs is not None and not body.logprobs:
         raise BadRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
     num_top = (body.top_logprobs or 0) if body.logprobs else None
-    prompt = await serving.run_tokenizer(apply_chat_template, serving, body.messages)
+    prompt = await serving.run_tokenizer(apply_chat_template, serving, body.messages, template_options(body))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     generation = build_generation(serving, body, serving.tenant(request, body), [prompt], max_tokens, None, num_top,
                                   id_prefix="chatcmpl")
@@ -71,26 +71,52 @@ def chat_template_input(messages: list[ChatMessage]) -> list[dict]:
     return [{"role": message.role, "content": message_text(message, index)} for index, message in enumerate(messages)]
 
 
-def apply_chat_template(serving: ServingState, messages: list[ChatMessage], add_generation_prompt: bool = True
+# Arguments of `apply_chat_template` that are not template variables: a request may not set them.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "tokenize", "chat_template", "tools", "documents", "add_generation_prompt",
+    "continue_final_message", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding",
+    "truncation", "max_length", "tokenizer_kwargs", "processor_kwargs"})
+
+
+def template_options(body: ChatTemplateFields) -> dict:
+    """The keyword arguments `apply_chat_template` renders the request's conversation with."""
+    if body.add_generation_prompt and body.continue_final_message:
+        raise BadRequestError("add_generation_prompt and continue_final_message cannot both be true; set "
+                              "add_generation_prompt to false to continue the last message",
+                              param="continue_final_message")
+    if body.continue_final_message and (not body.messages or body.messages[-1].role != "assistant"):
+        raise BadRequestError("continue_final_message needs the last message to be the assistant's",
+                              param="continue_final_message")
+    extra = body.chat_template_kwargs or {}
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & extra.keys())
+    if reserved:
+        raise BadRequestError(f"chat_template_kwargs may not set {', '.join(reserved)}",
+                              param="chat_template_kwargs")
+    return {**extra, "add_generation_prompt": body.add_generation_prompt,
+            "continue_final_message": body.continue_final_message}
+
+
+def apply_chat_template(serving: ServingState, messages: list[ChatMessage], options: dict | None = None
                         ) -> list[int]:
-    """The conversation's prompt tokens. Blocking (a long conversation takes a while): run it
-    on the tokenizer thread."""
+    """The conversation's prompt tokens, rendered with `options` (`template_options`; by default
+    a new assistant turn). Blocking (a long conversation takes a while): run it on the tokenizer
+    thread."""
+    options = {"add_generation_prompt": True} if options is None else options
     conversation = chat_template_input(messages)
     tokenizer = serving.tokenizer
-    text = render_chat_template(tokenizer, conversation, add_generation_prompt)
+    text = render_chat_template(tokenizer, conversation, options)
     control_texts = [token.content for token in tokenizer.added_tokens_decoder.values()]
     contents = [message["content"] for message in conversation]
     if serving.settings.allow_special_tokens_in_messages or not any(
             control in content for content in contents for control in control_texts):
         # The template already wrote any special tokens the model expects.
         return tokenizer.encode(text, add_special_tokens=False)
-    return encode_with_plain_contents(tokenizer, text, conversation, add_generation_prompt)
+    return encode_with_plain_contents(tokenizer, text, conversation, options)
 
 
-def render_chat_template(tokenizer, conversation: list[dict], add_generation_prompt: bool) -> str:
+def render_chat_template(tokenizer, conversation: list[dict], options: dict) -> str:
     try:
-        return tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                             tokenize=False)
+        return tokenizer.apply_chat_template(conversation, tokenize=False, **options)
     except Exception as error:  # noqa: BLE001 - a template that rejects the conversation is the client's 400
         raise BadRequestError(f"the chat template rejected these messages: {error}", param="messages") from error
 
@@ -99,8 +125,7 @@ def render_chat_template(tokenizer, conversation: list[dict], add_generation_pro
 _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
 
 
-def encode_with_plain_contents(tokenizer, text: str, conversation: list[dict], add_generation_prompt: bool
-                               ) -> list[int]:
+def encode_with_plain_contents(tokenizer, text: str, conversation: list[dict], options: dict) -> list[int]:
     """Tokens of the rendered `text` in which special-token text inside a message's content
     (`<|im_end|>`) is encoded as the plain characters it is, and only the template's own
     markup becomes control tokens.
@@ -112,7 +137,7 @@ def encode_with_plain_contents(tokenizer, text: str, conversation: list[dict], a
     """
     marked = [{**message, "content": f"{_MARK_OPEN}{index}{_MARK_CLOSE}"}
               for index, message in enumerate(conversation)]
-    pieces = render_chat_template(tokenizer, marked, add_generation_prompt).split(_MARK_OPEN)
+    pieces = render_chat_template(tokenizer, marked, options).split(_MARK_OPEN)
     token_ids = tokenizer.encode(pieces[0], add_special_tokens=False)
     rebuilt = pieces[0]
     for piece in pieces[1:]:

@@ -20,7 +20,7 @@ import time
 from typing import Callable, Protocol
 
 from engine import LLMEngine, RequestOutput
-from engine.llm_engine import check_prompt
+from engine.llm_engine import check_logit_bias, check_prompt
 from scheduler import InvalidRequestError, RequestRejectedError, SamplingParams
 from scheduler.stats import SchedulerStats, snapshot
 from server.errors import APIError, EngineError, QueueFullError, from_invalid_request
@@ -74,6 +74,9 @@ class EngineInfo:
 
     def check_prompt(self, token_ids: list[int]) -> None:
         check_prompt(token_ids, self.vocab_size, self.max_model_len)
+
+    def check_logit_bias(self, params: SamplingParams) -> None:
+        check_logit_bias(params, self.vocab_size)
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,6 +102,15 @@ class GenerationRequest(APIRequest):
     # Targets for --scheduling-policy slo (default: the tenant's): time to first token, time per output token.
     slo_ttft_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
     slo_tpot_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # vLLM's extensions that constrain what is generated. Refused (a 400), not ignored as unknown
+    # fields are: unconstrained text would pass for constrained.
+    guided_json: object = None
+    guided_regex: object = None
+    guided_choice: object = None
+    guided_grammar: object = None
+    structured_outputs: object = None
+    allowed_token_ids: object = None
+    bad_words: object = None
 
     def usage_in_stream(self) -> tuple[bool, bool]:
         """Whether a stream ends with a usage chunk, and whether every chunk carries the usage so far."""
@@ -117,6 +126,7 @@ class CompletionRequest(GenerationRequest):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    response_format: dict | None = None  # vLLM's extension on completions
 
 
 class ContentPart(APIRequest):
@@ -130,7 +140,17 @@ class ChatMessage(APIRequest):
     name: str | None = None
 
 
-class ChatCompletionRequest(GenerationRequest):
+class ChatTemplateFields(APIRequest):
+    """How the conversation is rendered, as vLLM takes it: `continue_final_message` extends the
+    last (assistant) message instead of opening a new turn; `chat_template_kwargs` are the
+    template's own variables (Qwen3's `enable_thinking`, say)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict | None = None
+
+
+class ChatCompletionRequest(GenerationRequest, ChatTemplateFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -139,7 +159,7 @@ class ChatCompletionRequest(GenerationRequest):
     response_format: dict | None = None
 
 
-class TokenizeRequest(APIRequest):
+class TokenizeRequest(ChatTemplateFields):
     model: str | None = None
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None

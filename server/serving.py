@@ -33,6 +33,7 @@ MIN_LOGPROB = -9999.0
 @dataclass(slots=True)
 class ServerSettings:
     served_model_name: str
+    model_aliases: tuple[str, ...] = ()  # other names a request may give it
     api_key: str | None = None
     max_queued_requests: int | None = 1024
     max_body_bytes: int = 2 * 1024 * 1024
@@ -72,7 +73,7 @@ class ServingState:
         return self.info.max_model_len
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        if model is not None and model != self.model_name and model not in self.settings.model_aliases:
             raise ModelNotFoundError(f"the model `{model}` does not exist; this server serves `{self.model_name}`",
                                      param="model")
 
@@ -141,20 +142,26 @@ class Generation:
                      total_tokens=prompt_tokens + completion_tokens)
 
 
+CONSTRAINING_EXTENSIONS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+                           "allowed_token_ids", "bad_words")
+
+
 def reject_unsupported(body: GenerationRequest, **fields) -> None:
     """400 for fields a client set that this server cannot honour (rather than ignoring them)."""
-    for name, unsupported in fields.items():
+    constraints = {name: getattr(body, name) is not None for name in CONSTRAINING_EXTENSIONS}
+    for name, unsupported in {**fields, **constraints}.items():
         if unsupported:
             raise BadRequestError(f"{name} is not supported by this server", param=name)
-    if body.logit_bias:
-        raise BadRequestError("logit_bias is not supported by this server", param="logit_bias")
     if body.stream_options is not None and not body.stream:
         raise BadRequestError("stream_options is only allowed when stream is true", param="stream_options")
 
 
 def sampling_params(body: GenerationRequest, max_tokens: int | None, num_prompt_tokens: int,
                     max_model_len: int, default_max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """The engine's parameters for one prompt; raises InvalidRequestError (a 400) on bad values."""
+    """The engine's parameters for one prompt; raises InvalidRequestError (a 400) on bad values,
+    naming the field the client sent (chat's max_completion_tokens, or max_tokens)."""
+    max_tokens_param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None \
+        else "max_tokens"
     remaining = max_model_len - num_prompt_tokens
     if max_tokens is None:
         max_tokens = remaining if default_max_tokens is None else min(default_max_tokens, remaining)
@@ -166,7 +173,8 @@ def sampling_params(body: GenerationRequest, max_tokens: int | None, num_prompt_
         raise InvalidRequestError(
             f"this model's maximum context length is {max_model_len} tokens; you requested "
             f"{num_prompt_tokens + max_tokens} ({num_prompt_tokens} in the prompt, {max_tokens} for the "
-            "completion): shorten the prompt or lower max_tokens", param="max_tokens", code="context_length_exceeded")
+            f"completion): shorten the prompt or lower {max_tokens_param}", param=max_tokens_param,
+            code="context_length_exceeded")
     given = {name: getattr(body, name) for name in (
         "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")}
     return SamplingParams(
@@ -179,8 +187,19 @@ def sampling_params(body: GenerationRequest, max_tokens: int | None, num_prompt_
         skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output,
         logprobs=logprobs,
+        logit_bias=token_biases(body.logit_bias),
         **{name: value for name, value in given.items() if value is not None},
     )
+
+
+def token_biases(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias, keyed by token ids written as strings, as the engine takes it."""
+    if not logit_bias:
+        return None
+    try:
+        return {int(token): bias for token, bias in logit_bias.items()}
+    except ValueError:
+        raise InvalidRequestError("logit_bias keys must be token ids", param="logit_bias") from None
 
 
 def build_generation(serving: ServingState, body: GenerationRequest, tenant: Tenant, prompts: list[list[int]],
@@ -198,6 +217,7 @@ def build_generation(serving: ServingState, body: GenerationRequest, tenant: Ten
     for prompt_index, prompt in enumerate(prompts):
         serving.info.check_prompt(prompt)
         params = sampling_params(body, max_tokens, len(prompt), serving.max_model_len, default_max_tokens, logprobs)
+        serving.info.check_logit_bias(params)
         for sample_index in range(body.n):
             # As vLLM does for n > 1: choice i samples with seed + i, so the choices differ
             # and the whole response is still reproducible.

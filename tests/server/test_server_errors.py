@@ -39,6 +39,15 @@ BAD_COMPLETIONS = [
     ({"top_k": 10**30}, "top_k", None),
     ({"seed": 2**64}, "seed", None),
     ({"best_of": 3}, "best_of", None),
+    ({"logit_bias": {"seven": 1}}, "logit_bias", None),
+    ({"logit_bias": {"7": 101}}, "logit_bias", None),
+    ({"logit_bias": {"-7": 1}}, "logit_bias", None),
+    ({"logit_bias": {"49152": 1}}, "logit_bias", None),  # outside the vocabulary
+    # vLLM's constrained decoding: refused, since unconstrained text would pass for it.
+    ({"guided_choice": ["yes", "no"]}, "guided_choice", None),
+    ({"guided_json": {"type": "object"}}, "guided_json", None),
+    ({"structured_outputs": {"regex": "[0-9]+"}}, "structured_outputs", None),
+    ({"response_format": {"type": "json_object"}}, "response_format", None),
     ({"min_p": 1.5}, "min_p", None),
     ({"max_tokens": 0}, "max_tokens", None),
     ({"n": 0}, "n", None),
@@ -67,7 +76,9 @@ BAD_CHATS = [
      "messages.0.content"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
-    ({"max_completion_tokens": 10_000}, "max_tokens"),
+    ({"max_completion_tokens": 10_000}, "max_completion_tokens"),  # the field the client used
+    ({"max_tokens": 10_000}, "max_tokens"),
+    ({"guided_regex": "[a-z]+"}, "guided_regex"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
 ]
 
@@ -86,6 +97,35 @@ def test_openai_client_sees_a_bad_request(client):
     with pytest.raises(openai.BadRequestError) as raised:
         client.completions.create(model="tiny", prompt="Hello", max_tokens=100_000)
     assert raised.value.code == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("argv,name,aliases", [
+    ([], "smollm2", ()),
+    (["--model", "models/../models/Llama-3"], "Llama-3", ("models/../models/Llama-3",)),
+    (["--model", "Llama-3"], "Llama-3", ()),
+    (["--model", "/m/Llama-3", "--served-model-name", "llama"], "llama", ()),
+])
+def test_a_model_answers_to_the_model_string_it_was_started_with(argv, name, aliases):
+    """As vLLM serves it, so that `vllm bench serve --model PATH` (which sends PATH) finds it;
+    the name reported stays the folder's."""
+    import argparse
+
+    from server.errors import APIError
+    from server.engine_args import add_engine_arguments
+    from server.serve_command import add_server_arguments, model_aliases, served_model_name
+    from server.serving import ServerSettings, ServingState
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    add_server_arguments(parser)
+    args = parser.parse_args(argv)
+    assert (served_model_name(args), model_aliases(args)) == (name, aliases)
+    serving = ServingState(ServerSettings(name, model_aliases=aliases), None, None, None, None)
+    for model in (None, name, *aliases):
+        serving.check_model(model)
+    with pytest.raises(APIError) as refused:
+        serving.check_model("other")
+    assert refused.value.status_code == 404
 
 
 def test_unknown_model_is_404(http):

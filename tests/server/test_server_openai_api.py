@@ -202,3 +202,45 @@ def test_stream_options_ask_for_usage_by_being_there(http):
     counts = [chunk["usage"]["completion_tokens"] for chunk in chunks]
     assert counts == sorted(counts) and counts[-1] == 4 and all(chunk["usage"]["prompt_tokens"] == 4 for chunk in chunks)
     assert stream({"include_usage": False})[-1]["choices"]
+
+
+def test_logit_bias_reaches_the_sampler(client, http):
+    token = http.post("/tokenize", json={"prompt": " fox"}).json()["tokens"][-1]
+    expected = http.post("/detokenize", json={"tokens": [token] * 3}).json()["prompt"]
+    forced = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0,
+                                       logit_bias={str(token): 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == expected
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          temperature=0.8, seed=1, logit_bias={str(token): 100},
+                                          extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == expected
+
+
+def test_chat_template_options_render_as_vllm_renders_them(http):
+    story = [{"role": "user", "content": "Tell me a story"}, {"role": "assistant", "content": "Once upon a"}]
+
+    def tokens(**options):
+        response = http.post("/tokenize", json={"messages": story, **options})
+        assert response.status_code == 200, response.text
+        return response.json()["tokens"]
+
+    new_turn, closed = tokens(), tokens(add_generation_prompt=False)
+    assert len(closed) < len(new_turn) and new_turn[:len(closed)] == closed
+    continued = tokens(add_generation_prompt=False, continue_final_message=True)
+    # The last message is left open: it ends in its own text, without the end-of-turn marker.
+    own = http.post("/tokenize", json={"prompt": "Once upon a"}).json()["tokens"]
+    assert continued[-len(own):] == own and len(continued) < len(closed)
+    assert tokens(chat_template_kwargs={"enable_thinking": False}) == new_turn  # a variable this template ignores
+
+    chat = http.post("/v1/chat/completions", json={"model": "tiny", "messages": story, "max_tokens": 2,
+                                                   "add_generation_prompt": False, "continue_final_message": True})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["usage"]["prompt_tokens"] == len(continued)
+    for options, param in [({"continue_final_message": True}, "continue_final_message"),
+                           ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs")]:
+        refused = http.post("/v1/chat/completions", json={"model": "tiny", "messages": story, **options})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param
+    last_is_user = http.post("/v1/chat/completions", json={"model": "tiny", "messages": story[:1],
+                                                           "add_generation_prompt": False,
+                                                           "continue_final_message": True})
+    assert last_is_user.status_code == 400
