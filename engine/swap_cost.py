@@ -20,7 +20,7 @@ import torch
 from engine.config import EngineConfig, parse_size
 from engine.llm_engine import LLMEngine
 from scheduler import Request, SamplingParams
-from scheduler.scheduler import ScheduledRequest, SchedulerOutput
+from scheduler import ScheduledRequest, SchedulerOutput
 
 CONTEXTS = (16, 64, 256, 1024)
 

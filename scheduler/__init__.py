@@ -13,7 +13,8 @@ fastapi, so it is deterministic under a virtual clock and a fake model runner.
 from scheduler.config import SchedulerConfig
 from scheduler.cost_model import StepCostModel, StepShape
 from scheduler.request import InvalidRequestError, Request, RequestRejectedError, RequestStatus, SamplingParams
-from scheduler.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from scheduler.output import ScheduledRequest, SchedulerOutput
+from scheduler.scheduler import Scheduler
 
 __all__ = [
     "InvalidRequestError",
