@@ -15,7 +15,7 @@ from engine.model_runner import LaunchedStep, ModelRunner, StepResult, kv_bytes_
 from engine.sampler import TokenLogprobs
 from kvcache import KVCacheManager
 from scheduler import (
-    InvalidRequestError, Request, RequestStatus, SamplingParams, Scheduler, SchedulerOutput,
+    InvalidRequestError, Request, RequestStatus, SamplingParams, Scheduler, SchedulerOutput, StepShape,
 )
 from scheduler.request import RequestTimes
 from scheduler.cost_model import load_cost_model
@@ -68,6 +68,7 @@ class InFlightStep:
 
     plan: SchedulerOutput
     launched: LaunchedStep
+    shape: StepShape  # taken at launch, before the scheduler moves the plan's requests on
 
     @property
     def needs_tokens(self) -> bool:
@@ -244,22 +245,25 @@ class LLMEngine:
         the next is scheduled."""
         outputs: list[RequestOutput] = []
         in_flight, self._in_flight = self._in_flight, None
+        # The call's time is mostly the wait for the step it reads back: the cost model is
+        # given that step's shape, not the one it launches.
         if in_flight is not None and in_flight.needs_tokens:
             outputs += self._finish_step(in_flight)
-            in_flight = None
+            self.last_step_shape, in_flight = in_flight.shape, None
         plan, timed_out = self._schedule()
         outputs += timed_out
         if not plan.is_empty:
-            self.last_step_shape = plan.shape()
+            shape = plan.shape()
             try:
                 launched = self.runner.launch(plan)
             except Exception as error:  # noqa: BLE001 - a bad step must not take the engine down
                 outputs += self._fail_step(plan, error)
             else:
                 self.scheduler.advance(plan)
-                self._in_flight = InFlightStep(plan, launched)
+                self._in_flight = InFlightStep(plan, launched, shape)
         if in_flight is not None:
             outputs += self._finish_step(in_flight)
+            self.last_step_shape = in_flight.shape
         return outputs
 
     def _schedule(self) -> tuple[SchedulerOutput, list[RequestOutput]]:

@@ -199,3 +199,33 @@ def test_launching_a_step_never_waits_for_the_gpu(tiny_model_path, backend):
     engine.runner.launch = strict_launch
     got = [c.token_ids for c in llm.generate(PROMPTS, [params[i % 3] for i in range(len(PROMPTS))])]
     assert all(len(tokens) == 24 for tokens in got)
+
+
+def test_each_call_is_timed_against_the_step_it_reads_back(tiny_model_path):
+    """A call's time is mostly the wait for the step in flight, so the cost model (the slo
+    policy plans with it) must see that step's shape, not the shape of the one just launched."""
+    llm = make_llm(tiny_model_path, True, max_num_batched_tokens=16)
+    engine, runner = llm.engine, llm.engine.runner
+    launched_shapes, collected = {}, []
+    launch, collect = runner.launch, runner.collect
+
+    def recording_launch(plan):
+        step = launch(plan)
+        launched_shapes[id(step)] = plan.shape()
+        return step
+
+    def recording_collect(step):
+        collected.append(launched_shapes[id(step)])
+        return collect(step)
+
+    runner.launch, runner.collect = recording_launch, recording_collect
+    for index, prompt in enumerate(PROMPTS):
+        engine.add_request(prompt, GREEDY, request_id=f"r{index}")
+    calls = 0
+    while engine.has_unfinished_requests():
+        before = len(collected)
+        engine.step()
+        calls += 1
+        assert engine.last_step_shape == (collected[-1] if len(collected) > before else None)
+    assert len(collected) == calls - 1  # the first call only launched
+    assert len({shape.prefill_tokens for shape in collected}) > 1  # prompt chunks and plain decodes both
