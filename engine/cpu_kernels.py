@@ -10,6 +10,12 @@ machines never hands one host a build another made for different hardware, and a
 is loaded only where the CPU has every feature its flags assume. Where nothing can be
 built (no compiler, no ninja) the engine falls back to the pure-torch attention path and
 says so once.
+
+The kernel splits its rows over threads with ATen's `parallel_for`, a header template that
+runs serially unless the extension itself is compiled with OpenMP: so where torch runs on
+OpenMP the build is compiled and linked with `-fopenmp`. Linked as libgomp.so.1, it binds
+to the libgomp torch has already loaded, so the kernel shares torch's threads and follows
+`torch.set_num_threads`. A compiler without OpenMP gets the serial build rather than none.
 """
 
 from dataclasses import dataclass
@@ -29,6 +35,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 COMMON_CFLAGS = ("-O3", "-ffast-math", "-fopenmp-simd")
+OPENMP_FLAGS = ("-fopenmp",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +54,8 @@ class KernelBuild:
     def namespace(self) -> str:
         return f"iterserve_cpu_{self.isa}"
 
-    @property
-    def compile_flags(self) -> list[str]:
-        return [*COMMON_CFLAGS, *self.cflags, f"-DITERSERVE_OPS={self.namespace}"]
+    def compile_flags(self, openmp: bool) -> list[str]:
+        return [*COMMON_CFLAGS, *self.cflags, *(OPENMP_FLAGS if openmp else ()), f"-DITERSERVE_OPS={self.namespace}"]
 
 
 AVX2_FLAGS = ("-mavx2", "-mfma", "-mf16c")
@@ -86,26 +92,34 @@ def load(isa: str | None = None):
 
 @cache
 def _load(build: KernelBuild, arch: str):
+    threaded = torch.backends.openmp.is_available()
     try:
-        ops = _compile(build, arch)
+        try:
+            ops = _compile(build, arch, openmp=threaded)
+        except Exception as error:  # noqa: BLE001 - a compiler without OpenMP: the serial build, then
+            if not threaded:
+                raise
+            log.warning("CPU attention kernel: no OpenMP build (%s); building it single-threaded", error)
+            threaded, ops = False, _compile(build, arch, openmp=False)
     except Exception as error:  # no compiler, no ninja, an unsupported platform
         log.warning("CPU attention kernel unavailable (%s); using the slower pure-torch path", error)
         return None
-    log.info("CPU attention kernel: the %s build", build.isa)
+    log.info("CPU attention kernel: the %s build%s", build.isa, "" if threaded else ", single-threaded")
     return ops
 
 
-def _compile(build: KernelBuild, arch: str):
+def _compile(build: KernelBuild, arch: str, openmp: bool):
     from torch.utils.cpp_extension import load as load_extension
 
-    cflags = build.compile_flags
+    cflags = build.compile_flags(openmp)
     compiler = os.environ.get("CXX", "c++")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\n".join([arch, version, torch.__version__, *cflags]).encode()).hexdigest()[:12]
     build_dir = cache_dir() / "kernels" / f"{arch}-{build.isa}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
     load_extension(name=build.namespace, sources=[str(SOURCE)], extra_cflags=cflags,
-                   build_directory=str(build_dir), is_python_module=False, verbose=False)
+                   extra_ldflags=list(OPENMP_FLAGS if openmp else ()), build_directory=str(build_dir),
+                   is_python_module=False, verbose=False)
     ops = getattr(torch.ops, build.namespace)
     assert ops.isa() == build.isa, f"the {build.isa} build compiled as {ops.isa()}"
     return ops

@@ -1,5 +1,6 @@
 """Paged attention equals dense causal attention over each request's whole sequence."""
 
+from pathlib import Path
 import subprocess
 
 import pytest
@@ -124,9 +125,41 @@ def test_every_kernel_build_compiles(tmp_path):
     runnable = cpu_kernels.runnable_builds()
     for build in [b for b in cpu_kernels.BUILDS if b not in runnable]:
         command = ["c++", "-std=c++20", "-fPIC", "-c", str(cpu_kernels.SOURCE), "-o", str(tmp_path / f"{build.isa}.o"),
-                   *build.compile_flags, *[f"-I{path}" for path in include_paths()]]
+                   *build.compile_flags(torch.backends.openmp.is_available()),
+                   *[f"-I{path}" for path in include_paths()]]
         compiled = subprocess.run(command, capture_output=True, text=True)
         assert compiled.returncode == 0, compiled.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.backends.openmp.is_available() or not Path("/proc/self/maps").exists(),
+                    reason="torch runs its threads on OpenMP here, and Linux shows what a process has mapped")
+def test_the_kernel_runs_its_rows_on_torchs_own_threads():
+    """Built with OpenMP (ATen's parallel_for, a header template, is serial otherwise: the kernel
+    ran on one core of two), bound to the one libgomp torch loaded (a second runtime would
+    oversubscribe the cores), and giving the same result on one thread as on all."""
+    kernels = cpu_kernels.load()
+    mapped = [line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if ".so" in line]
+    kernel_path = next(path for path in mapped if Path(path).name == f"iterserve_cpu_{kernels.isa()}.so")
+    linked = subprocess.run(["ldd", kernel_path], capture_output=True, text=True, check=True).stdout
+    assert "libgomp" in linked
+    assert len({path for path in mapped if "libgomp" in Path(path).name}) == 1
+
+    torch.manual_seed(2)
+    block_size, num_blocks, lengths = 16, 256, [300, 7, 160, 1, 45, 290, 64, 33]
+    key_cache = torch.randn(num_blocks * block_size, 3, 64)
+    value_cache = torch.randn_like(key_cache)
+    tables = torch.randperm(num_blocks)[:len(lengths) * 19].view(len(lengths), 19).to(torch.int32)
+    query, lens = torch.randn(len(lengths), 9, 64), torch.tensor(lengths, dtype=torch.int32)
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, max(2, before)):
+            torch.set_num_threads(threads)
+            outputs.append(kernels.paged_decode_attention(query, key_cache, value_cache, tables, lens, block_size,
+                                                          0.125))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(*outputs)
 
 
 def test_backend_choice(monkeypatch):
