@@ -58,6 +58,13 @@ class CpuInfo:
         return (self.is_x86 and torch.backends.mkldnn.is_available()
                 and (self.avx512 or "avx_ne_convert" in self.flags))
 
+    @property
+    def onednn_packs_float32(self) -> bool:
+        # Measured on AVX-512 (BENCHMARKS.md, session 12): 1.2-4x F.linear from 4 to 200 rows,
+        # even at 512, 5-14% slower at one row. Not yet measured on an AVX2-only host, which
+        # keeps F.linear until it is.
+        return self.is_x86 and torch.backends.mkldnn.is_available() and self.avx512
+
     def summary(self) -> dict:
         isa = "avx512" if self.avx512 else "avx2" if self.avx2 else "neon" if self.neon else "baseline"
         return {"arch": self.arch, "model": self.model, "isa": isa,

@@ -53,7 +53,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def linear_path(dtype: torch.dtype, device: torch.device) -> str:
     """How the model's Linear layers run: "onednn-packed" (PackedLinear) or "F.linear"."""
-    if device.type == "cpu" and dtype == torch.bfloat16 and host.current().cpu.onednn_packs_bfloat16:
+    cpu = host.current().cpu
+    if device.type == "cpu" and ((dtype == torch.bfloat16 and cpu.onednn_packs_bfloat16)
+                                 or (dtype == torch.float32 and cpu.onednn_packs_float32)):
         return "onednn-packed"
     return "F.linear"
 

@@ -132,7 +132,8 @@ class PackedLinear(nn.Module):
     """A Linear whose weight oneDNN lays out for its CPU kernels once, at load time.
 
     For bfloat16 on CPU, measured against `F.linear` at this model's shapes: 1.2x faster
-    at 64 rows, 2-2.5x at 1-4 rows (BENCHMARKS.md). Rows are padded with zeros to
+    at 64 rows, 2-2.5x at 1-4 rows; for float32 on AVX-512, 1.2-4x from 4 to 200 rows
+    (BENCHMARKS.md). Rows are padded with zeros to
     `bucket_rows` and cut off again. A real row can then differ from the unpadded product
     in its last bit, as it already may between any two row counts: oneDNN blocks by shape.
     """
@@ -153,7 +154,7 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears_for_cpu(model: nn.Module) -> None:
-    """Swap every Linear for a PackedLinear: bfloat16 on a CPU with oneDNN only."""
+    """Swap every Linear for a PackedLinear (where `engine.loader.linear_path` says so)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):

@@ -74,6 +74,19 @@ def test_dtype_auto_and_linears_follow_the_cpu(cpu_without):
     assert linear_path(torch.bfloat16, torch.device("cuda")) == "F.linear"
 
 
+def test_float32_linears_are_packed_where_measured_faster(monkeypatch):
+    """oneDNN's packed float32 linears on AVX-512, where they were measured faster; F.linear on
+    AVX2-only hosts until measured there, on Arm, and on CUDA."""
+    onednn = torch.backends.mkldnn.is_available()
+    for cpuinfo, arch, packed in ((AVX512_NO_BF16, "x86_64", onednn), (XEON_AVX512_BF16, "x86_64", onednn),
+                                  (EPYC_AVX2, "x86_64", False), (GRAVITON, "aarch64", False)):
+        cpu = host.read_cpu(cpuinfo, arch=arch)
+        monkeypatch.setattr(host, "current", lambda: host.Host(cpu, None))
+        assert cpu.onednn_packs_float32 == packed, cpu.model
+        assert linear_path(torch.float32, CPU) == ("onednn-packed" if packed else "F.linear"), cpu.model
+        assert linear_path(torch.float32, torch.device("cuda")) == "F.linear"
+
+
 def test_cuda_dtype_auto_follows_the_capability(monkeypatch):
     cpu = host.read_cpu(EPYC_AVX2, arch="x86_64")
     for capability, expected in (((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 5), torch.float16)):

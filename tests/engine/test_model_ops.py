@@ -14,19 +14,27 @@ needs_onednn = pytest.mark.skipif(
     reason="oneDNN packs bfloat16 weights only with AVX-512 BW/VL/DQ or AVX-NE-CONVERT (and a torch built with it)")
 
 
-@needs_onednn
+needs_onednn_float32 = pytest.mark.skipif(not torch.backends.mkldnn.is_available() or not host.current().cpu.is_x86,
+                                          reason="oneDNN packs float32 weights on x86 (and a torch built with it)")
+
+
 # The weight is packed for 64 rows; any count must work, padded to its bucket (37, 300, 1001) or not.
 @pytest.mark.parametrize("rows", [1, 3, 37, 64, 300, 1001])
-def test_packed_linear_matches_linear(rows):
+@pytest.mark.parametrize("dtype, rtol, atol", [
+    pytest.param(torch.bfloat16, 2 ** -7, 1e-3, marks=needs_onednn),
+    # Every host with oneDNN checks the float32 packing, whether or not its engine chooses it.
+    pytest.param(torch.float32, 1e-5, 1e-5, marks=needs_onednn_float32),
+])
+def test_packed_linear_matches_linear(rows, dtype, rtol, atol):
     torch.manual_seed(0)
-    linear = nn.Linear(96, 160, bias=True).to(torch.bfloat16)
+    linear = nn.Linear(96, 160, bias=True).to(dtype)
     packed = PackedLinear(linear)
-    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    x = torch.randn(rows, 96, dtype=dtype)
     out = packed(x)
     # oneDNN blocks by shape, so a last-bit difference from the unpadded product is allowed.
-    torch.testing.assert_close(out, F.linear(x, linear.weight, linear.bias), rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(out, F.linear(x, linear.weight, linear.bias), rtol=rtol, atol=atol)
     # What fills the bucket's other rows never reaches the real ones.
-    others = 100 * torch.randn(bucket_rows(rows) - rows, 96, dtype=torch.bfloat16)
+    others = 100 * torch.randn(bucket_rows(rows) - rows, 96, dtype=dtype)
     assert torch.equal(packed(torch.cat([x, others]))[:rows], out)
 
 
@@ -88,3 +96,19 @@ def test_packed_and_plain_bfloat16_engines_agree(tiny_model_path, cpu_without):
     cpu_without("avx512bw", "avx_ne_convert")
     plain = bfloat16_engine(tiny_model_path)
     assert [o.token_ids for o in plain.generate(prompts, params)] == packed_tokens
+
+
+@needs_onednn_float32
+def test_packed_and_plain_float32_engines_agree(tiny_model_path, monkeypatch):
+    """Both float32 paths on every x86 host with oneDNN, whichever this one's engine chooses."""
+    import engine.loader
+
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
+    tokens = {}
+    for path in ("onednn-packed", "F.linear"):
+        monkeypatch.setattr(engine.loader, "linear_path", lambda dtype, device, path=path: path)
+        llm = LLM(str(tiny_model_path), dtype="float32", device="cpu", num_kv_blocks=64, max_model_len=256)
+        assert any(isinstance(m, PackedLinear) for m in llm.engine.runner.model.modules()) == (path != "F.linear")
+        tokens[path] = [o.token_ids for o in llm.generate(prompts, params)]
+    assert tokens["onednn-packed"] == tokens["F.linear"]
