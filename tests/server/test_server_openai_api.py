@@ -200,7 +200,8 @@ def test_stream_options_ask_for_usage_by_being_there(http):
     assert all(chunk["usage"] is None for chunk in chunks[:-1])
     chunks = stream({"continuous_usage_stats": True})
     counts = [chunk["usage"]["completion_tokens"] for chunk in chunks]
-    assert counts == sorted(counts) and counts[-1] == 4 and all(chunk["usage"]["prompt_tokens"] == 4 for chunk in chunks)
+    assert counts == sorted(counts) and counts[-1] == 4
+    assert all(chunk["usage"]["prompt_tokens"] == 4 for chunk in chunks)
     assert stream({"include_usage": False})[-1]["choices"]
 
 
