@@ -27,8 +27,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
     timed_out: list[Request] = field(default_factory=list)  # ended before this step: report them
-    # KV copies the engine makes before the step runs, outs first: (device block, host block)
-    # for requests swapped out, then (host block, device block) for those swapped back in.
+    # KV copies the engine makes before the step runs, every one reading its source before any
+    # writes (the two may trade blocks within a step): (device block, host block) for requests
+    # swapped out, (host block, device block) for those swapped back in.
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
 
