@@ -20,8 +20,7 @@ from server.streaming import event_stream_response
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     serving: ServingState = request.app.state.serving
     serving.check_model(body.model)
-    response_format = (body.response_format or {}).get("type", "text")
-    reject_unsupported(body, tools=body.tools, response_format=response_format != "text")
+    reject_unsupported(body, tools=body.tools)
     if body.top_logprobs is not None and not body.logprobs:
         raise BadRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
     num_top = (body.top_logprobs or 0) if body.logprobs else None
@@ -96,12 +95,9 @@ def template_options(body: ChatTemplateFields) -> dict:
             "continue_final_message": body.continue_final_message}
 
 
-def apply_chat_template(serving: ServingState, messages: list[ChatMessage], options: dict | None = None
-                        ) -> list[int]:
-    """The conversation's prompt tokens, rendered with `options` (`template_options`; by default
-    a new assistant turn). Blocking (a long conversation takes a while): run it on the tokenizer
-    thread."""
-    options = {"add_generation_prompt": True} if options is None else options
+def apply_chat_template(serving: ServingState, messages: list[ChatMessage], options: dict) -> list[int]:
+    """The conversation's prompt tokens, rendered with `options` (`template_options`). Blocking
+    (a long conversation takes a while): run it on the tokenizer thread."""
     conversation = chat_template_input(messages)
     tokenizer = serving.tokenizer
     text = render_chat_template(tokenizer, conversation, options)

@@ -19,8 +19,7 @@ from server.streaming import event_stream_response
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     serving: ServingState = request.app.state.serving
     serving.check_model(body.model)
-    reject_unsupported(body, echo=body.echo, suffix=body.suffix, best_of=body.best_of not in (None, body.n),
-                       response_format=(body.response_format or {}).get("type", "text") != "text")
+    reject_unsupported(body, echo=body.echo, suffix=body.suffix, best_of=body.best_of not in (None, body.n))
     prompts = await serving.run_tokenizer(tokenize_prompts, serving, body.prompt)
     generation = build_generation(serving, body, serving.tenant(request, body), prompts, body.max_tokens,
                                   COMPLETIONS_DEFAULT_MAX_TOKENS, body.logprobs, id_prefix="cmpl")

@@ -93,6 +93,7 @@ class GenerationRequest(APIRequest):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[str, float] | None = None
+    response_format: dict | None = None  # OpenAI's on chat, vLLM's extension on completions
     user: str | None = None
     priority: int | None = None  # lower runs first under --scheduling-policy priority; default: the tenant's
     # vLLM's extension: requests share cached prefixes only with requests of the same salt.
@@ -126,7 +127,6 @@ class CompletionRequest(GenerationRequest):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
-    response_format: dict | None = None  # vLLM's extension on completions
 
 
 class ContentPart(APIRequest):
@@ -156,7 +156,6 @@ class ChatCompletionRequest(GenerationRequest, ChatTemplateFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict] | None = None
-    response_format: dict | None = None
 
 
 class TokenizeRequest(ChatTemplateFields):
@@ -182,6 +181,11 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
 
 
 class CompletionLogprobs(BaseModel):

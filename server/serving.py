@@ -122,8 +122,7 @@ class ChoiceResult:
 
     def usage(self) -> Usage:
         """This choice's usage so far (a stream's continuous usage, per choice as vLLM counts it)."""
-        return Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=self.num_tokens,
-                     total_tokens=self.num_prompt_tokens + self.num_tokens)
+        return Usage.of(self.num_prompt_tokens, self.num_tokens)
 
 
 @dataclass(slots=True)
@@ -138,8 +137,7 @@ class Generation:
     def usage(self) -> Usage:
         prompt_tokens = sum(len(prompt) for prompt in self.prompts)
         completion_tokens = sum(choice.num_tokens for choice in self.choices.values())
-        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens)
+        return Usage.of(prompt_tokens, completion_tokens)
 
 
 CONSTRAINING_EXTENSIONS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
@@ -149,6 +147,7 @@ CONSTRAINING_EXTENSIONS = ("guided_json", "guided_regex", "guided_choice", "guid
 def reject_unsupported(body: GenerationRequest, **fields) -> None:
     """400 for fields a client set that this server cannot honour (rather than ignoring them)."""
     constraints = {name: getattr(body, name) is not None for name in CONSTRAINING_EXTENSIONS}
+    constraints["response_format"] = (body.response_format or {}).get("type", "text") != "text"
     for name, unsupported in {**fields, **constraints}.items():
         if unsupported:
             raise BadRequestError(f"{name} is not supported by this server", param=name)
