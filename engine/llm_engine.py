@@ -37,6 +37,9 @@ class RequestOutput:
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_cached_tokens: int = 0
     error: str | None = None
+    # With the request's first token, if it asked for them: an entry per prompt token, None
+    # for the first (nothing comes before it).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(slots=True)
@@ -52,8 +55,11 @@ class Completion:
     finish_reason: str | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def add(self, output: RequestOutput) -> None:
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
         self.token_ids.extend(output.new_token_ids)
         self.text += output.new_text
         self.logprobs.extend(output.new_logprobs)
@@ -134,6 +140,8 @@ class LLMEngine:
             self.runner.use_static_decode(config.max_num_seqs, self.max_model_len, capture=True,
                                           batch_sizes=config.cuda_graph_sizes)
         self._texts: dict[str, RequestText] = {}
+        # Requests that asked for prompt logprobs: those scored so far, until the first token.
+        self._prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
         self._in_flight: InFlightStep | None = None  # async scheduling: the step launched, not yet read back
@@ -194,6 +202,8 @@ class LLMEngine:
             slo_tpot_s=slo_tpot_s,
         )
         self.scheduler.add_request(request)
+        if params.prompt_logprobs is not None:
+            self._prompt_logprobs[request.request_id] = [None]
         if self.detokenize:
             self._texts[request.request_id] = RequestText.start(self.tokenizer, token_ids, params)
         return request.request_id
@@ -283,6 +293,11 @@ class LLMEngine:
         return self._step_outputs(step.plan, result, advanced=True)
 
     def _step_outputs(self, plan: SchedulerOutput, result: StepResult, advanced: bool) -> list[RequestOutput]:
+        for request_id, (first_index, entries) in result.prompt_logprobs.items():
+            scored = self._prompt_logprobs.get(request_id)
+            # Recomputed after a preemption, a request is scored again from its start: keep the first.
+            if scored is not None and first_index <= len(scored):
+                scored.extend(entries[len(scored) - first_index:])
         return [self._output(request, request.output_token_ids[-1], result.logprobs.get(request.request_id))
                 for request in self.scheduler.update(plan, result.sampled_token_ids, advanced)]
 
@@ -318,6 +333,7 @@ class LLMEngine:
             finish_reason="stop" if text is not None and text.stopped else request.status.finish_reason,
             new_logprobs=[logprobs] if logprobs is not None else [],
             num_cached_tokens=request.num_cached_tokens,
+            prompt_logprobs=self._prompt_logprobs.pop(request.request_id, None),
         )
         if request.is_finished:
             self._forget(request.request_id)
@@ -339,4 +355,5 @@ class LLMEngine:
 
     def _forget(self, request_id: str) -> None:
         self._texts.pop(request_id, None)
+        self._prompt_logprobs.pop(request_id, None)
         self.runner.forget(request_id)

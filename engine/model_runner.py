@@ -14,6 +14,7 @@ from engine.attention import (
 from engine.cuda_graphs import StaticDecodeRunner
 from engine.input_batch import InputBatch, known_token, step_positions
 from engine.model import LlamaForCausalLM
+from engine.prompt_logprobs import PromptLogprobs, PromptSpan, prompt_spans, score_prompts
 from engine.sampler import SampledTokens, Sampler, TokenLogprobs, copy_to_device
 from scheduler import Request, ScheduledRequest, SchedulerOutput
 
@@ -27,6 +28,8 @@ MIN_DECODE_GROUP_CONTEXT = 128
 class StepResult:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # request id -> (prompt index of the first token scored, an entry per token scored)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -35,6 +38,7 @@ class LaunchedStep:
 
     requests: list[Request] = field(default_factory=list)  # the sampling rows' requests, in row order
     sampled: SampledTokens | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass(slots=True)
@@ -44,6 +48,7 @@ class ModelInput:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the hidden states that sample
     sampling: list[ScheduledRequest]  # the requests those rows belong to, in the same order
+    prompt_spans: list[PromptSpan] = field(default_factory=list)  # prompt rows to score (prompt_logprobs)
 
 
 def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -120,14 +125,18 @@ class ModelRunner:
         if static_key is None:
             batch = self.prepare(output)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-            logits_indices, sampling = batch.logits_indices, batch.sampling
+            logits_indices, sampling, spans = batch.logits_indices, batch.sampling, batch.prompt_spans
         else:
             # The eager path's row order, so the sampler sees the requests in the same order.
             decodes = sorted(output.scheduled, key=lambda s: s.start_position)
             hidden = self.static_decode.run(decodes, static_key, self._pending_input_ids(decodes))
             sampling = [s for s in decodes if s.samples]
             logits_indices = self._tensor([row for row, s in enumerate(decodes) if s.samples])
+            spans = prompt_spans(decodes, np.arange(len(decodes)))  # a one-token prompt chunk may be here
         launched = LaunchedStep([s.request for s in sampling])
+        if spans:
+            launched.prompt_logprobs = score_prompts(self.model, hidden, spans)
+            launched.prompt_logprobs.start_copy()
         if not sampling:
             return launched
         logits = self.model.compute_logits(hidden[logits_indices])
@@ -139,6 +148,8 @@ class ModelRunner:
     def collect(self, launched: LaunchedStep) -> StepResult:
         """Wait for a launched step's tokens and read them (and any logprobs) back."""
         result = StepResult()
+        if launched.prompt_logprobs is not None:
+            result.prompt_logprobs = launched.prompt_logprobs.to_host()
         if launched.sampled is None:
             return result
         tokens, logprobs = launched.sampled.to_host()
@@ -200,6 +211,7 @@ class ModelRunner:
             meta=meta,
             logits_indices=self._to_device(query_start_loc[1:][samples] - 1),
             sampling=[s for s, sample in zip(order, samples) if sample],
+            prompt_spans=prompt_spans(order, query_start_loc),
         )
 
     def _flat_batch(self, rows: np.ndarray, seq_lens: np.ndarray, query_start_loc: np.ndarray,

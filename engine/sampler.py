@@ -13,6 +13,7 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # the most likely tokens and their logprobs, best first
+    rank: int | None = None  # the token's place in its distribution: 1 for the most likely
 
 
 class Sampler:
@@ -63,7 +64,7 @@ class Sampler:
         if logprob_rows:
             sampled.logprob_rows = logprob_rows
             sampled.numbers = [params[i].logprobs for i in logprob_rows]
-            sampled.chosen, sampled.top_values, sampled.top_ids = _logprob_tensors(
+            sampled.chosen, sampled.ranks, sampled.top_values, sampled.top_ids = logprob_tensors(
                 raw_logprobs, tokens[logprob_index], max(sampled.numbers))
         return sampled
 
@@ -183,12 +184,28 @@ def copy_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def _logprob_tensors(rows: torch.Tensor, token_ids: torch.Tensor,
-                     most: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The sampled tokens' logprobs and the `most` best of each row, on the device."""
+def logprob_tensors(rows: torch.Tensor, token_ids: torch.Tensor,
+                    most: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each row of logprobs and its token: the token's logprob, its rank (1 + how many
+    tokens are likelier) and the row's `most` best, all on the device."""
     chosen = rows.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    ranks = (rows > chosen.unsqueeze(1)).sum(dim=1) + 1
     top_values, top_ids = rows.topk(most, dim=-1) if most else (rows[:, :0], rows[:, :0].long())
-    return chosen, top_values, top_ids
+    return chosen, ranks, top_values, top_ids
+
+
+def start_host_copy(tensors: tuple) -> tuple[tuple, "torch.cuda.Event | None"]:
+    """`tensors` (None kept as None) on their way to the host, and the event marking their
+    arrival: on a GPU copied into pinned host memory behind the work already queued, without
+    a sync; on the CPU the tensors themselves, and no event."""
+    device = next(t.device for t in tensors if t is not None)
+    if device.type == "cpu":
+        return tensors, None
+    host = tuple(None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
+        t, non_blocking=True) for t in tensors)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(device))
+    return host, copied
 
 
 @dataclass(slots=True)
@@ -204,33 +221,35 @@ class SampledTokens:
     logprob_rows: list[int] = field(default_factory=list)
     numbers: list[int] = field(default_factory=list)  # how many alternatives each of those rows wants
     chosen: torch.Tensor | None = None  # [len(logprob_rows)]
+    ranks: torch.Tensor | None = None
     top_values: torch.Tensor | None = None  # [len(logprob_rows), max(numbers)]
     top_ids: torch.Tensor | None = None
     _host: tuple | None = None
     _copied: "torch.cuda.Event | None" = None
 
     def start_copy(self) -> None:
-        tensors = (self.token_ids, self.chosen, self.top_values, self.top_ids)
-        if self.token_ids.device.type == "cpu":
-            self._host = tensors
-            return
-        # Into pinned host memory, so the copy is queued behind the step without a sync; the
-        # event marks its arrival.
-        self._host = tuple(None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
-            t, non_blocking=True) for t in tensors)
-        self._copied = torch.cuda.Event()
-        self._copied.record(torch.cuda.current_stream(self.token_ids.device))
+        self._host, self._copied = start_host_copy(
+            (self.token_ids, self.chosen, self.ranks, self.top_values, self.top_ids))
 
     def to_host(self) -> tuple[list[int], list[TokenLogprobs | None]]:
         if self._host is None:
             self.start_copy()
         if self._copied is not None:
             self._copied.synchronize()
-        token_ids, chosen, top_values, top_ids = self._host
+        token_ids, chosen, ranks, top_values, top_ids = self._host
         tokens = token_ids.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * len(tokens)
         if self.logprob_rows:
-            for row, logprob, ids, values, number in zip(self.logprob_rows, chosen.tolist(), top_ids.tolist(),
-                                                          top_values.tolist(), self.numbers):
-                logprobs[row] = TokenLogprobs(tokens[row], logprob, list(zip(ids[:number], values[:number])))
+            for row, entry in zip(self.logprob_rows, token_logprobs(
+                    [tokens[row] for row in self.logprob_rows], chosen, ranks, top_values, top_ids, self.numbers)):
+                logprobs[row] = entry
         return tokens, logprobs
+
+
+def token_logprobs(token_ids: list[int], chosen: torch.Tensor, ranks: torch.Tensor, top_values: torch.Tensor,
+                   top_ids: torch.Tensor, numbers: list[int]) -> list[TokenLogprobs]:
+    """`logprob_tensors`' results, read back, as one TokenLogprobs per token (with its row's
+    `numbers[i]` best alternatives)."""
+    return [TokenLogprobs(token_id, logprob, list(zip(ids[:number], values[:number])), rank)
+            for token_id, logprob, rank, ids, values, number in zip(
+                token_ids, chosen.tolist(), ranks.tolist(), top_ids.tolist(), top_values.tolist(), numbers)]

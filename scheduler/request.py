@@ -87,6 +87,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # how many top alternatives to return with each token
+    # The same for each prompt token after the first (vLLM's prompt_logprobs): what scoring a
+    # text needs. Such a request reads nothing from the prefix cache, since a cached block's
+    # tokens are never run through the model again.
+    prompt_logprobs: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
@@ -125,6 +129,9 @@ class SamplingParams:
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be between -2 and 2"),
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 2.0, "must be in (0, 2]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS,
+             f"must be between 0 and {self.MAX_LOGPROBS}"),
+            ("prompt_logprobs", self.prompt_logprobs is None or (
+                isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS),
              f"must be between 0 and {self.MAX_LOGPROBS}"),
             # Guarded so a max_tokens that is not an int is reported as such, not as a TypeError here.
             ("min_tokens", isinstance(self.max_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
@@ -207,6 +214,12 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Whether cached blocks may stand in for computing its prompt (not when it wants the
+        prompt's logprobs: those come only from running every prompt token)."""
+        return self.sampling_params.prompt_logprobs is None
 
     def times(self) -> RequestTimes:
         return RequestTimes(self.tenant, self.arrival_time, len(self.prompt_token_ids), len(self.output_token_ids),

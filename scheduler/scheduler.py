@@ -92,6 +92,10 @@ class Scheduler:
         """slo policy: seconds from now to `request`'s first token if it were queued now."""
         return slo.estimate_ttft(self, request)
 
+    def cached_prefix(self, request: Request) -> tuple[list, int]:
+        """The cached blocks admitting `request` would reuse, and the tokens they cover."""
+        return self.kv_cache.get_computed_blocks(request) if request.reads_prefix_cache else ([], 0)
+
     # -- per-tenant KV caps ----------------------------------------------------------
 
     def _enforce_kv_caps(self, output: SchedulerOutput) -> None:
@@ -308,7 +312,7 @@ class Scheduler:
                     break
                 self.waiting.remove(request)
             else:
-                computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
+                computed_blocks, num_cached = self.cached_prefix(request)
                 num_new = self._num_tokens_to_schedule(request, budget, num_cached)
                 if num_new == 0:
                     break

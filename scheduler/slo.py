@@ -70,7 +70,7 @@ def estimate_ttft(scheduler: "Scheduler", request: Request) -> float:
             decoding += 1
         elif rank(r) <= own_rank:
             ahead += r.num_tokens - r.num_computed_tokens
-    _, num_cached = scheduler.kv_cache.get_computed_blocks(request)
+    _, num_cached = scheduler.cached_prefix(request)
     own = request.num_tokens - num_cached
     per_step = max(plan_token_budget(scheduler, new_prompt_tokens=own) - decoding, 1)
     num_steps = -(-(ahead + own) // per_step)
