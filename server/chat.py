@@ -13,7 +13,7 @@ from server.protocol import (
     ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTemplateFields, TokenLogprob, TopLogprob, Usage,
 )
 from server.serving import ChoiceResult, Generation, ServingState, build_generation, collect, logprob_value, \
-    reject_unsupported
+    prompt_logprob_entries, reject_unsupported
 from server.streaming import event_stream_response
 
 
@@ -27,7 +27,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     prompt = await serving.run_tokenizer(apply_chat_template, serving, body.messages, template_options(body))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     generation = build_generation(serving, body, serving.tenant(request, body), [prompt], max_tokens, None, num_top,
-                                  id_prefix="chatcmpl")
+                                  body.prompt_logprobs, id_prefix="chatcmpl")
     stream = serving.engine.submit(generation.requests)
     if body.stream:
         include_usage, continuous_usage = body.usage_in_stream()
@@ -48,6 +48,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             for choice in choices
         ],
         usage=generation.usage(),
+        prompt_logprobs=prompt_logprob_entries(serving, choices[0].prompt_logprobs, body.prompt_logprobs or 0),
     )
     return JSONResponse(response.model_dump())
 

@@ -93,6 +93,8 @@ class GenerationRequest(APIRequest):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[str, float] | None = None
+    # vLLM's: the logprob of each prompt token (and this many alternatives), for scoring a text.
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: dict | None = None  # OpenAI's on chat, vLLM's extension on completions
     user: str | None = None
     priority: int | None = None  # lower runs first under --scheduling-policy priority; default: the tenant's
@@ -189,10 +191,23 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    # An echoed prompt's first token has nothing before it: None for its logprob and alternatives.
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+
+class PromptLogprob(BaseModel):
+    """One token of a prompt position, in vLLM's `prompt_logprobs` (keyed by token id)."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+# One entry per prompt token: None for the first, then the token's own and the best alternatives.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 class CompletionChoice(BaseModel):
@@ -200,6 +215,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -244,6 +260,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's: the one prompt every choice continues
 
 
 class ChatChunkChoice(BaseModel):

@@ -23,7 +23,7 @@ from server.async_engine import AsyncEngine, OutputStream
 from server.engine_core import EngineInfo, EngineRequest
 from server.errors import APIError, BadRequestError, EngineError, ModelNotFoundError, RequestTimeoutError
 from server.metrics import EngineMetrics
-from server.protocol import GenerationRequest, Usage
+from server.protocol import GenerationRequest, PromptLogprob, PromptLogprobs, Usage
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
 # JSON has no -inf; vLLM reports this floor instead.
@@ -106,13 +106,17 @@ class ChoiceResult:
 
     index: int
     num_prompt_tokens: int
+    prompt_index: int = 0  # which of the request's prompts it continues
     text: str = ""
     num_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def add(self, output: RequestOutput) -> None:
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
         self.text += output.new_text
         self.num_tokens += len(output.new_token_ids)
         self.logprobs.extend(output.new_logprobs)
@@ -153,10 +157,13 @@ def reject_unsupported(body: GenerationRequest, **fields) -> None:
             raise BadRequestError(f"{name} is not supported by this server", param=name)
     if body.stream_options is not None and not body.stream:
         raise BadRequestError("stream_options is only allowed when stream is true", param="stream_options")
+    if body.prompt_logprobs is not None and body.stream:
+        raise BadRequestError("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
 
 
-def sampling_params(body: GenerationRequest, max_tokens: int | None, num_prompt_tokens: int,
-                    max_model_len: int, default_max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(body: GenerationRequest, max_tokens: int | None, num_prompt_tokens: int, max_model_len: int,
+                    default_max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None) -> SamplingParams:
     """The engine's parameters for one prompt; raises InvalidRequestError (a 400) on bad values,
     naming the field the client sent (chat's max_completion_tokens, or max_tokens)."""
     max_tokens_param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None \
@@ -186,6 +193,7 @@ def sampling_params(body: GenerationRequest, max_tokens: int | None, num_prompt_
         skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         logit_bias=token_biases(body.logit_bias),
         **{name: value for name, value in given.items() if value is not None},
     )
@@ -203,7 +211,7 @@ def token_biases(logit_bias: dict[str, float] | None) -> dict[int, float] | None
 
 def build_generation(serving: ServingState, body: GenerationRequest, tenant: Tenant, prompts: list[list[int]],
                      max_tokens: int | None, default_max_tokens: int | None, logprobs: int | None,
-                     id_prefix: str) -> Generation:
+                     prompt_logprobs: int | None, id_prefix: str) -> Generation:
     """Validate every prompt and choice before any is queued, so a bad one leaves nothing behind."""
     arrival_time = time.monotonic()
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
@@ -215,7 +223,8 @@ def build_generation(serving: ServingState, body: GenerationRequest, tenant: Ten
     requests, choices = [], {}
     for prompt_index, prompt in enumerate(prompts):
         serving.info.check_prompt(prompt)
-        params = sampling_params(body, max_tokens, len(prompt), serving.max_model_len, default_max_tokens, logprobs)
+        params = sampling_params(body, max_tokens, len(prompt), serving.max_model_len, default_max_tokens, logprobs,
+                                 prompt_logprobs)
         serving.info.check_logit_bias(params)
         for sample_index in range(body.n):
             # As vLLM does for n > 1: choice i samples with seed + i, so the choices differ
@@ -225,7 +234,7 @@ def build_generation(serving: ServingState, body: GenerationRequest, tenant: Ten
             engine_id = f"{request_id}-{prompt_index}-{sample_index}"
             requests.append(EngineRequest(engine_id, prompt, params, arrival_time, priority, tenant.name,
                                           cache_salt, deadline, slo_ttft_s, slo_tpot_s))
-            choices[engine_id] = ChoiceResult(prompt_index * body.n + sample_index, len(prompt))
+            choices[engine_id] = ChoiceResult(prompt_index * body.n + sample_index, len(prompt), prompt_index)
     return Generation(request_id, prompts, requests, choices)
 
 
@@ -281,3 +290,23 @@ class ClientDisconnected(Exception):
 
 def logprob_value(value: float) -> float:
     return max(value, MIN_LOGPROB)
+
+
+def prompt_logprob_entries(serving: ServingState, scored: list[TokenLogprobs | None] | None,
+                           number: int) -> PromptLogprobs | None:
+    """vLLM's `prompt_logprobs`: for each prompt token after the first, its own logprob and
+    rank, then the `number` likeliest tokens (ranked 1, 2, ...) where they are others."""
+    if scored is None:
+        return None
+    entries: PromptLogprobs = []
+    for entry in scored:
+        if entry is None:
+            entries.append(None)
+            continue
+        tokens = {str(entry.token_id): PromptLogprob(logprob=logprob_value(entry.logprob), rank=entry.rank,
+                                                     decoded_token=serving.token_text(entry.token_id))}
+        for rank, (token_id, value) in enumerate(entry.top[:number], start=1):
+            tokens.setdefault(str(token_id), PromptLogprob(logprob=logprob_value(value), rank=rank,
+                                                           decoded_token=serving.token_text(token_id)))
+        entries.append(tokens)
+    return entries

@@ -92,7 +92,8 @@ def merge_outputs(outputs: list[RequestOutput]) -> list[RequestOutput]:
             continue
         result[index] = replace(output, new_token_ids=last.new_token_ids + output.new_token_ids,
                                 new_text=last.new_text + output.new_text,
-                                new_logprobs=last.new_logprobs + output.new_logprobs)
+                                new_logprobs=last.new_logprobs + output.new_logprobs,
+                                prompt_logprobs=last.prompt_logprobs or output.prompt_logprobs)
     return result
 
 

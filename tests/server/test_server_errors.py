@@ -58,7 +58,9 @@ BAD_COMPLETIONS = [
     ({"stop": [""]}, "stop", None),
     ({"stop": 5}, "stop", None),
     ({"stop_token_ids": [-1]}, "stop_token_ids", None),
-    ({"echo": True}, "echo", None),
+    ({"max_tokens": 0}, "max_tokens", None),  # only an echo may generate nothing
+    ({"prompt_logprobs": 21}, "prompt_logprobs", None),
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs", None),
     ({"stream_options": {"include_usage": True}}, "stream_options", None),
     ({"prompt": None}, "prompt", None),
 ]
