@@ -50,7 +50,7 @@ def events_of(queued: list, request_ids: list[str]) -> list[str]:
             stream.push(item)
         choices = {rid: ChoiceResult(i, 3) for i, rid in enumerate(request_ids)}
         generation = Generation("cmpl-1", [[1, 2, 3]], [], choices)
-        formatter = CompletionChunks(SimpleNamespace(model_name="m"), generation, with_logprobs=False)
+        formatter = CompletionChunks(SimpleNamespace(model_name="m"), generation, logprobs=None)
         return [piece async for piece in stream_events(stream, generation, formatter, include_usage=True)]
 
     return asyncio.run(run())
