@@ -47,6 +47,8 @@ def build_serving(llm_engine: LLMEngine | EngineProcess, settings: ServerSetting
                                   if t.tokens_per_minute is not None},
         on_reject=metrics.record_rejection)
     tokenizer = AutoTokenizer.from_pretrained(info.model_path)
+    if settings.chat_template is not None:
+        tokenizer.chat_template = settings.chat_template
     return ServingState(settings, info, engine, metrics, tokenizer)
 
 

@@ -1,5 +1,6 @@
 """POST /v1/chat/completions: messages through the tokenizer's chat template, one assistant turn out."""
 
+import json
 import time
 
 from fastapi import Request
@@ -68,7 +69,30 @@ def message_text(message: ChatMessage, index: int) -> str:
 def chat_template_input(messages: list[ChatMessage]) -> list[dict]:
     if not messages:
         raise BadRequestError("messages must not be empty", param="messages")
-    return [{"role": message.role, "content": message_text(message, index)} for index, message in enumerate(messages)]
+    conversation = []
+    for index, message in enumerate(messages):
+        rendered = {"role": message.role, "content": message_text(message, index)}
+        if message.name is not None:
+            rendered["name"] = message.name
+        if message.tool_calls is not None:
+            rendered["tool_calls"] = [template_tool_call(call) for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            rendered["tool_call_id"] = message.tool_call_id
+        conversation.append(rendered)
+    return conversation
+
+
+def template_tool_call(call: dict) -> dict:
+    """A tool call as templates read it: OpenAI sends its arguments as a JSON string, and
+    templates (Llama 3.1's, Qwen 2.5's) render them as an object, so a string that parses is
+    given parsed, as vLLM gives it."""
+    function = call.get("function")
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        try:
+            return {**call, "function": {**function, "arguments": json.loads(function["arguments"])}}
+        except json.JSONDecodeError:
+            pass
+    return call
 
 
 # Arguments of `apply_chat_template` that are not template variables: a request may not set them.
@@ -84,6 +108,9 @@ def template_options(body: ChatTemplateFields) -> dict:
         raise BadRequestError("add_generation_prompt and continue_final_message cannot both be true; set "
                               "add_generation_prompt to false to continue the last message",
                               param="continue_final_message")
+    if body.chat_template is not None:
+        raise BadRequestError("a chat template cannot be sent with a request; the server's operator sets one with "
+                              "--chat-template", param="chat_template")
     if body.continue_final_message and (not body.messages or body.messages[-1].role != "assistant"):
         raise BadRequestError("continue_final_message needs the last message to be the assistant's",
                               param="continue_final_message")

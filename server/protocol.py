@@ -140,6 +140,10 @@ class ChatMessage(APIRequest):
     role: Literal[ROLES]
     content: StrictStr | list[ContentPart] | None = None
     name: str | None = None
+    # An earlier turn's tool use, as OpenAI writes it: passed to the chat template, which
+    # renders it if it knows how (this server runs no tools itself).
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatTemplateFields(APIRequest):
@@ -150,6 +154,7 @@ class ChatTemplateFields(APIRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict | None = None
+    chat_template: str | None = None  # vLLM's, off there by default too: refused (--chat-template sets one)
 
 
 class ChatCompletionRequest(GenerationRequest, ChatTemplateFields):

@@ -58,6 +58,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-special-tokens-in-messages", action="store_true",
                         help="encode special-token text in chat messages (<|im_end|>) as control tokens; off by "
                              "default, so a user cannot write turns of other roles")
+    parser.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                        help="a Jinja chat template, or a file holding one, used in place of the model's own")
     parser.add_argument("--seed", type=int, default=0, help="the engine's seed for unseeded requests")
     parser.add_argument("--trace", default=None, metavar="FILE",
                         help="--cuda-graph-sizes auto: the workload (a jsonl trace, as bench takes) to plan them for")
@@ -80,6 +82,17 @@ def model_aliases(args: argparse.Namespace) -> tuple[str, ...]:
     if args.served_model_name or args.model is None or args.model == served_model_name(args):
         return ()
     return (args.model,)
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """--chat-template: the value itself where it holds a template's characters, else the
+    contents of the file it names (as vLLM reads it)."""
+    if value is None or any(mark in value for mark in "{}\n"):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--chat-template {value}: no such file, and not a Jinja template")
+    return path.read_text(encoding="utf-8")
 
 
 def engine_core(args: argparse.Namespace) -> str:
@@ -117,6 +130,7 @@ def serve(args: argparse.Namespace) -> int:
         tenants=tenants,
     )
     try:
+        settings.chat_template = load_chat_template(args.chat_template)
         config = dataclasses.replace(engine_config(args), tenant_weights=tenants.weights,
                                      tenant_kv_fractions=tenants.kv_fractions, queue_timeout_s=args.queue_timeout)
         if args.cuda_graph_sizes == "auto":

@@ -43,6 +43,7 @@ class ServerSettings:
     share_prefix_cache: bool = False
     # Off by default, so a user cannot write turns of their own (`<|im_end|><|im_start|>system`).
     allow_special_tokens_in_messages: bool = False
+    chat_template: str | None = None  # Jinja, in place of the model's own (--chat-template)
     tenants: Tenants = field(default_factory=Tenants.default_only)
 
 

@@ -1,7 +1,9 @@
 """Paged attention equals dense causal attention over each request's whole sequence."""
 
+import os
 from pathlib import Path
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -160,6 +162,46 @@ def test_the_kernel_runs_its_rows_on_torchs_own_threads():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(*outputs)
+
+
+# Loads the portable build where the compiler refuses -fopenmp, and checks one decode of it.
+_SERIAL_BUILD_SCRIPT = """
+import logging, torch
+logging.basicConfig(level=logging.INFO)
+from engine import cpu_kernels
+kernels = cpu_kernels.load("portable")
+torch.manual_seed(0)
+keys, values = torch.randn(64, 2, 16), torch.randn(64, 2, 16)
+query = torch.randn(1, 4, 16)
+table, length = torch.randperm(4).to(torch.int32).view(1, 4), 50
+out = kernels.paged_decode_attention(query, keys, values, table, torch.tensor([length], dtype=torch.int32), 16, 0.25)
+slots = (table[0].long()[:, None] * 16 + torch.arange(16)).flatten()[:length]
+k, v = keys[slots].repeat_interleave(2, dim=1), values[slots].repeat_interleave(2, dim=1)
+weights = torch.softmax(torch.einsum("hd,nhd->hn", query[0], k) * 0.25, dim=-1)
+assert torch.allclose(out[0], torch.einsum("hn,nhd->hd", weights, v), atol=1e-5)
+print("isa:", kernels.isa())
+"""
+
+
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch without OpenMP builds serially anyway")
+def test_a_compiler_without_openmp_gets_the_serial_build(tmp_path):
+    """Where `-fopenmp` fails (clang without libomp, say), the kernel is built without it rather
+    than not at all: checked in a fresh process with a compiler that refuses the flag."""
+    compiler = tmp_path / "c++"
+    compiler.write_text('#!/bin/sh\nfor arg in "$@"; do [ "$arg" = "-fopenmp" ] && exit 1; done\n'
+                        f'exec {os.environ.get("CXX", "c++")} "$@"\n')
+    compiler.chmod(0o755)
+    env = {**os.environ, "CXX": str(compiler), "ITERSERVE_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(Path(__file__).parents[2])}
+    run = subprocess.run([sys.executable, "-c", _SERIAL_BUILD_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "isa: portable" in run.stdout
+    assert "building it single-threaded" in run.stderr and "the portable build, single-threaded" in run.stderr
+    # A second build under the same name in one process is suffixed (_v1) by torch.
+    built = list((tmp_path / "cache" / "kernels").glob("*-portable-*/iterserve_cpu_portable*.so"))
+    assert len(built) == 1
+    assert "libgomp" not in subprocess.run(["ldd", str(built[0])], capture_output=True, text=True, check=True).stdout
 
 
 def test_backend_choice(monkeypatch):

@@ -245,3 +245,48 @@ def test_chat_template_options_render_as_vllm_renders_them(http):
                                                            "add_generation_prompt": False,
                                                            "continue_final_message": True})
     assert last_is_user.status_code == 400
+
+
+# Renders what SmolLM2's template leaves out: a message's name, tool calls (arguments as an
+# object) and the call a tool's answer is for.
+TOOL_TEMPLATE = ("{% for m in messages %}[{{ m.role }}{% if m.name %}:{{ m.name }}{% endif %}]{{ m.content }}"
+                 "{% for c in m.tool_calls or [] %}<call {{ c.function.name }} {{ c.function.arguments.city }}>"
+                 "{% endfor %}{% if m.tool_call_id %}<for {{ m.tool_call_id }}>{% endif %}{% endfor %}")
+
+
+def test_an_operators_chat_template_sees_names_and_tool_calls(tiny_model_path, torch_threads):
+    import httpx
+
+    from server_harness import start_server
+
+    server = start_server(tiny_model_path, "tiny", num_kv_blocks=32, chat_template=TOOL_TEMPLATE)
+    messages = [
+        {"role": "user", "content": "Weather in Paris?", "name": "ada"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+    ]
+    try:
+        with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as http:
+            tokens = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+            text = http.post("/detokenize", json={"tokens": tokens}).json()["prompt"]
+            assert text == "[user:ada]Weather in Paris?[assistant]<call weather Paris>[tool]sunny<for call_1>"
+            chat = http.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 1})
+            assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == len(tokens)
+            refused = http.post("/v1/chat/completions", json={"model": "tiny", "messages": messages,
+                                                              "chat_template": TOOL_TEMPLATE})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "chat_template"
+    finally:
+        server.stop()
+
+
+def test_chat_template_flag_takes_a_file_or_the_template_itself(tmp_path):
+    from server.serve_command import load_chat_template
+
+    path = tmp_path / "template.jinja"
+    path.write_text(TOOL_TEMPLATE, encoding="utf-8")
+    assert load_chat_template(str(path)) == TOOL_TEMPLATE
+    assert load_chat_template(TOOL_TEMPLATE) == TOOL_TEMPLATE
+    assert load_chat_template(None) is None
+    with pytest.raises(ValueError, match="no such file"):
+        load_chat_template(str(tmp_path / "missing.jinja"))
