@@ -1,4 +1,5 @@
-"""Our C++ CPU kernel (engine/csrc), compiled on first use and cached.
+"""Our C++ CPU kernels (engine/csrc: paged decode attention, and a layer's small ops
+fused), compiled on first use into one extension and cached.
 
 One source builds three ways: `avx512`, `avx2` and `portable` (plain loops, for x86-64
 without AVX2 and for Arm). `load()` gives the best build that this CPU runs, as
@@ -33,7 +34,7 @@ from engine.embedded_model import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "layer_ops.cpp"))
 COMMON_CFLAGS = ("-O3", "-ffast-math", "-fopenmp-simd")
 OPENMP_FLAGS = ("-fopenmp",)
 
@@ -117,7 +118,7 @@ def _compile(build: KernelBuild, arch: str, openmp: bool):
     key = hashlib.sha256("\n".join([arch, version, torch.__version__, *cflags]).encode()).hexdigest()[:12]
     build_dir = cache_dir() / "kernels" / f"{arch}-{build.isa}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    load_extension(name=build.namespace, sources=[str(SOURCE)], extra_cflags=cflags,
+    load_extension(name=build.namespace, sources=[str(source) for source in SOURCES], extra_cflags=cflags,
                    extra_ldflags=list(OPENMP_FLAGS if openmp else ()), build_directory=str(build_dir),
                    is_python_module=False, verbose=False)
     ops = getattr(torch.ops, build.namespace)

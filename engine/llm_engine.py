@@ -152,11 +152,12 @@ class LLMEngine:
         self.last_step_shape = None  # the last step's work, for a caller that times steps itself
         # Which kernels this host got: logged once, and shown by the server's /version.
         self.paths = {"linear": linear_path(self.dtype, self.device),
-                      "attention": self.runner.attention_path}
+                      "attention": self.runner.attention_path,
+                      "layer_ops": loaded.model.layer_ops_path}
         logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens; linears: %s; attention: %s; "
-                    "async scheduling: %s; host: %s", self.model_path, self.dtype, self.device, num_blocks,
-                    config.block_size, self.paths["linear"], self.paths["attention"],
-                    "on" if self.async_scheduling else "off", host.current().summary())
+                    "layer ops: %s; async scheduling: %s; host: %s", self.model_path, self.dtype, self.device,
+                    num_blocks, config.block_size, self.paths["linear"], self.paths["attention"],
+                    self.paths["layer_ops"], "on" if self.async_scheduling else "off", host.current().summary())
 
     # -- requests in ------------------------------------------------------------------
 

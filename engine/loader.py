@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from engine import host
-from engine.model import LlamaForCausalLM, ModelArgs, pack_linears_for_cpu
+from engine import cpu_kernels
+from engine.model import KernelLayerOps, LlamaForCausalLM, ModelArgs, pack_linears_for_cpu, use_layer_ops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,6 +94,9 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, max_model_l
     model.eval()
     if linear_path(dtype, device) == "onednn-packed":
         pack_linears_for_cpu(model)
+    kernels = cpu_kernels.load() if device.type == "cpu" else None
+    if kernels is not None:
+        use_layer_ops(model, KernelLayerOps(kernels))
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(path, model, tokenizer, _eos_token_ids(path, config, tokenizer), max_model_len)
 

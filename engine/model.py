@@ -102,14 +102,48 @@ class RotaryEmbedding:
         self.sin = freqs.sin().to(device)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for a step's positions, looked up once and shared by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """cos and sin [tokens, head_dim / 2] for a step's positions, looked up once for every layer."""
+        return self.cos[positions], self.sin[positions]
+
+
+class TorchLayerOps:
+    """A layer's small ops in torch: on every device, and the reference that the CPU kernel's
+    fused ones (`KernelLayerOps`) are tested against."""
 
     @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, heads, head_dim], halves split as in Hugging Face Llama."""
-        first, second = x.float().chunk(2, dim=-1)
-        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).to(x.dtype)
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # Normalised in float32 and rounded to the model's dtype before the weight, as the
+        # reference does: fused with the weight, bfloat16 answers drift from transformers'.
+        return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
+
+    @classmethod
+    def add_rms_norm(cls, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """`residual += x` in place, then the sum's RMSNorm."""
+        return cls.rms_norm(residual.add_(x), weight, eps)
+
+    @staticmethod
+    def rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """qk: [tokens, heads, head_dim], halves split as in Hugging Face Llama. May rotate in
+        place (the kernel's does): use what it returns."""
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        first, second = qk.float().chunk(2, dim=-1)
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).to(qk.dtype)
+
+    @staticmethod
+    def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class KernelLayerOps:
+    """The same ops, each one call into the CPU kernel's build (engine/csrc/layer_ops.cpp):
+    a decode step's rows are too few for torch's several ops each to pay for themselves."""
+
+    def __init__(self, kernels):
+        self.rms_norm = kernels.rms_norm
+        self.add_rms_norm = kernels.add_rms_norm
+        self.rotate = kernels.rotary_embedding
+        self.silu_and_mul = kernels.silu_and_mul
 
 
 def bucket_rows(rows: int) -> int:
@@ -153,6 +187,13 @@ class PackedLinear(nn.Module):
         return out[:rows] if padded != rows else out
 
 
+def use_layer_ops(model: nn.Module, ops) -> None:
+    """Run every norm, rotation and gated activation of `model` through `ops`."""
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, Attention, FeedForward)):
+            module.ops = ops
+
+
 def pack_linears_for_cpu(model: nn.Module) -> None:
     """Swap every Linear for a PackedLinear (where `engine.loader.linear_path` says so)."""
     for parent in list(model.modules()):
@@ -162,19 +203,24 @@ def pack_linears_for_cpu(model: nn.Module) -> None:
 
 
 class RMSNorm(nn.Module):
+    ops = TorchLayerOps  # or a KernelLayerOps, set by use_layer_ops
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalised in float32 and rounded to the model's dtype before the weight, as the
-        # reference does: fused with the weight, bfloat16 answers drift from transformers'.
-        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """`residual += x` in place, and the sum normed: one pass where the ops fuse them."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
+    ops = TorchLayerOps
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
@@ -187,7 +233,7 @@ class Attention(nn.Module):
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv_cache, meta: AttentionMetadata):
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # Queries and keys rotated together: half the small ops of rotating each.
-        qk = RotaryEmbedding.rotate(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+        qk = self.ops.rotate(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
@@ -195,14 +241,15 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    ops = TorchLayerOps
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -214,8 +261,9 @@ class DecoderLayer(nn.Module):
         self.mlp = FeedForward(args)
 
     def forward(self, x, rope, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """`x`, the residual stream, is added to in place (the model's own tensor, fresh each step)."""
+        attended = self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
+        return x.add_(self.mlp(self.post_attention_layernorm.add_and_norm(attended, x)))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -229,6 +277,11 @@ class LlamaForCausalLM(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(args, max_positions, device)
+
+    @property
+    def layer_ops_path(self) -> str:
+        """What runs the norms, rotations and gated activations (`use_layer_ops`)."""
+        return "C++ kernel, fused" if isinstance(self.norm.ops, KernelLayerOps) else "torch"
 
     def forward(self, input_ids, positions, kv_caches: torch.Tensor, meta: AttentionMetadata):
         """kv_caches: [layers, 2, slots, kv_heads, head_dim]; returns hidden states [tokens, hidden]."""

@@ -61,15 +61,20 @@ def smollm2_expected(smollm2_path):
 
 @pytest.mark.parametrize("backend", [b.isa for b in cpu_kernels.BUILDS] + ["torch", "triton"])
 def test_tiny_llama_matches_transformers(tiny_model_path, backend, monkeypatch):
-    """On the CPU: through each build of the C++ decode kernel this CPU runs, the torch reference
-    path (as on a machine without a compiler), and the Triton kernels under Triton's interpreter."""
+    """On the CPU: through each build of the C++ kernels this CPU runs (decode attention and the
+    fused layer ops), the torch reference path (as on a machine without a compiler: no kernels
+    at all), and the Triton kernels under Triton's interpreter."""
     runnable = [b.isa for b in cpu_kernels.runnable_builds()]
     config = {"device": "cpu"}
+    layer_ops = "C++ kernel, fused" if cpu_kernels.load() is not None else "torch"
     if backend in ("torch", "triton"):
         if backend == "triton":
             pytest.importorskip("triton", reason="Triton is not installed (the test extra brings it)")
             if torch.cuda.is_available():
                 pytest.skip("with CUDA present Triton compiles for the GPU, not for CPU tensors")
+        else:
+            monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+            layer_ops = "torch"
         config["attention_backend"] = backend
         expected_path = {"torch": "torch, gathered groups", "triton": "triton, one launch per layer"}[backend]
     elif backend not in runnable:
@@ -83,6 +88,7 @@ def test_tiny_llama_matches_transformers(tiny_model_path, backend, monkeypatch):
     expected = reference_tokens(tiny_model_path, prompts, 24)
     got, llm = run_ours(tiny_model_path, prompts, 24, **config)
     assert llm.engine.paths["attention"] == expected_path
+    assert llm.engine.paths["layer_ops"] == layer_ops
     assert got == expected
 
 
