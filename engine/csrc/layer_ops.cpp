@@ -21,6 +21,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -109,6 +110,10 @@ void rotate_rows(at::Tensor& qk, const at::Tensor& cos, const at::Tensor& sin) {
   });
 }
 
+// exp(-g) overflows float below g = -88; under -ffast-math (no infinities assumed) the
+// quotient is then NaN, not 0, so the exponent is capped there: silu is 0 to float precision.
+constexpr float kMaxExponent = 88.0f;
+
 // out = narrow(silu(gate)) * up, gate and up the two halves of each row.
 template <typename T>
 void silu_and_mul_rows(const at::Tensor& gate_up, at::Tensor& out) {
@@ -123,7 +128,8 @@ void silu_and_mul_rows(const at::Tensor& gate_up, at::Tensor& out) {
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         const float g = static_cast<float>(gate[i]);
-        row[i] = narrow<T>(static_cast<float>(narrow<T>(g / (1.0f + std::exp(-g)))) * static_cast<float>(up[i]));
+        const float silu = g / (1.0f + std::exp(std::min(-g, kMaxExponent)));
+        row[i] = narrow<T>(static_cast<float>(narrow<T>(silu)) * static_cast<float>(up[i]));
       }
     }
   });
