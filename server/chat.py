@@ -30,9 +30,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     generation = build_generation(serving, body, serving.tenant(request, body), [prompt], max_tokens, None, num_top,
                                   body.prompt_logprobs, id_prefix="chatcmpl")
     stream = serving.engine.submit(generation.requests)
+    echoed = echoed_text(body)
     if body.stream:
         include_usage, continuous_usage = body.usage_in_stream()
-        formatter = ChatChunks(serving, generation, num_top, continuous_usage)
+        formatter = ChatChunks(serving, generation, num_top, continuous_usage, echoed)
         return await event_stream_response(serving.engine, stream, generation, formatter, include_usage)
     with stream:
         choices = await collect(stream, generation, request)
@@ -42,7 +43,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         choices=[
             ChatChoice(
                 index=choice.index,
-                message=AssistantMessage(content=choice.text),
+                message=AssistantMessage(content=echoed + choice.text),
                 logprobs=chat_logprobs(serving, choice.logprobs, num_top) if num_top is not None else None,
                 finish_reason=choice.finish_reason,
             )
@@ -52,6 +53,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         prompt_logprobs=prompt_logprob_entries(serving, choices[0].prompt_logprobs, body.prompt_logprobs or 0),
     )
     return JSONResponse(response.model_dump())
+
+
+def echoed_text(body: ChatCompletionRequest) -> str:
+    """What `echo` puts before each reply, as vLLM does: the last message, when it is the
+    assistant's (the one a reply continues, with `continue_final_message`); else nothing."""
+    if not body.echo or not body.messages or body.messages[-1].role != "assistant":
+        return ""
+    return message_text(body.messages[-1], len(body.messages) - 1)
 
 
 def message_text(message: ChatMessage, index: int) -> str:
@@ -196,16 +205,17 @@ class ChatChunks:
     """Streaming chunks of /v1/chat/completions: the role first, then content deltas, then the end."""
 
     def __init__(self, serving: ServingState, generation: Generation, num_top: int | None,
-                 continuous_usage: bool = False):
+                 continuous_usage: bool = False, echoed: str = ""):
         self.serving = serving
         self.generation = generation
         self.num_top = num_top
         self.continuous_usage = continuous_usage
+        self.echoed = echoed  # `echo`: the text every reply starts with, sent with the role
         self.created = int(time.time())
 
     def first_chunks(self) -> list[str]:
         choices = sorted(self.generation.choices.values(), key=lambda choice: choice.index)
-        return [self._chunk([ChatChunkChoice(index=choice.index, delta={"role": "assistant", "content": ""})],
+        return [self._chunk([ChatChunkChoice(index=choice.index, delta={"role": "assistant", "content": self.echoed})],
                             self._usage(choice))
                 for choice in choices]
 

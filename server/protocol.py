@@ -163,6 +163,7 @@ class ChatCompletionRequest(GenerationRequest, ChatTemplateFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict] | None = None
+    echo: bool = False  # vLLM's: a reply continuing an assistant message starts with that message
 
 
 class TokenizeRequest(ChatTemplateFields):

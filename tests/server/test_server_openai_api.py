@@ -290,3 +290,21 @@ def test_chat_template_flag_takes_a_file_or_the_template_itself(tmp_path):
     assert load_chat_template(None) is None
     with pytest.raises(ValueError, match="no such file"):
         load_chat_template(str(tmp_path / "missing.jinja"))
+
+
+def test_chat_echo_starts_the_reply_with_the_assistant_message_it_continues(http):
+    story = [{"role": "user", "content": "Tell me a story"}, {"role": "assistant", "content": "Once upon a"}]
+    body = {"model": "tiny", "messages": story, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "add_generation_prompt": False, "continue_final_message": True}
+    plain = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    echoed = http.post("/v1/chat/completions", json={**body, "echo": True}).json()["choices"][0]["message"]
+    assert echoed["content"] == "Once upon a" + plain
+    with http.stream("POST", "/v1/chat/completions", json={**body, "echo": True, "stream": True}) as response:
+        chunks = [json.loads(line[len("data: "):]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == echoed["content"]
+    # The last message is the user's: there is nothing of the reply's to echo.
+    question = {"model": "tiny", "messages": story[:1], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    replies = [http.post("/v1/chat/completions", json={**question, "echo": echo}).json()["choices"][0]["message"]
+               for echo in (False, True)]
+    assert replies[0] == replies[1]
