@@ -34,7 +34,9 @@ namespace {
 // Elements below which one thread does a whole op: waking the others costs more.
 constexpr int64_t kElementsPerThread = 32768;
 
-int64_t grain_rows(int64_t row_size) { return std::max<int64_t>(1, kElementsPerThread / std::max<int64_t>(row_size, 1)); }
+int64_t grain_rows(int64_t row_size) {
+  return std::max<int64_t>(1, kElementsPerThread / std::max<int64_t>(row_size, 1));
+}
 
 template <typename T>
 inline T narrow(float x) { return static_cast<T>(x); }
@@ -50,8 +52,10 @@ inline void norm_row(const T* x, const T* weight, T* out, int64_t n, float eps) 
   }
   const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(n) + eps);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = narrow<T>(static_cast<float>(weight[i]) * static_cast<float>(narrow<T>(static_cast<float>(x[i]) * inverse)));
+  for (int64_t i = 0; i < n; ++i) {
+    const float normed = static_cast<float>(narrow<T>(static_cast<float>(x[i]) * inverse));
+    out[i] = narrow<T>(static_cast<float>(weight[i]) * normed);
+  }
 }
 
 template <typename T>
