@@ -22,11 +22,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     serving.check_model(body.model)
     reject_unsupported(body, suffix=body.suffix, best_of=body.best_of not in (None, body.n))
     echo = Echo.of(body)
-    prompts, texts = await serving.run_tokenizer(tokenize_prompts, serving, body.prompt, echo is not None)
+    prompts, texts = await serving.run_tokenizer(tokenize_prompts, serving, body.prompt)
     generation = build_generation(serving, body, serving.tenant(request, body), prompts,
                                   1 if echo is not None and echo.prompt_only else body.max_tokens,
                                   COMPLETIONS_DEFAULT_MAX_TOKENS, body.logprobs, prompt_logprobs_wanted(body),
                                   id_prefix="cmpl")
+    if echo is not None:  # only now: build_generation has checked every token id is the model's
+        texts = await serving.run_tokenizer(prompt_texts, serving, prompts, texts)
     stream = serving.engine.submit(generation.requests)
     if body.stream:
         include_usage, continuous_usage = body.usage_in_stream()
@@ -90,9 +92,9 @@ def echoed(echo: Echo, prompt_text: str, choice: ChoiceResult, text: str,
     return prompt_text + text, prompt_scores + logprobs
 
 
-def tokenize_prompts(serving: ServingState, prompt, with_texts: bool) -> tuple[list[list[int]], list[str]]:
+def tokenize_prompts(serving: ServingState, prompt) -> tuple[list[list[int]], list[str | None]]:
     """A string, a list of strings, a list of token ids, or a list of those lists: each prompt's
-    token ids, and with `with_texts` its text too (a token-id prompt's decoded)."""
+    token ids, and its text where it was sent as text (None where it came as token ids)."""
     if isinstance(prompt, str):
         prompts = [prompt]
     elif not prompt:
@@ -109,11 +111,16 @@ def tokenize_prompts(serving: ServingState, prompt, with_texts: bool) -> tuple[l
             if not item:
                 raise BadRequestError("the prompt is empty", param="prompt")
             token_ids.append(serving.tokenizer.encode(item))
+            texts.append(item)
         else:
             token_ids.append(list(item))
-        if with_texts:
-            texts.append(item if isinstance(item, str) else serving.tokenizer.decode(item))
+            texts.append(None)
     return token_ids, texts
+
+
+def prompt_texts(serving: ServingState, prompts: list[list[int]], texts: list[str | None]) -> list[str]:
+    """What `echo` returns of each prompt: the text as sent, or the token ids decoded."""
+    return [serving.tokenizer.decode(ids) if text is None else text for ids, text in zip(prompts, texts)]
 
 
 def completion_logprobs(serving: ServingState, logprobs: list[TokenLogprobs], number: int, text_offset: int = 0,

@@ -59,6 +59,9 @@ BAD_COMPLETIONS = [
     ({"stop": 5}, "stop", None),
     ({"stop_token_ids": [-1]}, "stop_token_ids", None),
     ({"max_tokens": 0}, "max_tokens", None),  # only an echo may generate nothing
+    # Token ids no tokenizer can decode: checked before an echo decodes them (the fuzzer's 500).
+    ({"prompt": [5, -1], "echo": True}, "prompt", None),
+    ({"prompt": [[5], [2**40]], "echo": True, "logprobs": 1}, "prompt", None),
     ({"prompt_logprobs": 21}, "prompt_logprobs", None),
     ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs", None),
     ({"stream_options": {"include_usage": True}}, "stream_options", None),
