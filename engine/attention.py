@@ -129,15 +129,18 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     # Every new key is written before any query reads: a prefix-cache hit on a block that
-    # another request fills in this same step then sees that request's keys.
+    # another request fills in this same step then sees that request's keys. A cache narrower
+    # than the model (--kv-cache-dtype) rounds keys and values as they are stored, and every
+    # query reads them as stored, the chunk's own tokens included, so a prompt attends alike
+    # whether its prefix came from the cache or not.
     if meta.flat is not None:
         flat = meta.flat
         flat.kernels.store_kv(key, value, key_cache, value_cache, meta.slot_mapping)
         return flat.kernels.unified_attention(query, key_cache, value_cache, flat.block_tables, flat.seq_lens,
                                               flat.query_start_loc, flat.max_query_len, flat.block_size, scale,
                                               num_splits=flat.num_splits)
-    key_cache.index_copy_(0, meta.slot_mapping, key)
-    value_cache.index_copy_(0, meta.slot_mapping, value)
+    key_cache.index_copy_(0, meta.slot_mapping, key.to(key_cache.dtype))
+    value_cache.index_copy_(0, meta.slot_mapping, value.to(value_cache.dtype))
     output = torch.empty_like(query)
 
     if meta.paged_decodes is not None:
@@ -147,17 +150,17 @@ def paged_attention(
             query[rows], key_cache, value_cache, decodes.block_tables, decodes.context_lens, decodes.block_size, scale)
     for group in meta.decode_groups:
         rows = slice(group.start, group.end)
-        keys = key_cache[group.slots].transpose(1, 2)  # [rows, kv_heads, context, head_dim]
-        values = value_cache[group.slots].transpose(1, 2)
+        keys = key_cache[group.slots].to(query.dtype).transpose(1, 2)  # [rows, kv_heads, context, head_dim]
+        values = value_cache[group.slots].to(query.dtype).transpose(1, 2)
         output[rows] = decode_attention(query[rows], keys, values, group.mask, scale)
 
     for span in meta.prefills:
         chunk = slice(span.query_start, span.query_end)
         q = query[chunk].transpose(0, 1).unsqueeze(0)
         if span.context_slots is None:
-            k, v = key[chunk], value[chunk]
+            k, v = as_stored(key[chunk], key_cache.dtype), as_stored(value[chunk], value_cache.dtype)
         else:
-            k, v = key_cache[span.context_slots], value_cache[span.context_slots]
+            k, v = key_cache[span.context_slots].to(query.dtype), value_cache[span.context_slots].to(query.dtype)
         k = k.transpose(0, 1).unsqueeze(0)
         v = v.transpose(0, 1).unsqueeze(0)
         attended = F.scaled_dot_product_attention(
@@ -165,6 +168,11 @@ def paged_attention(
         )
         output[chunk] = attended.squeeze(0).transpose(0, 1)
     return output
+
+
+def as_stored(tensor: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` as a cache of `cache_dtype` holds it, in its own dtype."""
+    return tensor if tensor.dtype == cache_dtype else tensor.to(cache_dtype).to(tensor.dtype)
 
 
 def decode_attention(query, keys, values, mask, scale: float) -> torch.Tensor:

@@ -10,7 +10,9 @@ import torch
 from engine import host
 from engine.config import EngineConfig
 from engine.detokenizer import RequestText
-from engine.loader import linear_path, load_model, resolve_device, resolve_dtype, resolve_model_path
+from engine.loader import (
+    linear_path, load_model, resolve_device, resolve_dtype, resolve_kv_cache_dtype, resolve_model_path,
+)
 from engine.model_runner import LaunchedStep, ModelRunner, StepResult, kv_bytes_per_block
 from engine.sampler import TokenLogprobs
 from kvcache import KVCacheManager
@@ -119,14 +121,14 @@ class LLMEngine:
         self.max_model_len = loaded.max_model_len
         self.vocab_size = loaded.model.args.vocab_size
 
-        num_blocks = config.num_kv_blocks or config.kv_cache_memory // kv_bytes_per_block(
-            loaded.model, config.block_size, self.dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        self.kv_bytes_per_block = kv_bytes_per_block(loaded.model, config.block_size, self.kv_cache_dtype)
+        num_blocks = config.num_kv_blocks or config.kv_cache_memory // self.kv_bytes_per_block
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * config.block_size} tokens, less than one request of "
                 f"max_model_len {self.max_model_len}: give it more memory or lower max_model_len"
             )
-        self.kv_bytes_per_block = kv_bytes_per_block(loaded.model, config.block_size, self.dtype)
         num_host_blocks = config.swap_space // self.kv_bytes_per_block
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(
@@ -135,7 +137,7 @@ class LLMEngine:
             cost_model=load_cost_model(config.cost_model) if config.cost_model else None,
         )
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.device, config.attention_backend,
-                                  num_host_blocks)
+                                  num_host_blocks, self.kv_cache_dtype)
         if config.cuda_graphs:
             self.runner.use_static_decode(config.max_num_seqs, self.max_model_len, capture=True,
                                           batch_sizes=config.cuda_graph_sizes)
@@ -154,9 +156,9 @@ class LLMEngine:
         self.paths = {"linear": linear_path(self.dtype, self.device),
                       "attention": self.runner.attention_path,
                       "layer_ops": loaded.model.layer_ops_path}
-        logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens; linears: %s; attention: %s; "
+        logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens in %s; linears: %s; attention: %s; "
                     "layer ops: %s; async scheduling: %s; host: %s", self.model_path, self.dtype, self.device,
-                    num_blocks, config.block_size, self.paths["linear"], self.paths["attention"],
+                    num_blocks, config.block_size, self.kv_cache_dtype, self.paths["linear"], self.paths["attention"],
                     self.paths["layer_ops"], "on" if self.async_scheduling else "off", host.current().summary())
 
     # -- requests in ------------------------------------------------------------------

@@ -52,6 +52,25 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16")
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type: `auto` is the model's; a float32 model may keep its keys and
+    values in bfloat16 or float16, half the bytes for attention to read and twice the tokens in
+    the same memory (vLLM's --kv-cache-dtype). A 16-bit model's cache stays in its own dtype:
+    converting between the two 16-bit formats loses bits and saves nothing."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    cache_dtype = DTYPES[kv_cache_dtype]
+    if model_dtype not in (cache_dtype, torch.float32):
+        raise ValueError(f"a {kv_cache_dtype} KV cache needs a float32 or {kv_cache_dtype} model; this one is "
+                         f"{str(model_dtype).removeprefix('torch.')}: use --kv-cache-dtype auto")
+    return cache_dtype
+
+
 def linear_path(dtype: torch.dtype, device: torch.device) -> str:
     """How the model's Linear layers run: "onednn-packed" (PackedLinear) or "F.linear"."""
     cpu = host.current().cpu

@@ -59,11 +59,12 @@ def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dt
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device,
-                 attention_backend: str = "auto", num_host_blocks: int = 0):
+                 attention_backend: str = "auto", num_host_blocks: int = 0, kv_cache_dtype: torch.dtype | None = None):
         self.model = model
         self.block_size = block_size
         self.device = device
         self.dtype = next(model.parameters()).dtype
+        self.kv_cache_dtype = kv_cache_dtype or self.dtype
         args = model.args
         # One tensor for every layer's keys and values. Zeroed, not empty: padded decode
         # lanes read slots that are masked out, and 0 * NaN from stale memory is still NaN.
@@ -71,14 +72,14 @@ class ModelRunner:
         # static decode steps write into (engine/cuda_graphs.py), never given to a request.
         self.kv_caches = torch.zeros(
             args.num_layers, 2, (num_blocks + 1) * block_size, args.num_kv_heads, args.head_dim,
-            dtype=self.dtype, device=device,
+            dtype=self.kv_cache_dtype, device=device,
         )
         # The swap pool: preempted requests' blocks, in host memory (pinned, so copies to and
         # from a GPU run at full bandwidth). Empty, not zeroed: a host block is always written
         # by a swap-out before a swap-in reads it, so untouched pages cost no memory.
         self.host_kv_caches = torch.empty(
             args.num_layers, 2, num_host_blocks * block_size, args.num_kv_heads, args.head_dim,
-            dtype=self.dtype, device="cpu", pin_memory=device.type == "cuda" and num_host_blocks > 0,
+            dtype=self.kv_cache_dtype, device="cpu", pin_memory=device.type == "cuda" and num_host_blocks > 0,
         )
         self.sampler = Sampler(device)
         self.attention_backend = select_backend(attention_backend, device)

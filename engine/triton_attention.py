@@ -41,8 +41,9 @@ def store_kv_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_map
     slot = tl.maximum(slot, 0)
     key = tl.load(key_ptr + token * key_token_stride + offsets, mask=mask)
     value = tl.load(value_ptr + token * value_token_stride + offsets, mask=mask)
-    tl.store(key_cache_ptr + slot * ROW + offsets, key, mask=mask)
-    tl.store(value_cache_ptr + slot * ROW + offsets, value, mask=mask)
+    # Rounded to the cache's dtype, which may be narrower than the model's (--kv-cache-dtype).
+    tl.store(key_cache_ptr + slot * ROW + offsets, key.to(key_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(value_cache_ptr + slot * ROW + offsets, value.to(value_cache_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -72,11 +73,12 @@ def attend_tiles(q, m, l, acc, key_cache_ptr, value_cache_ptr, block_table_ptr, 
                  BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax of the rows of `q` over key tiles [first_tile, end_tile), positions < max_position.
 
-    q [BLOCK_M, HEAD_DIM_PADDED] in the cache dtype; m, l, acc the running maximum, sum and
+    q [BLOCK_M, HEAD_DIM_PADDED] in the model's dtype; m, l, acc the running maximum, sum and
     weighted values (float32). A row sees the key at position k when k <= its q_position.
-    Dots take DOT_DTYPE operands: the cache dtype, or float32 under the interpreter, whose
-    bfloat16 dot is wrong (float32 products of bfloat16 values are exact, so only the
-    summation order differs from the GPU).
+    Keys and values are read in the cache's dtype, the model's or (under a float32 model) a
+    16-bit one, and widened. Dots take DOT_DTYPE operands: the model's dtype, or float32 under
+    the interpreter, whose bfloat16 dot is wrong (float32 products of bfloat16 values are
+    exact, so only the summation order differs from the GPU).
     """
     dims = tl.arange(0, HEAD_DIM_PADDED)
     dims_valid = dims < HEAD_DIM
@@ -99,7 +101,7 @@ def attend_tiles(q, m, l, acc, key_cache_ptr, value_cache_ptr, block_table_ptr, 
         l = l * alpha + tl.sum(probs, axis=1)
         values = tl.load(value_cache_ptr + head_offset[:, None] + dims[None, :],
                          mask=positions_valid[:, None] & dims_valid[None, :], other=0.0)  # [TILE_N, D]
-        probs = probs.to(values.dtype).to(DOT_DTYPE)  # rounded to the cache dtype, as on the GPU
+        probs = probs.to(q.dtype).to(DOT_DTYPE)  # rounded to the model's dtype, as on the GPU
         acc = acc * alpha[:, None] + tl.dot(probs, values.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         m = m_new
     return m, l, acc
@@ -232,7 +234,12 @@ def merge_splits_kernel(out_ptr, partial_ptr, partial_max_ptr, partial_sum_ptr, 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """key/value [num_tokens, kv_heads, head_dim], each token's heads contiguous; slot -1 skips a row."""
+    """key/value [num_tokens, kv_heads, head_dim], each token's heads contiguous; slot -1 skips a row.
+    The caches may be narrower than key and value (--kv-cache-dtype)."""
+    if key.dtype != key_cache.dtype and os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter narrows float32 to bfloat16 by truncation, where the GPU (and torch)
+        # round to nearest even: narrowed here, the kernel copies what a GPU would store.
+        key, value = key.to(key_cache.dtype), value.to(value_cache.dtype)
     num_tokens, kv_heads, head_dim = key.shape
     assert key.stride(1) == head_dim and key.stride(2) == 1 and value.stride(1) == head_dim and value.stride(2) == 1
     row = kv_heads * head_dim

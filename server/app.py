@@ -113,7 +113,7 @@ async def version(request: Request) -> JSONResponse:
     return JSONResponse({"version": _version(), "device": info.device, "dtype": info.dtype, "paths": info.paths,
                          "host": host.current().summary(),
                          "kv_cache": {"block_size": info.block_size, "num_blocks": info.num_kv_blocks,
-                                      "bytes_per_block": info.kv_bytes_per_block}})
+                                      "bytes_per_block": info.kv_bytes_per_block, "dtype": info.kv_cache_dtype}})
 
 
 async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:

@@ -11,6 +11,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory", default="2GiB", help="bytes for the KV cache, e.g. 2GiB")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16"],
+                        help="the KV cache's element type: auto is the model's; a float32 model's keys and values "
+                             "in bfloat16 or float16 take half the memory and half the attention's reads")
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-memory")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -69,6 +72,7 @@ def engine_config(args: argparse.Namespace):
     return EngineConfig(
         model=args.model,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,
         max_model_len=args.max_model_len,
         block_size=args.block_size,

@@ -64,13 +64,15 @@ class EngineInfo:
     block_size: int
     num_kv_blocks: int
     kv_bytes_per_block: int
+    kv_cache_dtype: str
 
     @classmethod
     def of(cls, engine: LLMEngine) -> "EngineInfo":
         return cls(str(engine.model_path), engine.max_model_len, engine.vocab_size,
                    engine.scheduler.config.max_num_seqs, engine.scheduler.config.policy, str(engine.device),
                    str(engine.dtype).removeprefix("torch."), dict(engine.paths), engine.kv_cache.block_size,
-                   engine.kv_cache.pool.num_blocks, engine.kv_bytes_per_block)
+                   engine.kv_cache.pool.num_blocks, engine.kv_bytes_per_block,
+                   str(engine.kv_cache_dtype).removeprefix("torch."))
 
     def check_prompt(self, token_ids: list[int]) -> None:
         check_prompt(token_ids, self.vocab_size, self.max_model_len)

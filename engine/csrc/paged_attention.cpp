@@ -163,14 +163,15 @@ inline void prefetch(const void* start, int64_t bytes) {
 
 // Attention of one request's query token (all heads) over its context. HD is the head
 // size when known at compile time (0: runtime `head_dim`), so the per-row loops unroll.
-template <typename T, int HD>
-void decode_request(const T* query, const T* key_cache, const T* value_cache, T* out,
+// T is the query's and output's type, C the cache's (T, or narrower: see `paged_decode_attention`).
+template <typename T, typename C, int HD>
+void decode_request(const T* query, const C* key_cache, const C* value_cache, T* out,
                     const int32_t* block_table, int64_t context, int64_t block_size,
                     int64_t kv_heads, int64_t group, int64_t head_dim, float scale, std::vector<float>& scratch) {
   const int64_t hd = HD > 0 ? HD : head_dim;
   const int64_t heads = kv_heads * group;
   const int64_t slot_stride = kv_heads * hd;
-  const int64_t block_bytes = block_size * slot_stride * static_cast<int64_t>(sizeof(T));
+  const int64_t block_bytes = block_size * slot_stride * static_cast<int64_t>(sizeof(C));
   // scratch: the queries (scaled, float), their accumulators, heads x context scores.
   scratch.resize(heads * hd * 2 + heads * context);
   float* q = scratch.data();
@@ -179,17 +180,17 @@ void decode_request(const T* query, const T* key_cache, const T* value_cache, T*
   for (int64_t i = 0; i < heads * hd; ++i) q[i] = static_cast<float>(query[i]) * scale;
   std::fill(acc, acc + heads * hd, 0.0f);
   const int64_t num_blocks = (context + block_size - 1) / block_size;
-  auto block_start = [&](const T* cache, int64_t b) {
+  auto block_start = [&](const C* cache, int64_t b) {
     return cache + static_cast<int64_t>(block_table[b]) * block_size * slot_stride;
   };
 
   for (int64_t b = 0; b < num_blocks; ++b) {
     if (b + 1 < num_blocks) prefetch(block_start(key_cache, b + 1), block_bytes);
     const int64_t t0 = b * block_size, n = std::min(block_size, context - t0);
-    const T* keys = block_start(key_cache, b);
+    const C* keys = block_start(key_cache, b);
     for (int64_t i = 0; i < n; ++i)
       for (int64_t h = 0; h < kv_heads; ++h)
-        score_row<T, HD>(q + h * group * hd, keys + i * slot_stride + h * hd, group, hd,
+        score_row<C, HD>(q + h * group * hd, keys + i * slot_stride + h * hd, group, hd,
                          scores + h * group * context + t0 + i, context);
   }
 
@@ -213,17 +214,17 @@ void decode_request(const T* query, const T* key_cache, const T* value_cache, T*
   for (int64_t b = 0; b < num_blocks; ++b) {
     if (b + 1 < num_blocks) prefetch(block_start(value_cache, b + 1), block_bytes);
     const int64_t t0 = b * block_size, n = std::min(block_size, context - t0);
-    const T* values = block_start(value_cache, b);
+    const C* values = block_start(value_cache, b);
     for (int64_t i = 0; i < n; ++i)
       for (int64_t h = 0; h < kv_heads; ++h)
-        accumulate_row<T, HD>(acc + h * group * hd, values + i * slot_stride + h * hd,
+        accumulate_row<C, HD>(acc + h * group * hd, values + i * slot_stride + h * hd,
                               scores + h * group * context + t0 + i, context, group, hd);
   }
 
   for (int64_t i = 0; i < heads * hd; ++i) out[i] = static_cast<T>(acc[i]);
 }
 
-template <typename T>
+template <typename T, typename C>
 void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                       const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
                       double scale, at::Tensor& out) {
@@ -232,13 +233,14 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, cons
   const int64_t group = heads / kv_heads;
   const int64_t table_stride = block_tables.stride(0);
   const T* q = query.data_ptr<T>();
-  const T* k = key_cache.data_ptr<T>();
-  const T* v = value_cache.data_ptr<T>();
+  const C* k = key_cache.data_ptr<C>();
+  const C* v = value_cache.data_ptr<C>();
   T* o = out.data_ptr<T>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = context_lens.data_ptr<int32_t>();
-  const auto attend =
-      head_dim == 64 ? decode_request<T, 64> : head_dim == 128 ? decode_request<T, 128> : decode_request<T, 0>;
+  const auto attend = head_dim == 64    ? decode_request<T, C, 64>
+                      : head_dim == 128 ? decode_request<T, C, 128>
+                                        : decode_request<T, C, 0>;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
   // Rows arrive sorted by context length, so contiguous ranges would give one thread all
   // the long contexts: each thread takes every `threads`-th row instead.
@@ -256,22 +258,32 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, cons
 }  // namespace
 
 // query [rows, heads, head_dim]; caches [slots, kv_heads, head_dim] (slot = block * block_size + offset);
-// block_tables int32 [rows, max_blocks]; context_lens int32 [rows], each at least 1.
+// block_tables int32 [rows, max_blocks]; context_lens int32 [rows], each at least 1. The caches
+// hold the query's dtype, or for a float32 query bfloat16 or float16 (a KV cache narrower than
+// the model, read at half the bytes: widening a 16-bit value to float is exact).
 at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache, at::Tensor value_cache,
                                   at::Tensor block_tables, at::Tensor context_lens, int64_t block_size, double scale) {
   TORCH_CHECK(query.device().is_cpu(), "paged_decode_attention runs on the CPU");
   TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 3 && value_cache.dim() == 3, "expected 3-d query and caches");
   TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2), "query rows must be contiguous");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
-  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() && value_cache.scalar_type() == query.scalar_type(),
-              "query and caches must share a dtype");
+  const auto cache_type = key_cache.scalar_type();
+  TORCH_CHECK(value_cache.scalar_type() == cache_type, "key and value caches must share a dtype");
+  TORCH_CHECK(cache_type == query.scalar_type() ||
+                  (query.scalar_type() == at::kFloat && (cache_type == at::kBFloat16 || cache_type == at::kHalf)),
+              "the caches must hold the query's dtype, or bfloat16 or float16 for a float32 query");
   TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "heads must be a multiple of kv heads");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
               "block tables and context lengths must be int32");
   TORCH_CHECK(block_tables.stride(1) == 1 && context_lens.is_contiguous(), "block tables must be row-contiguous");
   auto out = at::empty_like(query, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode_attention", [&] {
-    decode_attention<scalar_t>(query, key_cache, value_cache, block_tables, context_lens, block_size, scale, out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache_type, "paged_decode_attention", [&] {
+    if (query.scalar_type() == cache_type)
+      decode_attention<scalar_t, scalar_t>(query, key_cache, value_cache, block_tables, context_lens, block_size,
+                                           scale, out);
+    else
+      decode_attention<float, scalar_t>(query, key_cache, value_cache, block_tables, context_lens, block_size,
+                                        scale, out);
   });
   return out;
 }

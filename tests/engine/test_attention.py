@@ -25,14 +25,18 @@ def dense_reference(q, k, v):
 
 
 @pytest.mark.parametrize("decode_path", ["kernel", "torch groups"])
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_decodes_and_chunks_match_dense_attention(dtype, tolerance, decode_path):
+@pytest.mark.parametrize("dtype, cache_dtype, tolerance", [
+    (torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 3e-2),
+    # --kv-cache-dtype: a float32 model over a 16-bit cache, against attention over the stored values.
+    (torch.float32, torch.bfloat16, 1e-5), (torch.float32, torch.float16, 1e-5)])
+def test_decodes_and_chunks_match_dense_attention(dtype, cache_dtype, tolerance, decode_path):
     torch.manual_seed(0)
-    # Three decodes (contexts 3, 9, 40: two length groups) and one chunk of 5 after a 6-token prefix.
-    lengths = {"d3": 3, "d9": 9, "d40": 40, "chunk": 11}
+    # Three decodes (contexts 3, 9, 40: two length groups), one chunk of 5 after a 6-token
+    # prefix, and a whole prompt of 7, whose keys attention must also read as the cache holds them.
+    lengths = {"d3": 3, "d9": 9, "d40": 40, "chunk": 11, "prompt": 7}
     blocks_per_seq = 12
     num_slots = len(lengths) * blocks_per_seq * BLOCK
-    key_cache = torch.zeros(num_slots, KV_HEADS, HEAD_DIM, dtype=dtype)
+    key_cache = torch.zeros(num_slots, KV_HEADS, HEAD_DIM, dtype=cache_dtype)
     value_cache = torch.zeros_like(key_cache)
     # Scatter each sequence's blocks across the pool in reverse order, as a real pool would.
     tables = {name: list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))[::-1]
@@ -43,13 +47,13 @@ def test_decodes_and_chunks_match_dense_attention(dtype, tolerance, decode_path)
     def slot(name, position):
         return tables[name][position // BLOCK] * BLOCK + position % BLOCK
 
-    new_tokens = {"d3": 1, "d9": 1, "d40": 1, "chunk": 5}
+    new_tokens = {"d3": 1, "d9": 1, "d40": 1, "chunk": 5, "prompt": 7}
     for name, n in lengths.items():  # history already in the cache
         for p in range(n - new_tokens[name]):
             key_cache[slot(name, p)] = full[name][1][p]
             value_cache[slot(name, p)] = full[name][2][p]
 
-    order = ["d3", "d9", "d40", "chunk"]
+    order = ["d3", "d9", "d40", "chunk", "prompt"]
     q = torch.cat([full[n][0][-new_tokens[n]:] for n in order])
     k = torch.cat([full[n][1][-new_tokens[n]:] for n in order])
     v = torch.cat([full[n][2][-new_tokens[n]:] for n in order])
@@ -63,7 +67,8 @@ def test_decodes_and_chunks_match_dense_attention(dtype, tolerance, decode_path)
 
     chunk_slots = torch.tensor([slot("chunk", p) for p in range(11)])
     chunk_mask = torch.arange(11)[None] <= torch.arange(6, 11)[:, None]
-    meta = AttentionMetadata(slot_mapping, [], [PrefillSpan(3, 8, 6, chunk_slots, chunk_mask)])
+    meta = AttentionMetadata(slot_mapping, [], [PrefillSpan(3, 8, 6, chunk_slots, chunk_mask),
+                                                PrefillSpan(8, 15, 0, None, None)])
     if decode_path == "kernel":
         decodes = order[:3]
         meta.paged_decodes = PagedDecodes(3, torch.tensor([tables[n] for n in decodes], dtype=torch.int32),
@@ -71,10 +76,15 @@ def test_decodes_and_chunks_match_dense_attention(dtype, tolerance, decode_path)
                                           cpu_kernels.load())
     else:
         meta.decode_groups = [group(0, ["d3", "d9"]), group(2, ["d40"])]
-    out = paged_attention(q, k, v, key_cache, value_cache, meta, HEAD_DIM ** -0.5).float()
+    out = paged_attention(q, k, v, key_cache, value_cache, meta, HEAD_DIM ** -0.5)
+    assert out.dtype == dtype
 
-    expected = torch.cat([dense_reference(*full[n])[-new_tokens[n]:] for n in order])
-    assert torch.allclose(out, expected, atol=tolerance, rtol=tolerance)
+    def as_stored(tensor):
+        return tensor.to(cache_dtype).to(dtype)
+
+    expected = torch.cat([dense_reference(full[n][0], as_stored(full[n][1]), as_stored(full[n][2]))[-new_tokens[n]:]
+                          for n in order])
+    assert torch.allclose(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
 def kernel_build(isa: str):
@@ -116,6 +126,34 @@ def test_cpu_decode_kernel_matches_dense_attention(dtype, tolerance, head_dim, i
             query[row, :, None].float(), key_cache[slots].transpose(0, 1).float(),
             value_cache[slots].transpose(0, 1).float(), enable_gqa=True)[:, 0]
         assert torch.allclose(out[row].float(), expected, atol=tolerance, rtol=tolerance), (row, n)
+
+
+@pytest.mark.parametrize("isa", [b.isa for b in cpu_kernels.BUILDS])
+@pytest.mark.parametrize("head_dim", [8, 64, 128])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+def test_cpu_decode_kernel_reads_a_16_bit_cache_under_a_float32_query(cache_dtype, head_dim, isa):
+    """--kv-cache-dtype: the kernel widens the stored values exactly, so float32's tolerance holds."""
+    kernels = kernel_build(isa)
+    torch.manual_seed(2)
+    heads, kv_heads, block_size, num_blocks = 8, 2, 16, 40
+    key_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(cache_dtype)
+    value_cache = torch.randn_like(key_cache)
+    lengths = [1, 17, 250]
+    tables = torch.stack([torch.randperm(num_blocks)[:16] for _ in lengths]).to(torch.int32)
+    query = torch.randn(len(lengths), heads, head_dim)
+    out = kernels.paged_decode_attention(query, key_cache, value_cache, tables,
+                                         torch.tensor(lengths, dtype=torch.int32), block_size, head_dim ** -0.5)
+    assert out.dtype == torch.float32
+    for row, n in enumerate(lengths):
+        slots = context_slots(tables[row].long(), torch.arange(n), block_size)
+        expected = F.scaled_dot_product_attention(
+            query[row, :, None], key_cache[slots].transpose(0, 1).float(),
+            value_cache[slots].transpose(0, 1).float(), enable_gqa=True)[:, 0]
+        assert torch.allclose(out[row], expected, atol=1e-5, rtol=1e-5), (row, n)
+    with pytest.raises(RuntimeError, match="bfloat16 or float16 for a float32 query"):
+        kernels.paged_decode_attention(query.to(torch.bfloat16), key_cache.to(torch.float16),
+                                       value_cache.to(torch.float16), tables,
+                                       torch.tensor(lengths, dtype=torch.int32), block_size, 1.0)
 
 
 @pytest.mark.skipif(not host.current().cpu.is_x86, reason="the avx512 and avx2 builds are x86-64 code")

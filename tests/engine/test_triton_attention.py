@@ -60,8 +60,10 @@ class PagedBatch:
         return torch.cat(rows)
 
 
-def paged_batch(sequences, group: int, head_dim: int, block_size: int, dtype, seed: int = 0) -> PagedBatch:
-    """Random caches with each sequence's blocks scattered over the pool, as a real pool leaves them."""
+def paged_batch(sequences, group: int, head_dim: int, block_size: int, dtype, seed: int = 0,
+                cache_dtype=None) -> PagedBatch:
+    """Random caches (of `cache_dtype`, default the query's) with each sequence's blocks scattered
+    over the pool, as a real pool leaves them."""
     generator = torch.Generator().manual_seed(seed)
     blocks_needed = [-(-length // block_size) for length, _ in sequences]
     num_blocks = sum(blocks_needed) + 3
@@ -76,8 +78,8 @@ def paged_batch(sequences, group: int, head_dim: int, block_size: int, dtype, se
     new_tokens = [new for _, new in sequences]
     return PagedBatch(
         query=torch.randn(sum(new_tokens), KV_HEADS * group, head_dim, generator=generator).to(DEVICE, dtype),
-        key_cache=torch.randn(cache_shape, generator=generator).to(DEVICE, dtype),
-        value_cache=torch.randn(cache_shape, generator=generator).to(DEVICE, dtype),
+        key_cache=torch.randn(cache_shape, generator=generator).to(DEVICE, cache_dtype or dtype),
+        value_cache=torch.randn(cache_shape, generator=generator).to(DEVICE, cache_dtype or dtype),
         block_tables=block_tables.to(DEVICE),
         seq_lens=torch.tensor([length for length, _ in sequences], dtype=torch.int32, device=DEVICE),
         query_start_loc=torch.tensor([0, *itertools.accumulate(new_tokens)], dtype=torch.int32, device=DEVICE),
@@ -107,6 +109,16 @@ def test_mixed_batch_matches_dense_attention(head_dim, group):
 def test_dtypes_and_block_sizes(dtype, block_size):
     batch = paged_batch(MIXED, 3, 64, block_size, dtype, seed=1)
     check(batch.run(), batch, dtype)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+def test_a_float32_model_reads_a_16_bit_cache(cache_dtype):
+    """--kv-cache-dtype: float32 queries over keys and values kept in 16 bits, widened as read;
+    the reference reads the same stored values, so float32's tolerance holds."""
+    batch = paged_batch(MIXED, 4, 64, 16, torch.float32, seed=6, cache_dtype=cache_dtype)
+    check(batch.run(), batch, torch.float32)
+    decodes = paged_batch([(1, 1), (40, 1), (300, 1)], 4, 64, 16, torch.float32, seed=7, cache_dtype=cache_dtype)
+    check(decodes.run(num_splits=4), decodes, torch.float32)
 
 
 def test_head_dim_that_is_not_a_power_of_two():
@@ -147,3 +159,9 @@ def test_store_kv_writes_each_slot_and_skips_padding_rows():
     untouched = torch.ones(40, dtype=torch.bool, device=DEVICE)
     untouched[slot_mapping[real]] = False
     assert not key_cache[untouched].any() and not value_cache[untouched].any()
+
+    narrow_keys = torch.zeros_like(key_cache, dtype=torch.bfloat16)
+    narrow_values = torch.zeros_like(narrow_keys)
+    store_kv(key, value, narrow_keys, narrow_values, slot_mapping)
+    assert torch.equal(narrow_keys[slot_mapping[real]], key[real].to(torch.bfloat16)), "rounded as torch rounds"
+    assert torch.equal(narrow_values[slot_mapping[real]], value[real].to(torch.bfloat16))

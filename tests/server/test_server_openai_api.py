@@ -165,6 +165,7 @@ def test_version_says_which_kernels_this_host_got(http, tiny_server):
     version = http.get("/version").json()
     engine = tiny_server.llm_engine
     assert version["device"] == str(engine.device)
+    assert version["kv_cache"]["dtype"] == version["dtype"], "auto: the cache holds the model's dtype"
     assert version["paths"] == engine.paths
     assert version["paths"]["linear"] in ("onednn-packed", "F.linear")
     assert version["host"] == host.current().summary()

@@ -1,0 +1,131 @@
+"""--kv-cache-dtype: a float32 model whose keys and values are kept in bfloat16 or float16.
+
+The reference is transformers' own float32 model with every key and value rounded to the
+cache's dtype before attention reads them (an attention function registered for the
+test), so a difference in tokens can only come from our paging, batching, kernels, or a
+rounding that is not the one the cache makes.
+"""
+
+import pytest
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from engine import LLM, cpu_kernels
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.loader import resolve_kv_cache_dtype
+from scheduler import SamplingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived a",
+    "def fibonacci(n):",
+    "Q: What is the boiling point of water?\nA:",
+    "counting sheep, " * 40,
+    "one more time " * 110,
+]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def register_rounded_attention(cache_dtype: str) -> str:
+    """An attention implementation for transformers that reads keys and values as a
+    `cache_dtype` cache would hold them; returns its name."""
+    narrow = DTYPES[cache_dtype]
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        return sdpa_attention_forward(module, query, key.to(narrow).to(key.dtype), value.to(narrow).to(value.dtype),
+                                      attention_mask, **kwargs)
+
+    name = f"sdpa_kv_{cache_dtype}"
+    AttentionInterface.register(name, attention)
+    return name
+
+
+def reference_tokens(path, prompts, max_tokens, cache_dtype: str | None) -> list[list[int]]:
+    attention = register_rounded_attention(cache_dtype) if cache_dtype else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.generation_config.eos_token_id = None  # as our ignore_eos: no EOS at all
+    model.generation_config.pad_token_id = 0
+    expected = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_tokens, do_sample=False)
+        expected.append(out[0, len(ids):].tolist())
+    return expected
+
+
+def run_ours(path, prompts, max_tokens, **config) -> tuple[list[list[int]], LLM]:
+    config.setdefault("num_kv_blocks", 256)
+    llm = LLM(str(path), dtype="float32", **config)
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    pool = llm.engine.kv_cache.pool
+    assert pool.num_free_blocks == pool.num_blocks, "every block is free or cached after the run"
+    return [o.token_ids for o in outputs], llm
+
+
+@pytest.fixture(scope="module")
+def bfloat16_reference(tiny_model_path):
+    return reference_tokens(tiny_model_path, PROMPTS, 24, "bfloat16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cpu-kernel", "torch", "triton"])
+def test_tiny_llama_with_a_bfloat16_cache_matches_transformers_reading_bfloat16_keys(
+        tiny_model_path, bfloat16_reference, backend):
+    if backend == "cpu-kernel" and cpu_kernels.load() is None:
+        pytest.skip("no C++ compiler here: the kernel cannot be built")
+    if backend == "triton":
+        pytest.importorskip("triton", reason="Triton is not installed (the test extra brings it)")
+        if torch.cuda.is_available():
+            pytest.skip("with CUDA present Triton compiles for the GPU, not for CPU tensors")
+    got, llm = run_ours(tiny_model_path, PROMPTS, 24, device="cpu", attention_backend=backend,
+                        kv_cache_dtype="bfloat16")
+    assert llm.engine.runner.kv_caches.dtype == torch.bfloat16
+    assert got == bfloat16_reference
+
+
+@pytest.mark.slow
+def test_bfloat16_cache_with_chunks_prefix_hits_and_swapped_preemption(tiny_model_path):
+    """The cache's rounding holds across every way a context reaches attention: chunked
+    prompts, cached prefixes, and KV swapped out to host memory and back."""
+    prompts = PROMPTS + ["counting sheep, " * 40 + "and then"]  # a prefix hit on the fifth prompt
+    expected = reference_tokens(tiny_model_path, prompts, 24, "bfloat16")
+    got, llm = run_ours(tiny_model_path, prompts, 24, device="cpu", kv_cache_dtype="bfloat16", num_kv_blocks=40,
+                        max_model_len=512, max_num_batched_tokens=64, swap_space=1 << 20)
+    assert llm.engine.runner.host_kv_caches.dtype == torch.bfloat16
+    assert llm.engine.scheduler.num_preemptions > 0, "the pool was small enough to force preemption"
+    assert llm.engine.kv_cache.stats().prefix_cache_hits > 0
+    assert got == expected
+
+
+@pytest.mark.slow
+def test_smollm2_with_a_bfloat16_cache(smollm2_path):
+    prompts = PROMPTS[:4]
+    assert run_ours(smollm2_path, prompts, 20, kv_cache_dtype="bfloat16", max_model_len=1024)[0] == \
+        reference_tokens(smollm2_path, prompts, 20, "bfloat16")
+
+
+def test_a_16_bit_cache_holds_twice_the_tokens_in_the_same_memory(tiny_model_path):
+    def engine(kv_cache_dtype: str) -> LLMEngine:
+        return LLMEngine(EngineConfig(model=str(tiny_model_path), dtype="float32", device="cpu",
+                                      kv_cache_memory=1 << 22, kv_cache_dtype=kv_cache_dtype))
+
+    wide, narrow = engine("auto"), engine("bfloat16")
+    assert wide.kv_cache_dtype == torch.float32 and narrow.kv_cache_dtype == torch.bfloat16
+    assert narrow.kv_bytes_per_block * 2 == wide.kv_bytes_per_block
+    assert narrow.kv_cache.pool.num_blocks == 2 * wide.kv_cache.pool.num_blocks
+    # The tensor is the pool and the scratch block (engine/cuda_graphs.py), in the narrow dtype.
+    assert narrow.runner.kv_caches.nbytes == (narrow.kv_cache.pool.num_blocks + 1) * narrow.kv_bytes_per_block
+
+
+def test_which_cache_dtypes_a_model_may_have():
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert resolve_kv_cache_dtype("float16", torch.float32) == torch.float16
+    assert resolve_kv_cache_dtype("bfloat16", torch.bfloat16) == torch.bfloat16
+    with pytest.raises(ValueError, match="a float16 KV cache needs a float32 or float16 model"):
+        resolve_kv_cache_dtype("float16", torch.bfloat16)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        resolve_kv_cache_dtype("fp8", torch.float32)

@@ -1,0 +1,31 @@
+"""--kv-cache-dtype through the command line and an engine process: the server reports the cache it got."""
+
+import argparse
+
+import httpx
+
+from server.engine_args import add_engine_arguments, engine_config
+from server_harness import start_server
+
+
+def test_the_flag_reaches_the_engine_config():
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert engine_config(parser.parse_args([])).kv_cache_dtype == "auto"
+    assert engine_config(parser.parse_args(["--dtype", "float32", "--kv-cache-dtype", "bfloat16"])).kv_cache_dtype \
+        == "bfloat16"
+
+
+def test_a_server_with_a_bfloat16_cache_under_a_float32_model(tiny_model_path, torch_threads):
+    server = start_server(tiny_model_path, "tiny", engine_core="process",
+                          engine_args={"dtype": "float32", "kv_cache_dtype": "bfloat16"})
+    try:
+        with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as http:
+            version = http.get("/version").json()
+            assert version["dtype"] == "float32"
+            assert version["kv_cache"]["dtype"] == "bfloat16"
+            completion = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 4})
+            assert completion.status_code == 200, completion.text
+            assert completion.json()["usage"]["completion_tokens"] == 4
+    finally:
+        server.stop()
