@@ -139,8 +139,8 @@ def paged_attention(
         return flat.kernels.unified_attention(query, key_cache, value_cache, flat.block_tables, flat.seq_lens,
                                               flat.query_start_loc, flat.max_query_len, flat.block_size, scale,
                                               num_splits=flat.num_splits)
-    key_cache.index_copy_(0, meta.slot_mapping, key.to(key_cache.dtype))
-    value_cache.index_copy_(0, meta.slot_mapping, value.to(value_cache.dtype))
+    store(key_cache, meta.slot_mapping, key)
+    store(value_cache, meta.slot_mapping, value)
     output = torch.empty_like(query)
 
     if meta.paged_decodes is not None:
@@ -168,6 +168,14 @@ def paged_attention(
         )
         output[chunk] = attended.squeeze(0).transpose(0, 1)
     return output
+
+
+def store(cache: torch.Tensor, slot_mapping: torch.Tensor, rows: torch.Tensor) -> None:
+    """`rows` into the cache's slots, rounded to the cache's dtype (to nearest even)."""
+    rows = rows.to(cache.dtype)
+    if cache.dtype.itemsize == 1:  # float8 has no index_copy_ on the CPU: its bytes are copied
+        cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
+    cache.index_copy_(0, slot_mapping, rows)
 
 
 def as_stored(tensor: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:

@@ -11,7 +11,7 @@ GIB = 1024 ** 3
 class EngineConfig:
     model: str | None = None  # a Hugging Face folder; None serves the embedded SmolLM2
     dtype: str = "auto"
-    kv_cache_dtype: str = "auto"  # the model's dtype, or bfloat16 / float16 under a float32 model
+    kv_cache_dtype: str = "auto"  # the model's dtype; bfloat16 / float16 under float32; fp8_e5m2
     device: str = "auto"
     max_model_len: int | None = None  # defaults to the model's position limit
     block_size: int = 16

@@ -52,20 +52,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-KV_CACHE_DTYPES = ("auto", "bfloat16", "float16")
+KV_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "fp8_e5m2": torch.float8_e5m2}
 
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The KV cache's element type: `auto` is the model's; a float32 model may keep its keys and
-    values in bfloat16 or float16, half the bytes for attention to read and twice the tokens in
-    the same memory (vLLM's --kv-cache-dtype). A 16-bit model's cache stays in its own dtype:
-    converting between the two 16-bit formats loses bits and saves nothing."""
-    if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+    """The KV cache's element type (vLLM's --kv-cache-dtype): `auto` is the model's. A narrower
+    one holds more tokens in the same memory and gives attention fewer bytes to read: a float32
+    model may keep its keys and values in bfloat16 or float16 (half), any model in float8 e5m2
+    (the top byte of a float16, so no scale is needed: vLLM's CPU fp8). A 16-bit model's cache
+    takes no other 16-bit format: converting between the two loses bits and saves nothing."""
     if kv_cache_dtype == "auto":
         return model_dtype
-    cache_dtype = DTYPES[kv_cache_dtype]
-    if model_dtype not in (cache_dtype, torch.float32):
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be auto or one of {list(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    cache_dtype = KV_CACHE_DTYPES[kv_cache_dtype]
+    if cache_dtype.itemsize == 2 and model_dtype not in (cache_dtype, torch.float32):
         raise ValueError(f"a {kv_cache_dtype} KV cache needs a float32 or {kv_cache_dtype} model; this one is "
                          f"{str(model_dtype).removeprefix('torch.')}: use --kv-cache-dtype auto")
     return cache_dtype

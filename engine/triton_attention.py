@@ -75,8 +75,8 @@ def attend_tiles(q, m, l, acc, key_cache_ptr, value_cache_ptr, block_table_ptr, 
 
     q [BLOCK_M, HEAD_DIM_PADDED] in the model's dtype; m, l, acc the running maximum, sum and
     weighted values (float32). A row sees the key at position k when k <= its q_position.
-    Keys and values are read in the cache's dtype, the model's or (under a float32 model) a
-    16-bit one, and widened. Dots take DOT_DTYPE operands: the model's dtype, or float32 under
+    Keys and values are read in the cache's dtype, the model's or a narrower one
+    (--kv-cache-dtype), and widened. Dots take DOT_DTYPE operands: the model's dtype, or float32 under
     the interpreter, whose bfloat16 dot is wrong (float32 products of bfloat16 values are
     exact, so only the summation order differs from the GPU).
     """

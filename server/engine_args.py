@@ -11,9 +11,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory", default="2GiB", help="bytes for the KV cache, e.g. 2GiB")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16"],
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16", "fp8_e5m2"],
                         help="the KV cache's element type: auto is the model's; a float32 model's keys and values "
-                             "in bfloat16 or float16 take half the memory and half the attention's reads")
+                             "in bfloat16 or float16, or any model's in fp8_e5m2, take less memory and fewer "
+                             "attention reads, at some precision")
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-memory")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)

@@ -17,6 +17,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e5m2.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -61,6 +62,10 @@ struct Vec {
     return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))};
   }
   static Vec load(const c10::Half* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
+  static Vec load(const c10::Float8_e5m2* p) {  // e5m2 is the top byte of a half
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return {_mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(raw), 8))};
+  }
   static Vec splat(float x) { return {_mm512_set1_ps(x)}; }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   float sum() const { return _mm512_reduce_add_ps(v); }
@@ -77,6 +82,10 @@ struct Vec {
     return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))};
   }
   static Vec load(const c10::Half* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+  static Vec load(const c10::Float8_e5m2* p) {
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return {_mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(raw), 8))};
+  }
   static Vec splat(float x) { return {_mm256_set1_ps(x)}; }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   float sum() const {
@@ -91,8 +100,8 @@ struct Vec {
 
 #if ITERSERVE_VECTOR_BITS > 0
 template <typename T>
-constexpr bool kHasVectorLoad =
-    std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+constexpr bool kHasVectorLoad = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> ||
+                                std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::Float8_e5m2>;
 
 // Rows of HD elements of T load as whole vectors.
 template <typename T, int HD>
@@ -259,8 +268,8 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, cons
 
 // query [rows, heads, head_dim]; caches [slots, kv_heads, head_dim] (slot = block * block_size + offset);
 // block_tables int32 [rows, max_blocks]; context_lens int32 [rows], each at least 1. The caches
-// hold the query's dtype, or for a float32 query bfloat16 or float16 (a KV cache narrower than
-// the model, read at half the bytes: widening a 16-bit value to float is exact).
+// hold the query's dtype, or a narrower one (--kv-cache-dtype): bfloat16 or float16 under a
+// float32 query, float8 e5m2 under any. Widening to float is exact, so only the bytes read change.
 at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache, at::Tensor value_cache,
                                   at::Tensor block_tables, at::Tensor context_lens, int64_t block_size, double scale) {
   TORCH_CHECK(query.device().is_cpu(), "paged_decode_attention runs on the CPU");
@@ -269,14 +278,21 @@ at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache, at::Te
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
   const auto cache_type = key_cache.scalar_type();
   TORCH_CHECK(value_cache.scalar_type() == cache_type, "key and value caches must share a dtype");
-  TORCH_CHECK(cache_type == query.scalar_type() ||
+  TORCH_CHECK(cache_type == query.scalar_type() || cache_type == at::kFloat8_e5m2 ||
                   (query.scalar_type() == at::kFloat && (cache_type == at::kBFloat16 || cache_type == at::kHalf)),
-              "the caches must hold the query's dtype, or bfloat16 or float16 for a float32 query");
+              "the caches must hold the query's dtype, float8_e5m2, or bfloat16 or float16 for a float32 query");
   TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "heads must be a multiple of kv heads");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
               "block tables and context lengths must be int32");
   TORCH_CHECK(block_tables.stride(1) == 1 && context_lens.is_contiguous(), "block tables must be row-contiguous");
   auto out = at::empty_like(query, at::MemoryFormat::Contiguous);
+  if (cache_type == at::kFloat8_e5m2) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode_attention", [&] {
+      decode_attention<scalar_t, c10::Float8_e5m2>(query, key_cache, value_cache, block_tables, context_lens,
+                                                   block_size, scale, out);
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache_type, "paged_decode_attention", [&] {
     if (query.scalar_type() == cache_type)
       decode_attention<scalar_t, scalar_t>(query, key_cache, value_cache, block_tables, context_lens, block_size,

@@ -28,7 +28,8 @@ def dense_reference(q, k, v):
 @pytest.mark.parametrize("dtype, cache_dtype, tolerance", [
     (torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 3e-2),
     # --kv-cache-dtype: a float32 model over a 16-bit cache, against attention over the stored values.
-    (torch.float32, torch.bfloat16, 1e-5), (torch.float32, torch.float16, 1e-5)])
+    (torch.float32, torch.bfloat16, 1e-5), (torch.float32, torch.float16, 1e-5),
+    (torch.float32, torch.float8_e5m2, 1e-5), (torch.bfloat16, torch.float8_e5m2, 3e-2)])
 def test_decodes_and_chunks_match_dense_attention(dtype, cache_dtype, tolerance, decode_path):
     torch.manual_seed(0)
     # Three decodes (contexts 3, 9, 40: two length groups), one chunk of 5 after a 6-token
@@ -130,26 +131,29 @@ def test_cpu_decode_kernel_matches_dense_attention(dtype, tolerance, head_dim, i
 
 @pytest.mark.parametrize("isa", [b.isa for b in cpu_kernels.BUILDS])
 @pytest.mark.parametrize("head_dim", [8, 64, 128])
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
-def test_cpu_decode_kernel_reads_a_16_bit_cache_under_a_float32_query(cache_dtype, head_dim, isa):
-    """--kv-cache-dtype: the kernel widens the stored values exactly, so float32's tolerance holds."""
+@pytest.mark.parametrize("dtype, cache_dtype, tolerance", [
+    (torch.float32, torch.bfloat16, 1e-5), (torch.float32, torch.float16, 1e-5),
+    (torch.float32, torch.float8_e5m2, 1e-5), (torch.bfloat16, torch.float8_e5m2, 2e-2)])
+def test_cpu_decode_kernel_reads_a_narrower_cache(dtype, cache_dtype, tolerance, head_dim, isa):
+    """--kv-cache-dtype: the kernel widens the stored values exactly, so the query dtype's
+    tolerance holds against attention over the same stored values."""
     kernels = kernel_build(isa)
     torch.manual_seed(2)
     heads, kv_heads, block_size, num_blocks = 8, 2, 16, 40
     key_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(cache_dtype)
-    value_cache = torch.randn_like(key_cache)
+    value_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(cache_dtype)
     lengths = [1, 17, 250]
     tables = torch.stack([torch.randperm(num_blocks)[:16] for _ in lengths]).to(torch.int32)
-    query = torch.randn(len(lengths), heads, head_dim)
+    query = torch.randn(len(lengths), heads, head_dim).to(dtype)
     out = kernels.paged_decode_attention(query, key_cache, value_cache, tables,
                                          torch.tensor(lengths, dtype=torch.int32), block_size, head_dim ** -0.5)
-    assert out.dtype == torch.float32
+    assert out.dtype == dtype
     for row, n in enumerate(lengths):
         slots = context_slots(tables[row].long(), torch.arange(n), block_size)
         expected = F.scaled_dot_product_attention(
-            query[row, :, None], key_cache[slots].transpose(0, 1).float(),
+            query[row, :, None].float(), key_cache[slots].transpose(0, 1).float(),
             value_cache[slots].transpose(0, 1).float(), enable_gqa=True)[:, 0]
-        assert torch.allclose(out[row], expected, atol=1e-5, rtol=1e-5), (row, n)
+        assert torch.allclose(out[row].float(), expected, atol=tolerance, rtol=tolerance), (row, n)
     with pytest.raises(RuntimeError, match="bfloat16 or float16 for a float32 query"):
         kernels.paged_decode_attention(query.to(torch.bfloat16), key_cache.to(torch.float16),
                                        value_cache.to(torch.float16), tables,

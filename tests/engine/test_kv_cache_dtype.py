@@ -1,4 +1,4 @@
-"""--kv-cache-dtype: a float32 model whose keys and values are kept in bfloat16 or float16.
+"""--kv-cache-dtype: a float32 model whose keys and values are kept in bfloat16, float16 or float8 e5m2.
 
 The reference is transformers' own float32 model with every key and value rounded to the
 cache's dtype before attention reads them (an attention function registered for the
@@ -25,7 +25,7 @@ PROMPTS = [
     "counting sheep, " * 40,
     "one more time " * 110,
 ]
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "fp8_e5m2": torch.float8_e5m2}
 
 
 def register_rounded_attention(cache_dtype: str) -> str:
@@ -67,14 +67,16 @@ def run_ours(path, prompts, max_tokens, **config) -> tuple[list[list[int]], LLM]
 
 
 @pytest.fixture(scope="module")
-def bfloat16_reference(tiny_model_path):
-    return reference_tokens(tiny_model_path, PROMPTS, 24, "bfloat16")
+def rounded_references(tiny_model_path):
+    return {cache_dtype: reference_tokens(tiny_model_path, PROMPTS, 24, cache_dtype)
+            for cache_dtype in ("bfloat16", "fp8_e5m2")}
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cache_dtype", ["bfloat16", "fp8_e5m2"])
 @pytest.mark.parametrize("backend", ["cpu-kernel", "torch", "triton"])
-def test_tiny_llama_with_a_bfloat16_cache_matches_transformers_reading_bfloat16_keys(
-        tiny_model_path, bfloat16_reference, backend):
+def test_tiny_llama_with_a_narrow_cache_matches_transformers_reading_the_same_keys(
+        tiny_model_path, rounded_references, backend, cache_dtype):
     if backend == "cpu-kernel" and cpu_kernels.load() is None:
         pytest.skip("no C++ compiler here: the kernel cannot be built")
     if backend == "triton":
@@ -82,9 +84,9 @@ def test_tiny_llama_with_a_bfloat16_cache_matches_transformers_reading_bfloat16_
         if torch.cuda.is_available():
             pytest.skip("with CUDA present Triton compiles for the GPU, not for CPU tensors")
     got, llm = run_ours(tiny_model_path, PROMPTS, 24, device="cpu", attention_backend=backend,
-                        kv_cache_dtype="bfloat16")
-    assert llm.engine.runner.kv_caches.dtype == torch.bfloat16
-    assert got == bfloat16_reference
+                        kv_cache_dtype=cache_dtype)
+    assert llm.engine.runner.kv_caches.dtype == DTYPES[cache_dtype]
+    assert got == rounded_references[cache_dtype]
 
 
 @pytest.mark.slow
@@ -108,15 +110,16 @@ def test_smollm2_with_a_bfloat16_cache(smollm2_path):
         reference_tokens(smollm2_path, prompts, 20, "bfloat16")
 
 
-def test_a_16_bit_cache_holds_twice_the_tokens_in_the_same_memory(tiny_model_path):
+def test_a_narrow_cache_holds_more_tokens_in_the_same_memory(tiny_model_path):
     def engine(kv_cache_dtype: str) -> LLMEngine:
         return LLMEngine(EngineConfig(model=str(tiny_model_path), dtype="float32", device="cpu",
-                                      kv_cache_memory=1 << 22, kv_cache_dtype=kv_cache_dtype))
+                                      kv_cache_memory=3 << 20, kv_cache_dtype=kv_cache_dtype))
 
-    wide, narrow = engine("auto"), engine("bfloat16")
+    wide, narrow, fp8 = engine("auto"), engine("bfloat16"), engine("fp8_e5m2")
     assert wide.kv_cache_dtype == torch.float32 and narrow.kv_cache_dtype == torch.bfloat16
-    assert narrow.kv_bytes_per_block * 2 == wide.kv_bytes_per_block
+    assert narrow.kv_bytes_per_block * 2 == wide.kv_bytes_per_block == fp8.kv_bytes_per_block * 4
     assert narrow.kv_cache.pool.num_blocks == 2 * wide.kv_cache.pool.num_blocks
+    assert fp8.kv_cache.pool.num_blocks == 4 * wide.kv_cache.pool.num_blocks
     # The tensor is the pool and the scratch block (engine/cuda_graphs.py), in the narrow dtype.
     assert narrow.runner.kv_caches.nbytes == (narrow.kv_cache.pool.num_blocks + 1) * narrow.kv_bytes_per_block
 
@@ -125,7 +128,8 @@ def test_which_cache_dtypes_a_model_may_have():
     assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
     assert resolve_kv_cache_dtype("float16", torch.float32) == torch.float16
     assert resolve_kv_cache_dtype("bfloat16", torch.bfloat16) == torch.bfloat16
+    assert resolve_kv_cache_dtype("fp8_e5m2", torch.bfloat16) == torch.float8_e5m2
     with pytest.raises(ValueError, match="a float16 KV cache needs a float32 or float16 model"):
         resolve_kv_cache_dtype("float16", torch.bfloat16)
-    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be auto or one of"):
         resolve_kv_cache_dtype("fp8", torch.float32)

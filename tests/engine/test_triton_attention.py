@@ -111,14 +111,16 @@ def test_dtypes_and_block_sizes(dtype, block_size):
     check(batch.run(), batch, dtype)
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
-def test_a_float32_model_reads_a_16_bit_cache(cache_dtype):
-    """--kv-cache-dtype: float32 queries over keys and values kept in 16 bits, widened as read;
-    the reference reads the same stored values, so float32's tolerance holds."""
-    batch = paged_batch(MIXED, 4, 64, 16, torch.float32, seed=6, cache_dtype=cache_dtype)
-    check(batch.run(), batch, torch.float32)
-    decodes = paged_batch([(1, 1), (40, 1), (300, 1)], 4, 64, 16, torch.float32, seed=7, cache_dtype=cache_dtype)
-    check(decodes.run(num_splits=4), decodes, torch.float32)
+@pytest.mark.parametrize("dtype, cache_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                                (torch.float32, torch.float8_e5m2),
+                                                (torch.bfloat16, torch.float8_e5m2)])
+def test_queries_read_a_narrower_cache(dtype, cache_dtype):
+    """--kv-cache-dtype: keys and values kept narrower than the model, widened as read; the
+    reference reads the same stored values, so the query dtype's tolerance holds."""
+    batch = paged_batch(MIXED, 4, 64, 16, dtype, seed=6, cache_dtype=cache_dtype)
+    check(batch.run(), batch, dtype)
+    decodes = paged_batch([(1, 1), (40, 1), (300, 1)], 4, 64, 16, dtype, seed=7, cache_dtype=cache_dtype)
+    check(decodes.run(num_splits=4), decodes, dtype)
 
 
 def test_head_dim_that_is_not_a_power_of_two():
@@ -160,8 +162,11 @@ def test_store_kv_writes_each_slot_and_skips_padding_rows():
     untouched[slot_mapping[real]] = False
     assert not key_cache[untouched].any() and not value_cache[untouched].any()
 
-    narrow_keys = torch.zeros_like(key_cache, dtype=torch.bfloat16)
-    narrow_values = torch.zeros_like(narrow_keys)
-    store_kv(key, value, narrow_keys, narrow_values, slot_mapping)
-    assert torch.equal(narrow_keys[slot_mapping[real]], key[real].to(torch.bfloat16)), "rounded as torch rounds"
-    assert torch.equal(narrow_values[slot_mapping[real]], value[real].to(torch.bfloat16))
+    for narrow in (torch.bfloat16, torch.float8_e5m2):
+        narrow_keys = torch.zeros_like(key_cache, dtype=narrow)
+        narrow_values = torch.zeros_like(narrow_keys)
+        store_kv(key, value, narrow_keys, narrow_values, slot_mapping)
+        # Compared as bytes (float8 has no torch.equal on the CPU): rounded as torch rounds.
+        assert torch.equal(narrow_keys[slot_mapping[real]].view(torch.uint8), key[real].to(narrow).view(torch.uint8))
+        assert torch.equal(narrow_values[slot_mapping[real]].view(torch.uint8),
+                           value[real].to(narrow).view(torch.uint8))
