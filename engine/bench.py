@@ -264,7 +264,7 @@ def run_dtype(dtype: str, cases: list[str], args, report: Report) -> None:
     if iterserve_cases or args.profile:
         knobs = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
                                    ("max_num_batched_tokens", args.max_num_batched_tokens)) if v}
-        if dtype == "float32":  # a 16-bit model's cache is its own dtype (engine/loader.py)
+        if dtype == "float32" or args.kv_cache_dtype == "fp8_e5m2":  # 16-bit models keep 16 bits (engine/loader.py)
             knobs["kv_cache_dtype"] = args.kv_cache_dtype
         try:
             llm = LLM(str(model_path), dtype=dtype, **knobs)
@@ -327,7 +327,7 @@ def main() -> None:
     parser.add_argument("--workloads", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "workloads")
     parser.add_argument("--max-num-seqs", type=int)
     parser.add_argument("--max-num-batched-tokens", type=int)
-    parser.add_argument("--kv-cache-dtype", default="auto", help="auto, or bfloat16 / float16 under float32")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto; bfloat16 / float16 under float32; fp8_e5m2")
     parser.add_argument("--profile", action="store_true", help="also break down the iterserve 64x128 step")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

@@ -108,12 +108,13 @@ class Machine:
     def roofline(cls, hardware: str, model: str | None, config, tensor_parallel_size: int = 1,
                  step_overhead_ms: float = 2.0) -> "Machine":
         """`model`: a preset name, a Hugging Face folder, or None for the embedded SmolLM2."""
-        from scheduler.roofline import HARDWARE, MODELS, ModelShape, RooflineStepTime
+        from scheduler.roofline import HARDWARE, KV_CACHE_BYTES, MODELS, ModelShape, RooflineStepTime
 
         if model is None or model in MODELS:
             shape = MODELS[model or "smollm2-135m"]
         else:
             shape = ModelShape.from_hf_config(model)
+        shape = dataclasses.replace(shape, kv_bytes_per_value=KV_CACHE_BYTES.get(config.kv_cache_dtype))
         roofline = RooflineStepTime(HARDWARE[hardware], shape, tensor_parallel_size,
                                     step_overhead_s=step_overhead_ms / 1000)
         per_block = shape.kv_bytes_per_token * config.block_size

@@ -48,11 +48,13 @@ class ModelShape:
     hidden_size: int
     num_kv_heads: int
     head_dim: int
-    bytes_per_value: int = 2  # bf16 weights and KV
+    bytes_per_value: int = 2  # bf16 weights, and KV unless kv_bytes_per_value says otherwise
+    kv_bytes_per_value: int | None = None  # --kv-cache-dtype (KV_CACHE_BYTES); None: bytes_per_value
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.bytes_per_value
+        per_value = self.kv_bytes_per_value or self.bytes_per_value
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * per_value
 
     @classmethod
     def from_hf_config(cls, path: str | Path) -> "ModelShape":
@@ -67,6 +69,9 @@ class ModelShape:
         embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
         return cls(Path(path).name, layers * per_layer + embeddings, layers, hidden, kv_heads, head_dim)
 
+
+# Bytes per value of each --kv-cache-dtype but auto (the model's own).
+KV_CACHE_BYTES = {"bfloat16": 2, "float16": 2, "fp8_e5m2": 1}
 
 MODELS = {
     "smollm2-135m": ModelShape("SmolLM2-135M", 134.5e6, 30, 576, 3, 64),

@@ -142,3 +142,18 @@ def test_bad_cuda_graph_sizes_are_one_line_errors(arguments, complaint, capsys):
     assert main(["serve", *arguments]) == 2
     error = capsys.readouterr().err
     assert error.startswith("iterserve: ") and complaint in error
+
+
+def test_a_simulated_fp8_cache_holds_twice_the_tokens_and_reads_half_the_bytes():
+    from engine.config import EngineConfig
+    from loadtest.simulate import Machine
+
+    def machine(kv_cache_dtype: str) -> Machine:
+        return Machine.roofline("h100", "llama-3-8b", EngineConfig(kv_cache_dtype=kv_cache_dtype))
+
+    auto, fp8 = machine("auto"), machine("fp8_e5m2")
+    assert fp8.kv_bytes_per_block * 2 == auto.kv_bytes_per_block
+    assert fp8.num_blocks in (2 * auto.num_blocks, 2 * auto.num_blocks + 1)  # whole blocks of the same bytes
+    assert machine("bfloat16").num_blocks == auto.num_blocks  # the preset's KV is bfloat16 already
+    long_decode = StepShape(prefill_tokens=0, decode_seqs=256, context_tokens=256 * 1024)  # KV twice the weights
+    assert fp8.step_time(long_decode) < 0.7 * auto.step_time(long_decode)
