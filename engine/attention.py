@@ -170,9 +170,21 @@ def paged_attention(
     return output
 
 
+def narrow(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` rounded to `dtype` (to nearest even), values past its range held at its largest
+    finite one as the GPU's conversion does (`satfinite`): float16 and float8 e5m2 end near
+    65,504 and 57,344, and one infinite key would turn a whole softmax to NaN."""
+    if dtype == tensor.dtype:
+        return tensor
+    largest = torch.finfo(dtype).max
+    if largest < torch.finfo(tensor.dtype).max:
+        tensor = tensor.clamp(-largest, largest)
+    return tensor.to(dtype)
+
+
 def store(cache: torch.Tensor, slot_mapping: torch.Tensor, rows: torch.Tensor) -> None:
-    """`rows` into the cache's slots, rounded to the cache's dtype (to nearest even)."""
-    rows = rows.to(cache.dtype)
+    """`rows` into the cache's slots, narrowed to the cache's dtype."""
+    rows = narrow(rows, cache.dtype)
     if cache.dtype.itemsize == 1:  # float8 has no index_copy_ on the CPU: its bytes are copied
         cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
     cache.index_copy_(0, slot_mapping, rows)
@@ -180,7 +192,7 @@ def store(cache: torch.Tensor, slot_mapping: torch.Tensor, rows: torch.Tensor) -
 
 def as_stored(tensor: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
     """`tensor` as a cache of `cache_dtype` holds it, in its own dtype."""
-    return tensor if tensor.dtype == cache_dtype else tensor.to(cache_dtype).to(tensor.dtype)
+    return tensor if tensor.dtype == cache_dtype else narrow(tensor, cache_dtype).to(tensor.dtype)
 
 
 def decode_attention(query, keys, values, mask, scale: float) -> torch.Tensor:

@@ -269,8 +269,7 @@ def run_dtype(dtype: str, cases: list[str], args, report: Report) -> None:
         try:
             llm = LLM(str(model_path), dtype=dtype, **knobs)
             llm.generate(PEER_PROMPTS[:WARMUP_REQUESTS], greedy(WARMUP_TOKENS))
-            report.engines[dtype] = llm.engine.paths | {
-                "kv_cache_dtype": str(llm.engine.kv_cache_dtype).removeprefix("torch.")}
+            report.engines[dtype] = llm.engine.paths | {"kv_cache_dtype": llm.engine.kv_cache_dtype_name}
         except Exception as error:  # noqa: BLE001 - the engine cannot run this dtype here: say so, go on
             for case in iterserve_cases:
                 report.add(failed(case, dtype, error))

@@ -53,7 +53,8 @@ def main(config: EngineConfig, out: str, batch_sizes: list[int], prompt_lens: li
     save_cost_model(model, out, date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                     model=str(engine.model_path), dtype=str(engine.dtype).removeprefix("torch."),
                     device=str(engine.device), host=host.current().summary(), block_size=config.block_size,
-                    kv_bytes_per_block=engine.kv_bytes_per_block, max_num_seqs=config.max_num_seqs)
+                    kv_bytes_per_block=engine.kv_bytes_per_block, kv_cache_dtype=engine.kv_cache_dtype_name,
+                    max_num_seqs=config.max_num_seqs)
     print(f"{model.num_observed} steps in {time.perf_counter() - started:.0f} s; step time = "
           f"{coefficients.base_s * 1000:.2f} ms + {coefficients.prefill_token_s * 1e6:.1f} us per prompt token + "
           f"{coefficients.decode_seq_s * 1e6:.1f} us per decode + {coefficients.context_token_s * 1e9:.2f} ns per "

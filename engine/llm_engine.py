@@ -11,7 +11,8 @@ from engine import host
 from engine.config import EngineConfig
 from engine.detokenizer import RequestText
 from engine.loader import (
-    linear_path, load_model, resolve_device, resolve_dtype, resolve_kv_cache_dtype, resolve_model_path,
+    kv_cache_dtype_name, linear_path, load_model, resolve_device, resolve_dtype, resolve_kv_cache_dtype,
+    resolve_model_path,
 )
 from engine.model_runner import LaunchedStep, ModelRunner, StepResult, kv_bytes_per_block
 from engine.sampler import TokenLogprobs
@@ -114,6 +115,8 @@ class LLMEngine:
         if config.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; this engine runs on {self.device}")
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)  # refused before the load
+        self.kv_cache_dtype_name = kv_cache_dtype_name(self.kv_cache_dtype)
         loaded = load_model(resolve_model_path(config.model), self.dtype, self.device, config.max_model_len)
         self.model_path = loaded.path
         self.tokenizer = loaded.tokenizer
@@ -121,7 +124,6 @@ class LLMEngine:
         self.max_model_len = loaded.max_model_len
         self.vocab_size = loaded.model.args.vocab_size
 
-        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.kv_bytes_per_block = kv_bytes_per_block(loaded.model, config.block_size, self.kv_cache_dtype)
         num_blocks = config.num_kv_blocks or config.kv_cache_memory // self.kv_bytes_per_block
         if num_blocks * config.block_size < self.max_model_len:
@@ -158,8 +160,9 @@ class LLMEngine:
                       "layer_ops": loaded.model.layer_ops_path}
         logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens in %s; linears: %s; attention: %s; "
                     "layer ops: %s; async scheduling: %s; host: %s", self.model_path, self.dtype, self.device,
-                    num_blocks, config.block_size, self.kv_cache_dtype, self.paths["linear"], self.paths["attention"],
-                    self.paths["layer_ops"], "on" if self.async_scheduling else "off", host.current().summary())
+                    num_blocks, config.block_size, self.kv_cache_dtype_name, self.paths["linear"],
+                    self.paths["attention"], self.paths["layer_ops"], "on" if self.async_scheduling else "off",
+                    host.current().summary())
 
     # -- requests in ------------------------------------------------------------------
 

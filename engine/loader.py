@@ -72,6 +72,11 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> tor
     return cache_dtype
 
 
+def kv_cache_dtype_name(dtype: torch.dtype) -> str:
+    """A cache dtype as --kv-cache-dtype spells it (torch's name for the model dtypes it has no word for)."""
+    return next((name for name, known in KV_CACHE_DTYPES.items() if known == dtype), str(dtype).removeprefix("torch."))
+
+
 def linear_path(dtype: torch.dtype, device: torch.device) -> str:
     """How the model's Linear layers run: "onednn-packed" (PackedLinear) or "F.linear"."""
     cpu = host.current().cpu

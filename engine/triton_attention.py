@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.attention import narrow
+
 
 @triton.jit
 def store_kv_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
@@ -76,9 +78,9 @@ def attend_tiles(q, m, l, acc, key_cache_ptr, value_cache_ptr, block_table_ptr, 
     q [BLOCK_M, HEAD_DIM_PADDED] in the model's dtype; m, l, acc the running maximum, sum and
     weighted values (float32). A row sees the key at position k when k <= its q_position.
     Keys and values are read in the cache's dtype, the model's or a narrower one
-    (--kv-cache-dtype), and widened. Dots take DOT_DTYPE operands: the model's dtype, or float32 under
-    the interpreter, whose bfloat16 dot is wrong (float32 products of bfloat16 values are
-    exact, so only the summation order differs from the GPU).
+    (--kv-cache-dtype), and widened. Dots take DOT_DTYPE operands: the model's dtype, or
+    float32 under the interpreter, whose bfloat16 dot is wrong (float32 products of bfloat16
+    values are exact, so only the summation order differs from the GPU).
     """
     dims = tl.arange(0, HEAD_DIM_PADDED)
     dims_valid = dims < HEAD_DIM
@@ -237,9 +239,9 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, va
     """key/value [num_tokens, kv_heads, head_dim], each token's heads contiguous; slot -1 skips a row.
     The caches may be narrower than key and value (--kv-cache-dtype)."""
     if key.dtype != key_cache.dtype and os.environ.get("TRITON_INTERPRET") == "1":
-        # The interpreter narrows float32 to bfloat16 by truncation, where the GPU (and torch)
-        # round to nearest even: narrowed here, the kernel copies what a GPU would store.
-        key, value = key.to(key_cache.dtype), value.to(value_cache.dtype)
+        # The interpreter narrows float32 to bfloat16 by truncation, where the GPU rounds to
+        # nearest even: narrowed here as the GPU would, the kernel copies what a GPU stores.
+        key, value = narrow(key, key_cache.dtype), narrow(value, value_cache.dtype)
     num_tokens, kv_heads, head_dim = key.shape
     assert key.stride(1) == head_dim and key.stride(2) == 1 and value.stride(1) == head_dim and value.stride(2) == 1
     row = kv_heads * head_dim
@@ -248,7 +250,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, va
 
 
 def dot_types(dtype: torch.dtype) -> dict:
-    """DOT_DTYPE and DOT_PRECISION for a cache dtype; see `attend_tiles`."""
+    """DOT_DTYPE and DOT_PRECISION for the model's (the query's) dtype; see `attend_tiles`."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     dot_dtype = tl.float32 if dtype == torch.float32 or (interpreted and dtype == torch.bfloat16) else {
         torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]

@@ -42,7 +42,8 @@ async def calibrate_server(url: str, out: str, batch_sizes: list[int], prompt_le
              "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "server": url, "model": model,
              "dtype": version.get("dtype"), "device": version.get("device"), "host": version.get("host"),
              "block_size": version["kv_cache"]["block_size"],
-             "kv_bytes_per_block": version["kv_cache"]["bytes_per_block"]}
+             "kv_bytes_per_block": version["kv_cache"]["bytes_per_block"],
+             "kv_cache_dtype": version["kv_cache"].get("dtype")}
     Path(out).write_text(json.dumps(saved, indent=2) + "\n")
     return saved
 

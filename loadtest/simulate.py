@@ -97,6 +97,11 @@ class Machine:
         saved = json.loads(Path(path).read_text())
         if "kv_bytes_per_block" not in saved or "coefficients" not in saved:
             raise ValueError(f"{path}: not a calibration from iterserve calibrate")
+        measured = saved.get("kv_cache_dtype")
+        if config.kv_cache_dtype != "auto" and measured and config.kv_cache_dtype != measured:
+            # Its step times and block size are the measured cache's: another dtype needs its own calibration.
+            raise ValueError(f"{path} was calibrated with a {measured} KV cache, not {config.kv_cache_dtype}: "
+                             f"calibrate again with --kv-cache-dtype {config.kv_cache_dtype}")
         model = StepCostModel.from_json(saved)
         block_size = config.block_size
         per_block = saved["kv_bytes_per_block"] * block_size / saved.get("block_size", block_size)

@@ -72,7 +72,7 @@ class EngineInfo:
                    engine.scheduler.config.max_num_seqs, engine.scheduler.config.policy, str(engine.device),
                    str(engine.dtype).removeprefix("torch."), dict(engine.paths), engine.kv_cache.block_size,
                    engine.kv_cache.pool.num_blocks, engine.kv_bytes_per_block,
-                   str(engine.kv_cache_dtype).removeprefix("torch."))
+                   engine.kv_cache_dtype_name)
 
     def check_prompt(self, token_ids: list[int]) -> None:
         check_prompt(token_ids, self.vocab_size, self.max_model_len)

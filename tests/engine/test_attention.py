@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from engine import cpu_kernels, host
 from engine.attention import (
-    AttentionMetadata, DecodeGroup, PagedDecodes, PrefillSpan, context_slots, paged_attention, select_backend,
+    AttentionMetadata, DecodeGroup, PagedDecodes, PrefillSpan, context_slots, narrow, paged_attention,
+    select_backend,
 )
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 4
@@ -86,6 +87,18 @@ def test_decodes_and_chunks_match_dense_attention(dtype, cache_dtype, tolerance,
     expected = torch.cat([dense_reference(full[n][0], as_stored(full[n][1]), as_stored(full[n][2]))[-new_tokens[n]:]
                           for n in order])
     assert torch.allclose(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e5m2, torch.bfloat16])
+def test_narrowing_holds_values_past_the_range_at_the_largest_finite_one(dtype):
+    """As the GPU's conversion does (satfinite): an infinite key would make its softmax NaN."""
+    largest = torch.finfo(dtype).max
+    values = torch.tensor([1e6, -1e6, 0.3, -2.5])
+    narrowed = narrow(values, dtype)
+    assert narrowed.dtype == dtype and torch.isfinite(narrowed.float()).all()
+    expected = [largest, -largest] if dtype != torch.bfloat16 else [1e6, -1e6]  # bfloat16 spans float32's range
+    assert narrowed.float()[:2].tolist() == torch.tensor(expected).to(dtype).float().tolist()
+    assert narrowed.float()[2:].tolist() == values[2:].to(dtype).float().tolist()  # to nearest even, as torch
 
 
 def kernel_build(isa: str):

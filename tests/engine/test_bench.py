@@ -8,7 +8,7 @@ from engine import bench
 
 def args(**overrides) -> argparse.Namespace:
     defaults = dict(max_num_seqs=None, max_num_batched_tokens=None, profile=False, full_emulated=False,
-                    workloads=None)
+                    workloads=None, kv_cache_dtype="auto")
     return argparse.Namespace(**defaults | overrides)
 
 

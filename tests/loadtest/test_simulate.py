@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from engine import host
+from engine.config import EngineConfig
+from loadtest.simulate import Machine
 from scheduler.cost_model import StepCostModel, StepShape
 from scheduler.roofline import hardware_preset
 from scheduler.tenants import Tenants
@@ -145,9 +147,6 @@ def test_bad_cuda_graph_sizes_are_one_line_errors(arguments, complaint, capsys):
 
 
 def test_a_simulated_fp8_cache_holds_twice_the_tokens_and_reads_half_the_bytes():
-    from engine.config import EngineConfig
-    from loadtest.simulate import Machine
-
     def machine(kv_cache_dtype: str) -> Machine:
         return Machine.roofline("h100", "llama-3-8b", EngineConfig(kv_cache_dtype=kv_cache_dtype))
 
@@ -157,3 +156,11 @@ def test_a_simulated_fp8_cache_holds_twice_the_tokens_and_reads_half_the_bytes()
     assert machine("bfloat16").num_blocks == auto.num_blocks  # the preset's KV is bfloat16 already
     long_decode = StepShape(prefill_tokens=0, decode_seqs=256, context_tokens=256 * 1024)  # KV twice the weights
     assert fp8.step_time(long_decode) < 0.7 * auto.step_time(long_decode)
+
+
+def test_a_calibration_of_another_cache_dtype_is_refused(tmp_path):
+    """Its step times and blocks were measured on the other cache."""
+    calibration = tmp_path / "cpu.json"
+    calibration.write_text(json.dumps({"coefficients": {}, "kv_bytes_per_block": 1024, "kv_cache_dtype": "float32"}))
+    with pytest.raises(ValueError, match="calibrated with a float32 KV cache, not fp8_e5m2"):
+        Machine.calibrated(str(calibration), EngineConfig(kv_cache_dtype="fp8_e5m2"))

@@ -16,14 +16,14 @@ def test_the_flag_reaches_the_engine_config():
         == "bfloat16"
 
 
-def test_a_server_with_a_bfloat16_cache_under_a_float32_model(tiny_model_path, torch_threads):
+def test_a_server_with_an_fp8_cache_under_a_float32_model(tiny_model_path, torch_threads):
     server = start_server(tiny_model_path, "tiny", engine_core="process",
-                          engine_args={"dtype": "float32", "kv_cache_dtype": "bfloat16"})
+                          engine_args={"dtype": "float32", "kv_cache_dtype": "fp8_e5m2"})
     try:
         with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as http:
             version = http.get("/version").json()
             assert version["dtype"] == "float32"
-            assert version["kv_cache"]["dtype"] == "bfloat16"
+            assert version["kv_cache"]["dtype"] == "fp8_e5m2", "as the flag spells it"
             completion = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 4})
             assert completion.status_code == 200, completion.text
             assert completion.json()["usage"]["completion_tokens"] == 4
