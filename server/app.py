@@ -38,7 +38,9 @@ def build_serving(llm_engine: LLMEngine | EngineProcess, settings: ServerSetting
     info = runner.info
     metrics = EngineMetrics(settings.served_model_name, info.max_model_len, info.kv_bytes_per_block,
                             settings.metrics_compat, tenant_names, tenant_slos,
-                            engine_pid=runner.pid if isinstance(runner, EngineProcess) else None)
+                            engine_pid=runner.pid if isinstance(runner, EngineProcess) else None,
+                            cache_config={"block_size": str(info.block_size), "cache_dtype": info.kv_cache_dtype,
+                                          "num_gpu_blocks": str(info.num_kv_blocks)})
     engine = AsyncEngine(
         runner, observer=metrics.record_step, stats_by_tenant=metrics.tenants is not None,
         max_queued_requests=settings.max_queued_requests,

@@ -94,7 +94,7 @@ class EngineMetrics:
     def __init__(self, model_name: str, max_model_len: int, kv_bytes_per_block: int, compat: str | None = None,
                  tenant_names: list[str] | None = None,
                  tenant_slos: dict[str, tuple[float | None, float | None]] | None = None,
-                 engine_pid: int | None = None):
+                 engine_pid: int | None = None, cache_config: dict[str, str] | None = None):
         self.kv_bytes_per_block = kv_bytes_per_block  # for the swapped-bytes counters
         self.registry = CollectorRegistry(auto_describe=True)
         # process_resident_memory_bytes, CPU seconds, open fds: what a soak watches (vLLM exports them too).
@@ -114,6 +114,13 @@ class EngineMetrics:
                 for name in names(spec):
                     children.append(self._family(spec, prefix + name, reason_label, model_name, max_model_len))
             self._children[spec.key] = children
+        if cache_config:
+            # vLLM's cache_config_info: the KV cache's settings as labels of a constant 1, for a
+            # dashboard that sizes capacity (blocks x block size) and shows which cache dtype runs.
+            for prefix, _, _ in namespaces:
+                Gauge(prefix + "cache_config_info", "The KV cache's configuration, as labels.",
+                      ["model_name", *cache_config], registry=self.registry).labels(
+                          model_name, *cache_config.values()).set(1)
         self._last_token_time: dict[str, float] = {}  # engine thread only
         self._seen: dict[str, int] = {}  # the engine's running totals, as of the last step
         by_mode = Counter("iterserve_preemptions_by_mode", "Preemptions, by how the victim's KV was handled.",

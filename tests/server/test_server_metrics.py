@@ -76,6 +76,11 @@ def test_every_series_carries_model_name_and_vllm_names_mirror_ours(client, tiny
         assert sample(samples, ours, model_name="tiny") == sample(samples, theirs, model_name="tiny")
     assert (sample(samples, "vllm:request_success_total", model_name="tiny", finished_reason="length")
             == sample(samples, "iterserve_requests_finished_total", model_name="tiny", finish_reason="length"))
+    engine = tiny_server.llm_engine
+    cache = {"model_name": "tiny", "block_size": str(engine.kv_cache.block_size), "cache_dtype":
+             engine.kv_cache_dtype_name, "num_gpu_blocks": str(engine.kv_cache.pool.num_blocks)}
+    assert sample(samples, "iterserve_cache_config_info", **cache) == 1
+    assert sample(samples, "vllm:cache_config_info", **cache) == 1
 
 
 def test_the_dashboard_only_queries_metrics_we_export(tiny_server):
