@@ -8,14 +8,15 @@ rounding that is not the one the cache makes.
 
 import pytest
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from engine import LLM, cpu_kernels
+from engine import cpu_kernels
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.loader import resolve_kv_cache_dtype
-from scheduler import SamplingParams
+
+from greedy_reference import reference_tokens as transformers_tokens, run_ours
 
 PROMPTS = [
     "The capital of France is",
@@ -43,27 +44,9 @@ def register_rounded_attention(cache_dtype: str) -> str:
 
 
 def reference_tokens(path, prompts, max_tokens, cache_dtype: str | None) -> list[list[int]]:
-    attention = register_rounded_attention(cache_dtype) if cache_dtype else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model.generation_config.eos_token_id = None  # as our ignore_eos: no EOS at all
-    model.generation_config.pad_token_id = 0
-    expected = []
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt)
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=max_tokens, do_sample=False)
-        expected.append(out[0, len(ids):].tolist())
-    return expected
-
-
-def run_ours(path, prompts, max_tokens, **config) -> tuple[list[list[int]], LLM]:
-    config.setdefault("num_kv_blocks", 256)
-    llm = LLM(str(path), dtype="float32", **config)
-    outputs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-    pool = llm.engine.kv_cache.pool
-    assert pool.num_free_blocks == pool.num_blocks, "every block is free or cached after the run"
-    return [o.token_ids for o in outputs], llm
+    """transformers' tokens with keys and values rounded to `cache_dtype` (None: not rounded)."""
+    return transformers_tokens(path, prompts, max_tokens,
+                               register_rounded_attention(cache_dtype) if cache_dtype else None)
 
 
 def rounding_shows(path, prompts, max_tokens, cache_dtype: str) -> list[list[int]]:
