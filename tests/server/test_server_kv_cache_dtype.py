@@ -16,6 +16,18 @@ def test_the_flag_reaches_the_engine_config():
         == "bfloat16"
 
 
+def test_the_flag_offers_what_the_engine_and_the_roofline_know():
+    """The flag's choices are written out so that parsing imports no torch; they must not drift."""
+    from engine.loader import KV_CACHE_DTYPES
+    from scheduler.roofline import KV_CACHE_BYTES
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    [flag] = [action for action in parser._actions if action.dest == "kv_cache_dtype"]
+    assert flag.choices == ["auto", *KV_CACHE_DTYPES]
+    assert set(KV_CACHE_BYTES) == set(KV_CACHE_DTYPES)
+
+
 def test_a_server_with_an_fp8_cache_under_a_float32_model(tiny_model_path, torch_threads):
     server = start_server(tiny_model_path, "tiny", engine_core="process",
                           engine_args={"dtype": "float32", "kv_cache_dtype": "fp8_e5m2"})
