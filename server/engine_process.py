@@ -36,7 +36,7 @@ from engine.config import EngineConfig
 from scheduler.request import RequestTimes
 from server.engine_core import STOP, Command, CoreListener, CoreOptions, EngineCore, EngineInfo
 from server.errors import EngineError
-from server.memory import TRIM_INTERVAL_S, release_free_memory
+from server.memory import TRIM_INTERVAL_S, frozen_startup_heap, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,8 @@ def run_engine_process(config: EngineConfig, commands: Connection, events: Conne
     except (EOFError, OSError):  # the front end went before it started us
         return
     threading.Thread(target=trim_periodically, name="iterserve-trim", daemon=True).start()
-    EngineCore(engine, EventSender(events), options).run(lambda timeout_s: receive_commands(commands, timeout_s))
+    with frozen_startup_heap():
+        EngineCore(engine, EventSender(events), options).run(lambda timeout_s: receive_commands(commands, timeout_s))
     send_quietly(events, (STOPPED, ()))
 
 

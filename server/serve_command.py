@@ -107,6 +107,7 @@ def serve(args: argparse.Namespace) -> int:
     from engine.config import parse_size
     from server.app import build_app
     from server.engine_process import EngineProcess
+    from server.memory import frozen_startup_heap
     from server.runner import run_server
     from server.serving import ServerSettings
     from scheduler.tenants import Tenants, TenantsError, load_tenants
@@ -141,7 +142,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     try:
         app = build_app(llm_engine, settings)
-        run_server(app, args.host, args.port, settings.shutdown_timeout_s, args.log_level)
+        with frozen_startup_heap():
+            run_server(app, args.host, args.port, settings.shutdown_timeout_s, args.log_level)
     finally:
         # A start-up that fails after the load would leave the engine process waiting on a
         # front end that never comes; after a normal stop this finds it ended already.

@@ -1,12 +1,15 @@
-"""Freed memory goes back to the OS: what a fragmented heap keeps resident, a trim releases."""
+"""Freed memory goes back to the OS: what a fragmented heap keeps resident, a trim releases.
+And start-up's objects stay out of the cyclic collector's walks while the server runs."""
 
+import gc
 import json
 import subprocess
 import sys
+import weakref
 
 import pytest
 
-from server.memory import release_free_memory
+from server.memory import frozen_startup_heap, release_free_memory
 
 FRAGMENT_AND_TRIM = """
 import json, os
@@ -32,3 +35,31 @@ def test_a_trim_gives_a_fragmented_heaps_free_pages_back():
     assert result["released"]
     # ~197 MB of the ~200 MB freed sat between survivors; most of it leaves the resident set.
     assert result["before"] - result["after"] > 100e6, result
+
+
+class Node:
+    def __init__(self):
+        self.me = self  # a reference cycle: only the cyclic collector frees it
+
+
+def test_the_startup_heap_is_frozen_without_its_garbage_and_thawed_after():
+    garbage = Node()
+    garbage_ref = weakref.ref(garbage)
+    del garbage
+    kept = Node()
+    with frozen_startup_heap():
+        assert garbage_ref() is None, "start-up's garbage was frozen instead of collected"
+        assert gc.get_freeze_count() > 0
+        assert not any(obj is kept for obj in gc.get_objects()), "a start-up object is still walked"
+        kept_ref = weakref.ref(kept)
+        del kept
+        gc.collect()
+        assert kept_ref() is not None  # frozen: out of reach until thawed
+        fresh = Node()
+        fresh_ref = weakref.ref(fresh)
+        del fresh
+        gc.collect()
+        assert fresh_ref() is None  # what the server makes later is collected as ever
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert kept_ref() is None
