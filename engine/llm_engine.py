@@ -1,6 +1,7 @@
 """The engine loop: each step schedules, executes, updates and emits outputs."""
 
 from dataclasses import dataclass, field
+import gc
 import logging
 import time
 import uuid
@@ -163,6 +164,11 @@ class LLMEngine:
                     num_blocks, config.block_size, self.kv_cache_dtype_name, self.paths["linear"],
                     self.paths["attention"], self.paths["layer_ops"], "on" if self.async_scheduling else "off",
                     host.current().summary())
+        # The load left objects that live as long as the engine (370k with SmolLM2, millions
+        # with a small model's many KV blocks), and the collector's first full collection, due
+        # soon after, would walk them all with the GIL held (0.2-0.5 s) in the first steps.
+        # Walking them now, once, puts the next one off until as many again have piled up.
+        gc.collect()
 
     # -- requests in ------------------------------------------------------------------
 
