@@ -15,7 +15,7 @@ from server.protocol import (
 )
 from server.serving import ChoiceResult, Generation, ServingState, build_generation, collect, logprob_value, \
     prompt_logprob_entries, reject_unsupported
-from server.streaming import event_stream_response
+from server.streaming import TextChunks, event_stream_response
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
@@ -212,6 +212,7 @@ class ChatChunks:
         self.continuous_usage = continuous_usage
         self.echoed = echoed  # `echo`: the text every reply starts with, sent with the role
         self.created = int(time.time())
+        self.text_chunks: dict[int, TextChunks] = {}  # by choice index
 
     def first_chunks(self) -> list[str]:
         choices = sorted(self.generation.choices.values(), key=lambda choice: choice.index)
@@ -225,6 +226,8 @@ class ChatChunks:
             logprobs = chat_logprobs(self.serving, output.new_logprobs, self.num_top)
         if not output.new_text and logprobs is None and not output.finished:
             return None
+        if logprobs is None and not output.finished and not self.continuous_usage:
+            return self._text_chunk(choice.index, output.new_text)
         delta = {"content": output.new_text} if output.new_text else {}
         finish_reason = output.finish_reason if output.finished else None
         return self._chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs,
@@ -232,6 +235,13 @@ class ChatChunks:
 
     def usage_chunk(self, usage: Usage) -> str:
         return self._chunk([], usage)
+
+    def _text_chunk(self, index: int, text: str) -> str:
+        chunks = self.text_chunks.get(index)
+        if chunks is None:
+            chunks = self.text_chunks[index] = TextChunks(
+                lambda mark: self._chunk([ChatChunkChoice(index=index, delta={"content": mark})]))
+        return chunks(text)
 
     def _usage(self, choice: ChoiceResult) -> Usage | None:
         return choice.usage() if self.continuous_usage else None

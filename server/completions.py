@@ -14,7 +14,7 @@ from server.protocol import (
 )
 from server.serving import ChoiceResult, Generation, ServingState, build_generation, collect, logprob_value, \
     prompt_logprob_entries, reject_unsupported, COMPLETIONS_DEFAULT_MAX_TOKENS
-from server.streaming import event_stream_response
+from server.streaming import TextChunks, event_stream_response
 
 
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
@@ -163,6 +163,7 @@ class CompletionChunks:
         self.created = int(time.time())
         self.text_offsets: dict[int, int] = {}
         self.echoed: set[int] = set()
+        self.text_chunks: dict[int, TextChunks] = {}  # by choice index
 
     def first_chunks(self) -> list[str]:
         return []
@@ -184,9 +185,18 @@ class CompletionChunks:
                 self.serving, new_logprobs, self.logprobs, offset, first_token)
         if not text and logprobs is None and not output.finished:
             return None
+        if logprobs is None and not output.finished and not self.continuous_usage:
+            return self._text_chunk(choice.index, text)
         finish_reason = output.finish_reason if output.finished else None
         choices = [CompletionChoice(index=choice.index, text=text, logprobs=logprobs, finish_reason=finish_reason)]
         return self._response(choices, choice.usage() if self.continuous_usage else None).model_dump_json()
+
+    def _text_chunk(self, index: int, text: str) -> str:
+        chunks = self.text_chunks.get(index)
+        if chunks is None:
+            chunks = self.text_chunks[index] = TextChunks(lambda mark: self._response(
+                [CompletionChoice(index=index, text=mark, logprobs=None, finish_reason=None)], None).model_dump_json())
+        return chunks(text)
 
     def usage_chunk(self, usage: Usage) -> str:
         return self._response([], usage).model_dump_json()

@@ -1,5 +1,6 @@
 """A stream that falls behind the engine answers what is waiting in one write, each request's
-outputs merged into one chunk, and an error still comes after what came before it."""
+outputs merged into one chunk, and an error still comes after what came before it. A chunk of
+text alone is what the response model would write, byte for byte."""
 
 import asyncio
 import json
@@ -11,8 +12,9 @@ from server.async_engine import OutputStream
 from server.chat import ChatChunks
 from server.completions import CompletionChunks
 from server.errors import EngineError
+from server.protocol import ChatChunkChoice, CompletionChoice
 from server.serving import ChoiceResult, Generation
-from server.streaming import DONE_EVENT, merge_outputs, stream_events
+from server.streaming import DONE_EVENT, TextChunks, merge_outputs, stream_events
 
 
 def output(request_id: str, text: str, finished: bool = False, finish_reason: str | None = None,
@@ -117,3 +119,26 @@ def test_continuous_usage_counts_each_chunks_tokens_so_far():
     assert [(chunk["usage"]["prompt_tokens"], chunk["usage"]["completion_tokens"]) for chunk in chunks] == [
         (3, 0), (3, 2), (3, 3), (3, 3)]  # the role, each text chunk, and the usage chunk at the end
     assert chunks[-1]["choices"] == []
+
+
+TRICKY_TEXTS = [" hello", 'a "quoted" \\ back\nslash\t\x01\x1f', "é中文😀", "\u2028\u2029", "ITERSERVE_TEXT_MARK"]
+
+
+def test_a_text_only_chunk_is_byte_for_byte_the_response_models_dump():
+    serving = SimpleNamespace(model_name=TextChunks.MARK)  # a name may be anything, even the mark
+    choices = {"cmpl-1-0": ChoiceResult(0, 3), "cmpl-1-1": ChoiceResult(1, 3)}
+    generation = Generation("cmpl-1", [[1, 2, 3]], [], choices)
+    completions = CompletionChunks(serving, generation, logprobs=None)
+    chat = ChatChunks(serving, generation, num_top=None)
+    for text in TRICKY_TEXTS:
+        for request_id, choice in choices.items():
+            out = output(request_id, text)
+            assert completions.chunk(out, choice) == completions._response(
+                [CompletionChoice(index=choice.index, text=text, logprobs=None, finish_reason=None)],
+                None).model_dump_json()
+            assert chat.chunk(out, choice) == chat._chunk([ChatChunkChoice(index=choice.index,
+                                                                           delta={"content": text})])
+    # The last chunk, with its finish_reason, still comes from the model itself.
+    last = json.loads(completions.chunk(output("cmpl-1-1", "!", True, "length"), choices["cmpl-1-1"]))
+    assert last["choices"] == [{"index": 1, "text": "!", "logprobs": None, "finish_reason": "length",
+                                "prompt_logprobs": None}]
