@@ -36,14 +36,18 @@ class RequestStatus(enum.Enum):
     FINISHED_ERROR = "error"
     FINISHED_TIMEOUT = "timeout"  # its deadline or the queue timeout passed (the server answers 408)
 
-    @property
-    def is_finished(self) -> bool:
-        return self.name.startswith("FINISHED")
+    # Set on each member below: a plain attribute, where a property reading the name cost 0.2 µs,
+    # and the engine asks several times per request and step.
+    is_finished: bool
 
     @property
     def finish_reason(self) -> str | None:
         """The OpenAI `finish_reason` for a finished status."""
         return self.value if self.is_finished else None
+
+
+for _status in RequestStatus:
+    _status.is_finished = _status.name.startswith("FINISHED")
 
 
 # Every way a request can end, as OpenAI's `finish_reason` (and metrics' label values).
@@ -150,7 +154,10 @@ class SamplingParams:
                 raise InvalidRequestError(f"{param} {message}, got {getattr(self, param)!r}", param=param)
 
 
-@dataclass(slots=True, frozen=True)
+# Not frozen, though never changed (a change is a `replace`): a frozen dataclass sets each field
+# through object.__setattr__, 1.0 against 0.2 µs for these nine, and one is made per request and
+# step in the engine, and again in the front end as it arrives.
+@dataclass(slots=True)
 class RequestTimes:
     """What metrics need of a request, copied when an output is made: plain values that can
     cross to another thread or process while the request itself goes on changing."""
