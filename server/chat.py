@@ -212,7 +212,8 @@ class ChatChunks:
         self.continuous_usage = continuous_usage
         self.echoed = echoed  # `echo`: the text every reply starts with, sent with the role
         self.created = int(time.time())
-        self.text_chunks: dict[int, TextChunks] = {}  # by choice index
+        self.text_chunks = TextChunks(
+            lambda index, text: self._chunk([ChatChunkChoice(index=index, delta={"content": text})]))
 
     def first_chunks(self) -> list[str]:
         choices = sorted(self.generation.choices.values(), key=lambda choice: choice.index)
@@ -227,7 +228,7 @@ class ChatChunks:
         if not output.new_text and logprobs is None and not output.finished:
             return None
         if logprobs is None and not output.finished and not self.continuous_usage:
-            return self._text_chunk(choice.index, output.new_text)
+            return self.text_chunks(choice.index, output.new_text)
         delta = {"content": output.new_text} if output.new_text else {}
         finish_reason = output.finish_reason if output.finished else None
         return self._chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs,
@@ -235,13 +236,6 @@ class ChatChunks:
 
     def usage_chunk(self, usage: Usage) -> str:
         return self._chunk([], usage)
-
-    def _text_chunk(self, index: int, text: str) -> str:
-        chunks = self.text_chunks.get(index)
-        if chunks is None:
-            chunks = self.text_chunks[index] = TextChunks(
-                lambda mark: self._chunk([ChatChunkChoice(index=index, delta={"content": mark})]))
-        return chunks(text)
 
     def _usage(self, choice: ChoiceResult) -> Usage | None:
         return choice.usage() if self.continuous_usage else None

@@ -163,7 +163,8 @@ class CompletionChunks:
         self.created = int(time.time())
         self.text_offsets: dict[int, int] = {}
         self.echoed: set[int] = set()
-        self.text_chunks: dict[int, TextChunks] = {}  # by choice index
+        self.text_chunks = TextChunks(lambda index, text: self._response(
+            [CompletionChoice(index=index, text=text, logprobs=None, finish_reason=None)], None).model_dump_json())
 
     def first_chunks(self) -> list[str]:
         return []
@@ -186,17 +187,10 @@ class CompletionChunks:
         if not text and logprobs is None and not output.finished:
             return None
         if logprobs is None and not output.finished and not self.continuous_usage:
-            return self._text_chunk(choice.index, text)
+            return self.text_chunks(choice.index, text)
         finish_reason = output.finish_reason if output.finished else None
         choices = [CompletionChoice(index=choice.index, text=text, logprobs=logprobs, finish_reason=finish_reason)]
         return self._response(choices, choice.usage() if self.continuous_usage else None).model_dump_json()
-
-    def _text_chunk(self, index: int, text: str) -> str:
-        chunks = self.text_chunks.get(index)
-        if chunks is None:
-            chunks = self.text_chunks[index] = TextChunks(lambda mark: self._response(
-                [CompletionChoice(index=index, text=mark, logprobs=None, finish_reason=None)], None).model_dump_json())
-        return chunks(text)
 
     def usage_chunk(self, usage: Usage) -> str:
         return self._response([], usage).model_dump_json()

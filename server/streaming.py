@@ -31,20 +31,25 @@ def event(data: str) -> str:
 
 
 class TextChunks:
-    """The chunks of one choice that carry nothing but new text, each exactly as the response
-    model would dump it: the text's JSON spliced into one dump made with a marker for text.
-    Most chunks of a stream are these, and the model's dump cost 4.4 µs of our ~15 µs of work
-    per streamed token; the splice 0.8 µs (BENCHMARKS.md, session 15)."""
+    """A stream's chunks that carry nothing but new text, each exactly as the response model
+    would dump it: the text's JSON spliced into one dump per choice made with a marker for the
+    text. Most chunks of a stream are these, and the model's dump cost 4.4 µs of our ~15 µs of
+    work per streamed token; the splice about 1 µs (BENCHMARKS.md, session 15)."""
 
     MARK = "ITERSERVE_TEXT_MARK"
 
-    def __init__(self, dump_with_text: Callable[[str], str]):
-        # From the right: what follows the text in a chunk (finish_reason, usage) is never the
-        # client's, what comes before it (the model's name) may be anything.
-        self.before, self.after = dump_with_text(self.MARK).rsplit(json.dumps(self.MARK), 1)
+    def __init__(self, dump: Callable[[int, str], str]):
+        self.dump = dump  # (choice index, text) -> the chunk's JSON
+        self.templates: dict[int, tuple[str, str]] = {}
 
-    def __call__(self, text: str) -> str:
-        return self.before + json.dumps(text, ensure_ascii=False) + self.after
+    def __call__(self, index: int, text: str) -> str:
+        template = self.templates.get(index)
+        if template is None:
+            # From the right: what follows the text in a chunk (finish_reason, usage) is never
+            # the client's, what comes before it (the model's name) may be anything.
+            before, after = self.dump(index, self.MARK).rsplit(json.dumps(self.MARK), 1)
+            template = self.templates[index] = (before, after)
+        return template[0] + json.dumps(text, ensure_ascii=False) + template[1]
 
 
 class ChunkFormatter(Protocol):
