@@ -32,6 +32,7 @@ from torch import nn
 import engine.model
 from engine import LLM, host
 from engine.embedded_model import default_model_path
+from engine.loader import DTYPES, KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from scheduler import SamplingParams
 
 CASES = ("iterserve-offline-256", "iterserve-64x128", "hf-static-64x128", "hf-generate-batch-64x128")
@@ -264,8 +265,11 @@ def run_dtype(dtype: str, cases: list[str], args, report: Report) -> None:
     if iterserve_cases or args.profile:
         knobs = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
                                    ("max_num_batched_tokens", args.max_num_batched_tokens)) if v}
-        if dtype == "float32" or args.kv_cache_dtype == "fp8_e5m2":  # 16-bit models keep 16 bits (engine/loader.py)
+        try:
+            resolve_kv_cache_dtype(args.kv_cache_dtype, DTYPES[dtype])
             knobs["kv_cache_dtype"] = args.kv_cache_dtype
+        except ValueError:  # a 16-bit model keeps its own 16 bits rather than the other format's
+            pass
         try:
             llm = LLM(str(model_path), dtype=dtype, **knobs)
             llm.generate(PEER_PROMPTS[:WARMUP_REQUESTS], greedy(WARMUP_TOKENS))
@@ -326,7 +330,8 @@ def main() -> None:
     parser.add_argument("--workloads", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "workloads")
     parser.add_argument("--max-num-seqs", type=int)
     parser.add_argument("--max-num-batched-tokens", type=int)
-    parser.add_argument("--kv-cache-dtype", default="auto", help="auto; bfloat16 / float16 under float32; fp8_e5m2")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *KV_CACHE_DTYPES],
+                        help="bfloat16 / float16 apply to the float32 runs only; fp8_e5m2 to all")
     parser.add_argument("--profile", action="store_true", help="also break down the iterserve 64x128 step")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
