@@ -82,7 +82,7 @@ class AttentionMetadata:
 ATTENTION_BACKENDS = ("auto", "triton", "cpu-kernel", "torch")
 
 
-def select_backend(name: str, device: torch.device) -> str:
+def select_backend(name: str, device: torch.device, kv_cache_dtype: torch.dtype | None = None) -> str:
     """The backend to run: `auto` is the C++ kernel on CPU (torch where it cannot be built), and
     torch on CUDA until the Triton kernels are measured there (issue 9)."""
     if name not in ATTENTION_BACKENDS:
@@ -97,7 +97,20 @@ def select_backend(name: str, device: torch.device) -> str:
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("on a CPU the triton attention backend runs only under TRITON_INTERPRET=1 "
                              "(Triton's interpreter: slow, for checking the GPU kernels)")
+        cuda = host.current().cuda
+        if (device.type == "cuda" and cuda is not None and kv_cache_dtype is not None
+                and not triton_writes_cache(cuda.capability, kv_cache_dtype)):
+            raise ValueError(f"the triton attention backend writes a float8 KV cache with instructions of compute "
+                             f"capability 8.0 and later; this GPU ({cuda.name}) is "
+                             f"{'.'.join(map(str, cuda.capability))}: use --kv-cache-dtype auto or "
+                             f"--attention-backend torch")
     return name
+
+
+def triton_writes_cache(capability: tuple[int, int], kv_cache_dtype: torch.dtype) -> bool:
+    """Whether the Triton store kernel compiles for a GPU of `capability`: ptxas refuses its
+    conversion to float8 below 8.0 (Turing, Volta), as engine/kernel_check.py shows."""
+    return kv_cache_dtype.itemsize > 1 or capability >= (8, 0)
 
 
 def num_kv_splits(num_programs: int, max_query_len: int, max_seq_len: int, device: torch.device) -> int:

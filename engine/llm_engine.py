@@ -9,6 +9,7 @@ import uuid
 import torch
 
 from engine import host
+from engine.attention import select_backend
 from engine.config import EngineConfig
 from engine.detokenizer import RequestText
 from engine.loader import (
@@ -118,6 +119,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)  # refused before the load
         self.kv_cache_dtype_name = kv_cache_dtype_name(self.kv_cache_dtype)
+        select_backend(config.attention_backend, self.device, self.kv_cache_dtype)  # refused before the load too
         loaded = load_model(resolve_model_path(config.model), self.dtype, self.device, config.max_model_len)
         self.model_path = loaded.path
         self.tokenizer = loaded.tokenizer

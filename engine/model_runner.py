@@ -82,7 +82,7 @@ class ModelRunner:
             dtype=self.kv_cache_dtype, device="cpu", pin_memory=device.type == "cuda" and num_host_blocks > 0,
         )
         self.sampler = Sampler(device)
-        self.attention_backend = select_backend(attention_backend, device)
+        self.attention_backend = select_backend(attention_backend, device, self.kv_cache_dtype)
         # Built (or found in the cache) now, not in the middle of the first step.
         self.decode_kernel = cpu_kernels.load() if self.attention_backend == "cpu-kernel" else None
         self.triton_kernels = (importlib.import_module("engine.triton_attention")

@@ -277,6 +277,11 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     common = dict(NUM_KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
                   BLOCK_SIZE=block_size, **dot_types(query.dtype))
     assert query.stride(2) == 1 and key_cache.is_contiguous() and value_cache.is_contiguous()
+    # A program keeps its query, key, value and probability tiles in shared memory for the dots:
+    # 16-bit 64-wide tiles take <= 57 KB at head_dim 128. A float32 model's tiles are half as
+    # wide, so every program fits the smallest per-block limit of a GPU Triton targets (64 KB,
+    # Turing); at 64 they took 115 KB, over a consumer Ampere's or Ada's 99 (engine/kernel_check.py).
+    tile = 32 if query.dtype == torch.float32 else 64
     if num_splits > 1:
         assert max_query_len == 1, "split-KV runs decodes only"
         assert num_splits & (num_splits - 1) == 0, "the merge reads the splits as one power-of-two vector"
@@ -288,17 +293,17 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         split_decode_kernel[(num_seqs, kv_heads, num_splits)](
             partial, partial_max, partial_sum, query, key_cache, value_cache, block_tables, seq_lens, scale,
             query.stride(0), query.stride(1), block_tables.stride(0),
-            BLOCK_M=block_m, TILE_N=64, NUM_SPLITS=num_splits, **common)
+            BLOCK_M=block_m, TILE_N=tile, NUM_SPLITS=num_splits, **common)
         merge_splits_kernel[(num_seqs, num_heads)](
             out, partial, partial_max, partial_sum, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, NUM_SPLITS=num_splits)
         return out
     # Decodes want few rows per program (one token x the group); long prompt chunks want many.
-    block_m = max(16 if max_query_len * group <= 16 else 64, triton.next_power_of_2(group))
+    block_m = max(16 if max_query_len * group <= 16 else tile, triton.next_power_of_2(group))
     block_q = block_m // group
     grid = (num_tokens // block_q + num_seqs, kv_heads)
     unified_attention_kernel[grid](
         out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=32 if block_m == 16 else 64, **common)
+        BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=32 if block_m == 16 else tile, **common)
     return out

@@ -272,3 +272,21 @@ def test_backend_choice(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1|needs the triton package"):
         select_backend("triton", cpu)
+
+
+def test_the_triton_backend_refuses_a_float8_cache_below_ampere(monkeypatch):
+    """Its store's conversion to float8 does not assemble for sm_75 (engine/kernel_check.py)."""
+    pytest.importorskip("triton", reason="Triton is not installed (the test extra brings it)")
+    cuda = torch.device("cuda")
+
+    def gpu(capability):
+        info = host.CudaInfo(name="a test GPU", capability=capability, count=1, multiprocessors=40)
+        monkeypatch.setattr(host, "current", lambda: host.Host(cpu=host.read_cpu(), cuda=info))
+
+    gpu((7, 5))
+    with pytest.raises(ValueError, match="float8 KV cache .* 8.0 and later; this GPU \\(a test GPU\\) is 7.5"):
+        select_backend("triton", cuda, torch.float8_e5m2)
+    assert select_backend("triton", cuda, torch.float16) == "triton"
+    assert select_backend("torch", cuda, torch.float8_e5m2) == "torch", "the torch path narrows with torch's own cast"
+    gpu((8, 0))
+    assert select_backend("triton", cuda, torch.float8_e5m2) == "triton"
