@@ -54,12 +54,14 @@ class Sampler:
         if penalised:
             apply_penalties(logits, requests)
 
-        tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
-        if random_rows:
-            rows = to_device(random_rows, torch.long, logits.device)
-            chosen = self._sample_random(logits[rows], [requests[i] for i in random_rows])
-            tokens[rows] = chosen
+        if len(random_rows) == len(requests):
+            tokens = self._sample_random(logits, requests)
+        else:
+            tokens = logits.argmax(dim=-1)
+            if random_rows:
+                rows = to_device(random_rows, torch.long, logits.device)
+                tokens[rows] = self._sample_random(logits[rows], [requests[i] for i in random_rows])
         sampled = SampledTokens(tokens)
         if logprob_rows:
             sampled.logprob_rows = logprob_rows
@@ -79,14 +81,10 @@ class Sampler:
             min_p = to_device([p.min_p for p in params], probs.dtype, logits.device)
             threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
             probs = probs.masked_fill(probs < threshold, 0.0)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, with no copy to the host.
-        # Unseeded rows share one draw (one kernel, not one per row); a seeded row draws from
-        # its own generator, so its tokens do not depend on the batch.
-        noise = torch.empty_like(probs).exponential_()
-        for row, request in enumerate(requests):
-            if request.sampling_params.seed is not None:
-                noise[row].exponential_(generator=self._generator(request))
-        return (probs / noise).argmax(dim=-1)
+        # A seeded row draws from its own generator, so its tokens do not depend on the batch.
+        generators = [self._generator(request) for request in requests]
+        draw = exponential_race if probs.device.type == "cuda" else inverse_cdf
+        return draw(probs, generators)
 
     def _generator(self, request: Request) -> torch.Generator | None:
         seed = request.sampling_params.seed
@@ -97,6 +95,36 @@ class Sampler:
             generator = torch.Generator(device=self.device).manual_seed(seed)
             self._generators[request.request_id] = generator
         return generator
+
+
+def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of `probs` [rows, vocab], drawn as argmax(p / E) with E ~ Exp(1): one
+    noise value per entry, a few elementwise kernels and no copy to the host, for the GPU.
+    Unseeded rows share one draw; a row with a generator draws its own noise from it."""
+    noise = torch.empty_like(probs).exponential_()
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            noise[row].exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def inverse_cdf(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of `probs` [rows, vocab]: the first whose cumulative probability
+    passes one uniform draw per row, for the CPU. There torch draws exponential noise one value
+    at a time, 59 ms for 64 rows of a 49k vocabulary, where the running sum and the search take
+    6 ms (BENCHMARKS.md, session 16). Summed in float64: a float32 sum of 49k terms would round
+    away the unlikeliest tokens' shares. A token of probability 0 spans no width and is never drawn."""
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    uniform = torch.rand(len(generators), 1, dtype=torch.float64, device=probs.device)
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            uniform[row] = torch.rand(1, dtype=torch.float64, device=probs.device, generator=generator)
+    # Kept below the total even where rounding would reach it, so the search always lands on a
+    # token that adds probability.
+    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+    # A row of NaN (a broken model) finds no place: it still gets a token id of the vocabulary.
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

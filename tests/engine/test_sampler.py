@@ -2,9 +2,10 @@
 
 import math
 
+import pytest
 import torch
 
-from engine.sampler import Sampler, apply_penalties
+from engine.sampler import Sampler, apply_penalties, exponential_race, inverse_cdf
 from scheduler import Request, SamplingParams
 
 VOCAB = 50
@@ -197,3 +198,40 @@ def test_a_temperature_under_the_greedy_floor_is_greedy():
     assert SamplingParams(temperature=1e-38).is_greedy
     assert SamplingParams(temperature=9.9e-6).is_greedy
     assert not SamplingParams(temperature=1e-5).is_greedy
+
+
+@pytest.mark.parametrize("draw", [exponential_race, inverse_cdf])
+def test_both_draws_follow_the_distribution_and_never_take_an_impossible_token(draw):
+    """The GPU's draw (exponential race) and the CPU's (inverse CDF), each on any host."""
+    torch.manual_seed(0)
+    probs = torch.zeros(20000, VOCAB)
+    probs[:, [1, 4, 5, 20]] = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    tokens = draw(probs, [None] * len(probs))
+    counts = torch.bincount(tokens, minlength=VOCAB) / len(probs)
+    assert set(tokens.tolist()) == {1, 4, 5, 20}
+    assert torch.allclose(counts[[1, 4, 5, 20]], torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015)  # ~4 std errors
+    # All the mass on the first or on the last token, and a distribution that does not sum to 1.
+    edges = torch.zeros(3, VOCAB)
+    edges[0, 0] = edges[1, -1] = 1.0
+    edges[2, [3, 7]] = torch.tensor([2e-3, 6e-3])
+    for _ in range(50):
+        first, last, unnormalised = draw(edges, [None] * 3).tolist()
+        assert (first, last) == (0, VOCAB - 1) and unnormalised in (3, 7)
+
+
+@pytest.mark.parametrize("draw", [exponential_race, inverse_cdf])
+def test_both_draws_take_a_seeded_rows_draw_from_its_generator_alone(draw):
+    probs = torch.softmax(torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(1)), dim=-1)
+    alone = draw(probs[2:3], [torch.Generator().manual_seed(7)])
+    for _ in range(5):
+        batch = draw(probs, [None, None, torch.Generator().manual_seed(7), None])
+        assert batch[2] == alone[0]
+    stream = torch.Generator().manual_seed(7)
+    assert len({draw(probs[2:3], [stream]).item() for _ in range(20)}) > 1, "the generator advances"
+
+
+def test_the_cpu_draw_keeps_a_broken_row_inside_the_vocabulary():
+    probs = torch.full((2, VOCAB), float("nan"))
+    probs[1] = torch.softmax(torch.randn(VOCAB), dim=-1)
+    tokens = inverse_cdf(probs, [None, None])
+    assert 0 <= tokens[0] < VOCAB and 0 <= tokens[1] < VOCAB
