@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, apply_penalties, exponential_race, inverse_cdf
+from engine.sampler import (
+    TOP_CANDIDATES, Sampler, _apply_top_k_top_p, apply_penalties, exponential_race, inverse_cdf,
+)
 from scheduler import Request, SamplingParams
 
 VOCAB = 50
@@ -200,9 +202,14 @@ def test_a_temperature_under_the_greedy_floor_is_greedy():
     assert not SamplingParams(temperature=1e-5).is_greedy
 
 
-@pytest.mark.parametrize("draw", [exponential_race, inverse_cdf])
+def from_logits(probs, generators):
+    return inverse_cdf(probs.log(), generators)
+
+
+@pytest.mark.parametrize("draw", [exponential_race, from_logits])
 def test_both_draws_follow_the_distribution_and_never_take_an_impossible_token(draw):
-    """The GPU's draw (exponential race) and the CPU's (inverse CDF), each on any host."""
+    """The GPU's draw (exponential race, from probabilities) and the CPU's (inverse CDF, from
+    logits), each on any host."""
     torch.manual_seed(0)
     probs = torch.zeros(20000, VOCAB)
     probs[:, [1, 4, 5, 20]] = torch.tensor([0.5, 0.3, 0.15, 0.05])
@@ -219,7 +226,7 @@ def test_both_draws_follow_the_distribution_and_never_take_an_impossible_token(d
         assert (first, last) == (0, VOCAB - 1) and unnormalised in (3, 7)
 
 
-@pytest.mark.parametrize("draw", [exponential_race, inverse_cdf])
+@pytest.mark.parametrize("draw", [exponential_race, from_logits])
 def test_both_draws_take_a_seeded_rows_draw_from_its_generator_alone(draw):
     probs = torch.softmax(torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(1)), dim=-1)
     alone = draw(probs[2:3], [torch.Generator().manual_seed(7)])
@@ -231,7 +238,35 @@ def test_both_draws_take_a_seeded_rows_draw_from_its_generator_alone(draw):
 
 
 def test_the_cpu_draw_keeps_a_broken_row_inside_the_vocabulary():
-    probs = torch.full((2, VOCAB), float("nan"))
-    probs[1] = torch.softmax(torch.randn(VOCAB), dim=-1)
-    tokens = inverse_cdf(probs, [None, None])
+    logits = torch.full((2, VOCAB), float("nan"))
+    logits[1] = torch.randn(VOCAB)
+    tokens = inverse_cdf(logits, [None, None])
     assert 0 <= tokens[0] < VOCAB and 0 <= tokens[1] < VOCAB
+
+
+def test_top_k_and_top_p_over_the_best_candidates_keep_what_a_full_sort_keeps():
+    """On a CPU the rules are decided over each row's TOP_CANDIDATES best tokens, and rows whose
+    kept tokens reach past them are sorted whole: the same tokens survive as under a full sort."""
+    vocab = 4 * TOP_CANDIDATES
+    generator = torch.Generator().manual_seed(3)
+    peaked = torch.randn(6, vocab, generator=generator) * 4  # top-p ends among the candidates
+    flat = torch.randn(6, vocab, generator=generator) * 0.1  # top-p reaches past them: sorted whole
+    logits = torch.cat([peaked, flat])
+    settings = [{"top_p": 0.9}, {"top_p": 0.5, "top_k": 40}, {"top_k": 7}, {"top_k": 2000},
+                {"top_k": 3000, "top_p": 0.99}, {"top_p": 0.999}]
+    params = [SamplingParams(max_tokens=1, temperature=1.0, **settings[row % len(settings)]) for row in range(12)]
+    filtered = _apply_top_k_top_p(logits, params)
+    reference = _apply_top_k_top_p(logits, params, width=vocab)
+    assert torch.equal(filtered, reference)
+    kept = torch.isfinite(filtered).sum(dim=-1).tolist()
+    assert kept[2] == 7 and kept[3] == 2000
+    assert any(count > TOP_CANDIDATES for count in kept[6:]), "some rows took the full sort"
+    assert all(count < TOP_CANDIDATES for row, count in enumerate(kept[:6]) if row not in (3, 4))
+
+
+def test_rows_without_top_k_or_top_p_keep_every_token_beside_rows_with_them():
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(4))
+    requests = [make_request("plain", temperature=1.0, seed=1), make_request("narrow", temperature=1.0, top_k=1)]
+    alone = Sampler().sample(logits[:1], [make_request("plain", temperature=1.0, seed=1)])[0]
+    tokens = Sampler().sample(logits, requests)[0]
+    assert tokens == [alone[0], int(logits[1].argmax())]
