@@ -16,10 +16,6 @@ class TokenLogprobs:
     rank: int | None = None  # the token's place in its distribution: 1 for the most likely
 
 
-# How many of a row's best tokens top-k and top-p are decided over on a CPU (`_apply_top_k_top_p`).
-TOP_CANDIDATES = 1024
-
-
 class Sampler:
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
@@ -78,7 +74,9 @@ class Sampler:
         params = [r.sampling_params for r in requests]
         temperature = to_device([p.temperature for p in params], logits.dtype, logits.device)
         logits = logits / temperature.unsqueeze(1)
-        filtering = [row for row, p in enumerate(params) if p.top_k or p.top_p < 1.0]
+        cpu = logits.device.type == "cpu"
+        # On a CPU a row with top-p alone is drawn by rejection (`redraw_outside_top_p`), not sorted.
+        filtering = [row for row, p in enumerate(params) if p.top_k or (p.top_p < 1.0 and not cpu)]
         if len(filtering) == len(params):
             logits = _apply_top_k_top_p(logits, params)
         elif filtering:
@@ -88,12 +86,16 @@ class Sampler:
                  if any(p.min_p > 0.0 for p in params) else None)
         # A seeded row draws from its own generator, so its tokens do not depend on the batch.
         generators = [self._generator(request) for request in requests]
-        if logits.device.type == "cuda":
+        if not cpu:
             probs = torch.softmax(logits, dim=-1)
             if min_p is not None:
                 probs = probs.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1), 0.0)
             return exponential_race(probs, generators)
-        return inverse_cdf(logits, generators, min_p)
+        tokens = inverse_cdf(logits, generators, min_p)
+        nucleus = [row for row, p in enumerate(params) if not p.top_k and p.top_p < 1.0]
+        if nucleus:
+            redraw_outside_top_p(tokens, logits, generators, min_p, nucleus, [params[row].top_p for row in nucleus])
+        return tokens
 
     def _generator(self, request: Request) -> torch.Generator | None:
         seed = request.sampling_params.seed
@@ -143,23 +145,45 @@ def inverse_cdf(logits: torch.Tensor, generators: list[torch.Generator | None],
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
 
 
+def redraw_outside_top_p(tokens: torch.Tensor, logits: torch.Tensor, generators: list[torch.Generator | None],
+                         min_p: torch.Tensor | None, rows: list[int], top_p: list[float]) -> None:
+    """Top-p by rejection, for the CPU: `tokens` (drawn by `inverse_cdf` from `logits`) stand
+    where the tokens likelier than them weigh at most top_p of their row; a row whose token does
+    not drops every token no likelier than it and draws again, until one stands. What stands is
+    distributed as top-p's renormalised distribution, and each draw stands with probability at
+    least top_p, so a row takes 1/top_p draws on average, each two passes over the vocabulary,
+    where sorting SmolLM2's 49k logits cost 110-130 ms for 64 rows (2 cores)."""
+    index = to_device(rows, torch.long, logits.device)
+    candidates = logits[index]  # a copy, losing tokens as draws are refused
+    weights = candidates.double()
+    weights = weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
+    limit = to_device(top_p, torch.float64, logits.device) * weights.sum(dim=-1)
+    chosen = tokens[index]
+    pending = torch.arange(len(rows), device=logits.device)
+    while len(pending):
+        drawn = candidates[pending].gather(1, chosen[pending].unsqueeze(1))
+        likelier = weights[pending].masked_fill_(candidates[pending] <= drawn, 0.0).sum(dim=-1)
+        refused = likelier > limit[pending]
+        pending, drawn = pending[refused], drawn[refused]
+        if not len(pending):
+            break
+        candidates[pending] = candidates[pending].masked_fill_(candidates[pending] <= drawn, float("-inf"))
+        chosen[pending] = inverse_cdf(candidates[pending], [generators[rows[i]] for i in pending.tolist()],
+                                      None if min_p is None else min_p[index[pending]])
+    tokens[index] = chosen
+
+
 def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams], width: int | None = None) -> torch.Tensor:
     """`logits` with each row's tokens outside its top-k, then outside its top-p, at -inf.
 
-    Both rules are decided over a row's best tokens in order: on a GPU, the whole sorted row.
-    On a CPU a full sort of SmolLM2's 49k vocabulary took 114 ms for 64 rows (2 cores), so the
-    rules are decided over each row's TOP_CANDIDATES best (topk: 15 ms). That settles every row
-    whose kept tokens end among them (97% of SmolLM2's rows at top_p 0.9, 87% at 0.95, sampled
-    at temperature 1); the others are sorted whole. `width` forces a width (the vocabulary: the sort)."""
+    Both rules are decided over a row's best tokens in order. A GPU sorts the whole row. On a
+    CPU, where a sort of SmolLM2's 49k logits cost 110-130 ms for 64 rows (2 cores), only rows
+    with a top-k come here, and their best max(top_k) + 1 tokens (topk) settle them all; `width`
+    forces a width (the vocabulary: the sort)."""
     vocab = logits.shape[-1]
     top_k_values = [min(p.top_k or vocab, vocab) for p in params]
     if width is None:
-        # A GPU sorts fast, and knowing which rows need a second pass would cost a sync. Where
-        # every row has a top-k, one token past the largest settles them all.
-        limits = [k for k in top_k_values if k < vocab]
-        largest = max(limits, default=0) + 1
-        width = vocab if logits.device.type != "cpu" else min(
-            vocab, largest if len(limits) == len(params) else max(TOP_CANDIDATES, largest))
+        width = vocab if logits.device.type != "cpu" else min(vocab, max(top_k_values) + 1)
     if width < vocab:
         values, order = logits.topk(width, dim=-1)
     else:
@@ -169,12 +193,7 @@ def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams], width
     ranks = torch.arange(width, device=logits.device).unsqueeze(0)
     within_k = ranks < top_k
     values = values.masked_fill(~within_k, float("-inf"))
-    # Top-p's shares are of what top-k left: the candidates alone where top-k ends among them,
-    # else the whole row.
-    normaliser = values.logsumexp(dim=-1, keepdim=True)
-    if width < vocab:
-        normaliser = torch.where(top_k <= width, normaliser, logits.logsumexp(dim=-1, keepdim=True))
-    probs = (values - normaliser).exp()
+    probs = torch.softmax(values, dim=-1)  # top-p's shares are of what top-k left
     mass_before = probs.cumsum(dim=-1) - probs
     # The most likely token is always kept, whatever top_p says; top_p 1 keeps every token,
     # even where rounding lifts the running sum past 1.
@@ -182,12 +201,7 @@ def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams], width
     filtered = values.masked_fill(~kept, float("-inf"))
     if width == vocab:
         return torch.empty_like(logits).scatter_(-1, order, filtered)
-    out = torch.full_like(logits, float("-inf")).scatter_(-1, order, filtered)
-    unsettled = kept[:, -1].nonzero().squeeze(1).tolist()  # the last candidate kept: later tokens may be too
-    if unsettled:
-        rows = to_device(unsettled, torch.long, logits.device)
-        out[rows] = _apply_top_k_top_p(logits[rows], [params[row] for row in unsettled], width=vocab)
-    return out
+    return torch.full_like(logits, float("-inf")).scatter_(-1, order, filtered)
 
 
 def apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

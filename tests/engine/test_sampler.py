@@ -5,9 +5,7 @@ import math
 import pytest
 import torch
 
-from engine.sampler import (
-    TOP_CANDIDATES, Sampler, _apply_top_k_top_p, apply_penalties, exponential_race, inverse_cdf,
-)
+from engine.sampler import Sampler, _apply_top_k_top_p, apply_penalties, exponential_race, inverse_cdf
 from scheduler import Request, SamplingParams
 
 VOCAB = 50
@@ -244,24 +242,51 @@ def test_the_cpu_draw_keeps_a_broken_row_inside_the_vocabulary():
     assert 0 <= tokens[0] < VOCAB and 0 <= tokens[1] < VOCAB
 
 
-def test_top_k_and_top_p_over_the_best_candidates_keep_what_a_full_sort_keeps():
-    """On a CPU the rules are decided over each row's TOP_CANDIDATES best tokens, and rows whose
-    kept tokens reach past them are sorted whole: the same tokens survive as under a full sort."""
-    vocab = 4 * TOP_CANDIDATES
-    generator = torch.Generator().manual_seed(3)
-    peaked = torch.randn(6, vocab, generator=generator) * 4  # top-p ends among the candidates
-    flat = torch.randn(6, vocab, generator=generator) * 0.1  # top-p reaches past them: sorted whole
-    logits = torch.cat([peaked, flat])
-    settings = [{"top_p": 0.9}, {"top_p": 0.5, "top_k": 40}, {"top_k": 7}, {"top_k": 2000},
-                {"top_k": 3000, "top_p": 0.99}, {"top_p": 0.999}]
-    params = [SamplingParams(max_tokens=1, temperature=1.0, **settings[row % len(settings)]) for row in range(12)]
+def test_top_k_over_the_best_candidates_keeps_what_a_full_sort_keeps():
+    """On a CPU rows with a top-k are filtered over their best max(top_k) + 1 tokens (topk),
+    with their top-p among them: the same tokens survive as under the GPU's full sort."""
+    vocab = 4096
+    logits = torch.randn(8, vocab, generator=torch.Generator().manual_seed(3)) * torch.tensor([[4.0], [0.1]]).repeat(4, 1)
+    settings = [{"top_k": 7}, {"top_k": 40, "top_p": 0.5}, {"top_k": 2000}, {"top_k": 3000, "top_p": 0.99}]
+    params = [SamplingParams(max_tokens=1, temperature=1.0, **settings[row // 2]) for row in range(8)]
     filtered = _apply_top_k_top_p(logits, params)
-    reference = _apply_top_k_top_p(logits, params, width=vocab)
-    assert torch.equal(filtered, reference)
+    assert torch.equal(filtered, _apply_top_k_top_p(logits, params, width=vocab))
     kept = torch.isfinite(filtered).sum(dim=-1).tolist()
-    assert kept[2] == 7 and kept[3] == 2000
-    assert any(count > TOP_CANDIDATES for count in kept[6:]), "some rows took the full sort"
-    assert all(count < TOP_CANDIDATES for row, count in enumerate(kept[:6]) if row not in (3, 4))
+    assert kept[:2] == [7, 7] and kept[4:6] == [2000, 2000]
+    assert kept[2] < kept[3] < 40, "top-p among the top-k: the peaked row keeps fewer than the flat one"
+
+
+def test_top_p_by_rejection_draws_from_what_the_sort_keeps():
+    """On a CPU top-p alone is drawn by rejection: 20,000 rows land on the tokens the GPU's sort
+    keeps, as often as their renormalised probabilities say, and never elsewhere."""
+    torch.manual_seed(0)
+    logits = torch.linspace(0.0, -4.0, VOCAB).unsqueeze(0)
+    for top_p in (0.3, 0.8):
+        kept = _apply_top_k_top_p(logits, [SamplingParams(max_tokens=1, top_p=top_p)], width=VOCAB)[0]
+        expected = torch.softmax(kept, dim=-1)
+        tokens, _ = Sampler().sample(logits.repeat(20000, 1),
+                                     [make_request(f"r{i}", temperature=1.0, top_p=top_p) for i in range(20000)])
+        counts = torch.bincount(torch.tensor(tokens), minlength=VOCAB) / 20000
+        assert set(tokens) == set(torch.isfinite(kept).nonzero().squeeze(1).tolist())
+        assert torch.allclose(counts, expected, atol=0.012)
+
+
+def test_top_p_by_rejection_with_min_p_and_seeds():
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(6)) * 2
+    requests = [make_request("a", temperature=1.0, top_p=0.7, min_p=0.2, seed=11),
+                make_request("b", temperature=1.0, top_p=0.5, seed=12), make_request("c", temperature=1.0)]
+    first = Sampler().sample(logits, requests)[0]
+    alone = Sampler().sample(logits[1:2], [make_request("b", temperature=1.0, top_p=0.5, seed=12)])[0]
+    assert first[1] == alone[0]
+    for row, (top_p, min_p) in enumerate([(0.7, 0.2), (0.5, 0.0)]):
+        allowed = torch.isfinite(_apply_top_k_top_p(logits[row:row + 1], [SamplingParams(max_tokens=1, top_p=top_p)],
+                                                    width=VOCAB)[0])
+        probs = torch.softmax(logits[row], dim=-1)
+        allowed &= probs >= min_p * probs.max()
+        sampler = Sampler()
+        seen = {sampler.sample(logits[row:row + 1], [make_request(f"s{i}", temperature=1.0, top_p=top_p, min_p=min_p)])[0][0]
+                for i in range(300)}
+        assert seen <= set(allowed.nonzero().squeeze(1).tolist())
 
 
 def test_rows_without_top_k_or_top_p_keep_every_token_beside_rows_with_them():
