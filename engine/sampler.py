@@ -73,29 +73,10 @@ class Sampler:
     def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
         temperature = to_device([p.temperature for p in params], logits.dtype, logits.device)
-        logits = logits / temperature.unsqueeze(1)
-        cpu = logits.device.type == "cpu"
-        # On a CPU a row with top-p alone is drawn by rejection (`redraw_outside_top_p`), not sorted.
-        filtering = [row for row, p in enumerate(params) if p.top_k or (p.top_p < 1.0 and not cpu)]
-        if len(filtering) == len(params):
-            logits = _apply_top_k_top_p(logits, params)
-        elif filtering:
-            rows = to_device(filtering, torch.long, logits.device)
-            logits[rows] = _apply_top_k_top_p(logits[rows], [params[row] for row in filtering])
-        min_p = (to_device([p.min_p for p in params], logits.dtype, logits.device)
-                 if any(p.min_p > 0.0 for p in params) else None)
         # A seeded row draws from its own generator, so its tokens do not depend on the batch.
         generators = [self._generator(request) for request in requests]
-        if not cpu:
-            probs = torch.softmax(logits, dim=-1)
-            if min_p is not None:
-                probs = probs.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1), 0.0)
-            return exponential_race(probs, generators)
-        tokens = inverse_cdf(logits, generators, min_p)
-        nucleus = [row for row, p in enumerate(params) if not p.top_k and p.top_p < 1.0]
-        if nucleus:
-            redraw_outside_top_p(tokens, logits, generators, min_p, nucleus, [params[row].top_p for row in nucleus])
-        return tokens
+        draw = draw_by_race if logits.device.type == "cuda" else draw_by_inverse_cdf
+        return draw(logits / temperature.unsqueeze(1), params, generators)
 
     def _generator(self, request: Request) -> torch.Generator | None:
         seed = request.sampling_params.seed
@@ -106,6 +87,50 @@ class Sampler:
             generator = torch.Generator(device=self.device).manual_seed(seed)
             self._generators[request.request_id] = generator
         return generator
+
+
+def draw_by_race(logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> torch.Tensor:
+    """The GPU's draw, nothing read back: top-k and top-p by a sort of each asking row, min-p on
+    the probabilities, then the exponential race. `logits` are already divided by temperature."""
+    logits = _filter_rows(logits, params, [row for row, p in enumerate(params) if p.top_k or p.top_p < 1.0],
+                          sort=True)
+    probs = torch.softmax(logits, dim=-1)
+    min_p = _min_p(params, probs)
+    if min_p is not None:
+        probs = probs.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1), 0.0)
+    return exponential_race(probs, generators)
+
+
+def draw_by_inverse_cdf(logits: torch.Tensor, params: list[SamplingParams],
+                        generators: list[torch.Generator | None]) -> torch.Tensor:
+    """The CPU's draw, where a sort of the vocabulary and exponential noise are slow (see
+    `inverse_cdf`): top-k by topk, the inverse CDF, and top-p alone by rejection
+    (`redraw_outside_top_p`). `logits` are already divided by temperature."""
+    logits = _filter_rows(logits, params, [row for row, p in enumerate(params) if p.top_k], sort=False)
+    min_p = _min_p(params, logits)
+    tokens = inverse_cdf(logits, generators, min_p)
+    nucleus = [row for row, p in enumerate(params) if not p.top_k and p.top_p < 1.0]
+    if nucleus:
+        redraw_outside_top_p(tokens, logits, generators, min_p, nucleus, [params[row].top_p for row in nucleus])
+    return tokens
+
+
+def _filter_rows(logits: torch.Tensor, params: list[SamplingParams], rows: list[int], sort: bool) -> torch.Tensor:
+    """`logits` with `rows`' top-k and top-p applied (`_apply_top_k_top_p`), the others as they are
+    (in place, where not every row asks)."""
+    if len(rows) == len(params):
+        return _apply_top_k_top_p(logits, params, sort)
+    if rows:
+        index = to_device(rows, torch.long, logits.device)
+        logits[index] = _apply_top_k_top_p(logits[index], [params[row] for row in rows], sort)
+    return logits
+
+
+def _min_p(params: list[SamplingParams], like: torch.Tensor) -> torch.Tensor | None:
+    if any(p.min_p > 0.0 for p in params):
+        return to_device([p.min_p for p in params], like.dtype, like.device)
+    return None
 
 
 def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
@@ -173,17 +198,16 @@ def redraw_outside_top_p(tokens: torch.Tensor, logits: torch.Tensor, generators:
     tokens[index] = chosen
 
 
-def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams], width: int | None = None) -> torch.Tensor:
+def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams], sort: bool) -> torch.Tensor:
     """`logits` with each row's tokens outside its top-k, then outside its top-p, at -inf.
 
-    Both rules are decided over a row's best tokens in order. A GPU sorts the whole row. On a
-    CPU, where a sort of SmolLM2's 49k logits cost 110-130 ms for 64 rows (2 cores), only rows
-    with a top-k come here, and their best max(top_k) + 1 tokens (topk) settle them all; `width`
-    forces a width (the vocabulary: the sort)."""
+    Both rules are decided over a row's best tokens in order: with `sort`, the whole sorted row
+    (the GPU's way). Without, every row must have a top-k, and its best max(top_k) + 1 tokens
+    (topk) settle them all: on a CPU a sort of SmolLM2's 49k logits cost 110-130 ms for 64 rows
+    (2 cores)."""
     vocab = logits.shape[-1]
     top_k_values = [min(p.top_k or vocab, vocab) for p in params]
-    if width is None:
-        width = vocab if logits.device.type != "cpu" else min(vocab, max(top_k_values) + 1)
+    width = vocab if sort else min(vocab, max(top_k_values) + 1)
     if width < vocab:
         values, order = logits.topk(width, dim=-1)
     else:

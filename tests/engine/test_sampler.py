@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, _apply_top_k_top_p, apply_penalties, exponential_race, inverse_cdf
+from engine.sampler import (
+    Sampler, _apply_top_k_top_p, apply_penalties, draw_by_inverse_cdf, draw_by_race, exponential_race, inverse_cdf,
+)
 from scheduler import Request, SamplingParams
 
 VOCAB = 50
@@ -249,8 +251,8 @@ def test_top_k_over_the_best_candidates_keeps_what_a_full_sort_keeps():
     logits = torch.randn(8, vocab, generator=torch.Generator().manual_seed(3)) * torch.tensor([[4.0], [0.1]]).repeat(4, 1)
     settings = [{"top_k": 7}, {"top_k": 40, "top_p": 0.5}, {"top_k": 2000}, {"top_k": 3000, "top_p": 0.99}]
     params = [SamplingParams(max_tokens=1, temperature=1.0, **settings[row // 2]) for row in range(8)]
-    filtered = _apply_top_k_top_p(logits, params)
-    assert torch.equal(filtered, _apply_top_k_top_p(logits, params, width=vocab))
+    filtered = _apply_top_k_top_p(logits, params, sort=False)
+    assert torch.equal(filtered, _apply_top_k_top_p(logits, params, sort=True))
     kept = torch.isfinite(filtered).sum(dim=-1).tolist()
     assert kept[:2] == [7, 7] and kept[4:6] == [2000, 2000]
     assert kept[2] < kept[3] < 40, "top-p among the top-k: the peaked row keeps fewer than the flat one"
@@ -262,7 +264,7 @@ def test_top_p_by_rejection_draws_from_what_the_sort_keeps():
     torch.manual_seed(0)
     logits = torch.linspace(0.0, -4.0, VOCAB).unsqueeze(0)
     for top_p in (0.3, 0.8):
-        kept = _apply_top_k_top_p(logits, [SamplingParams(max_tokens=1, top_p=top_p)], width=VOCAB)[0]
+        kept = _apply_top_k_top_p(logits, [SamplingParams(max_tokens=1, top_p=top_p)], sort=True)[0]
         expected = torch.softmax(kept, dim=-1)
         tokens, _ = Sampler().sample(logits.repeat(20000, 1),
                                      [make_request(f"r{i}", temperature=1.0, top_p=top_p) for i in range(20000)])
@@ -280,7 +282,7 @@ def test_top_p_by_rejection_with_min_p_and_seeds():
     assert first[1] == alone[0]
     for row, (top_p, min_p) in enumerate([(0.7, 0.2), (0.5, 0.0)]):
         allowed = torch.isfinite(_apply_top_k_top_p(logits[row:row + 1], [SamplingParams(max_tokens=1, top_p=top_p)],
-                                                    width=VOCAB)[0])
+                                                    sort=True)[0])
         probs = torch.softmax(logits[row], dim=-1)
         allowed &= probs >= min_p * probs.max()
         sampler = Sampler()
@@ -295,3 +297,23 @@ def test_rows_without_top_k_or_top_p_keep_every_token_beside_rows_with_them():
     alone = Sampler().sample(logits[:1], [make_request("plain", temperature=1.0, seed=1)])[0]
     tokens = Sampler().sample(logits, requests)[0]
     assert tokens == [alone[0], int(logits[1].argmax())]
+
+
+@pytest.mark.parametrize("draw", [draw_by_race, draw_by_inverse_cdf])
+@pytest.mark.parametrize("settings", [{"top_p": 0.6}, {"top_k": 5, "top_p": 0.9}, {"min_p": 0.3},
+                                      {"top_k": 4, "min_p": 0.5}, {"top_p": 0.8, "min_p": 0.4}])
+def test_the_gpus_draw_and_the_cpus_give_the_same_distribution(draw, settings):
+    """`draw_by_race` runs on CUDA and `draw_by_inverse_cdf` on CPUs: each is run here, on any
+    host, against top-k then top-p then min-p applied by hand to the sorted probabilities."""
+    torch.manual_seed(0)
+    logits = torch.linspace(1.0, -3.0, VOCAB).unsqueeze(0)
+    probs = torch.softmax(logits[0], dim=-1)  # already in order, best first
+    keep = torch.arange(VOCAB) < settings.get("top_k", VOCAB)
+    within = torch.where(keep, probs, 0.0) / torch.where(keep, probs, 0.0).sum()
+    keep &= (within.cumsum(0) - within) <= settings.get("top_p", 1.0)
+    keep &= probs >= settings.get("min_p", 0.0) * probs[0]
+    expected = torch.where(keep, probs, 0.0) / torch.where(keep, probs, 0.0).sum()
+    params = [SamplingParams(max_tokens=1, temperature=1.0, **settings)] * 20000
+    tokens = draw(logits.repeat(20000, 1), params, [None] * 20000)
+    assert set(tokens.tolist()) == set(keep.nonzero().squeeze(1).tolist())
+    assert torch.allclose(torch.bincount(tokens, minlength=VOCAB) / 20000, expected, atol=0.012)
