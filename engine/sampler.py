@@ -128,9 +128,7 @@ def _filter_rows(logits: torch.Tensor, params: list[SamplingParams], rows: list[
 
 
 def _min_p(params: list[SamplingParams], like: torch.Tensor) -> torch.Tensor | None:
-    if any(p.min_p > 0.0 for p in params):
-        return to_device([p.min_p for p in params], like.dtype, like.device)
-    return None
+    return _by_row([p.min_p for p in params], like) if any(p.min_p > 0.0 for p in params) else None
 
 
 def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
@@ -153,8 +151,7 @@ def inverse_cdf(logits: torch.Tensor, generators: list[torch.Generator | None],
     sum of 49k terms would round away the unlikeliest tokens' shares. `min_p` drops tokens
     weighing less than that fraction of the best (whose weight is 1). A token of weight 0 spans
     no width and is never drawn."""
-    weights = logits.double()  # a copy, worked on in place: each new 25 MB tensor costs page faults
-    weights = weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
+    weights = _weights(logits)
     if min_p is not None:
         weights.masked_fill_(weights < min_p.unsqueeze(1), 0.0)
     cdf = weights.cumsum_(dim=-1)
@@ -180,8 +177,7 @@ def redraw_outside_top_p(tokens: torch.Tensor, logits: torch.Tensor, generators:
     where sorting SmolLM2's 49k logits cost 110-130 ms for 64 rows (2 cores)."""
     index = to_device(rows, torch.long, logits.device)
     candidates = logits[index]  # a copy, losing tokens as draws are refused
-    weights = candidates.double()
-    weights = weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
+    weights = _weights(candidates)
     limit = to_device(top_p, torch.float64, logits.device) * weights.sum(dim=-1)
     chosen = tokens[index]
     pending = torch.arange(len(rows), device=logits.device)
@@ -196,6 +192,13 @@ def redraw_outside_top_p(tokens: torch.Tensor, logits: torch.Tensor, generators:
         chosen[pending] = inverse_cdf(candidates[pending], [generators[rows[i]] for i in pending.tolist()],
                                       None if min_p is None else min_p[index[pending]])
     tokens[index] = chosen
+
+
+def _weights(logits: torch.Tensor) -> torch.Tensor:
+    """exp(logit - row max) in float64: a new tensor, worked on in place (each further 25 MB
+    tensor of a 64-row step would cost its page faults again)."""
+    weights = logits.double()
+    return weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams], sort: bool) -> torch.Tensor:
@@ -213,7 +216,7 @@ def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams], sort:
     else:
         values, order = logits.sort(dim=-1, descending=True)
     top_k = to_device(top_k_values, torch.long, logits.device).unsqueeze(1)
-    top_p = to_device([p.top_p for p in params], logits.dtype, logits.device).unsqueeze(1)
+    top_p = _by_row([p.top_p for p in params], logits).unsqueeze(1)
     ranks = torch.arange(width, device=logits.device).unsqueeze(0)
     within_k = ranks < top_k
     values = values.masked_fill(~within_k, float("-inf"))
