@@ -49,9 +49,10 @@
 
 namespace {
 
-// The two inner loops, one key or value row against the group's query heads. gcc does not
-// vectorise them well from plain loops (bf16 widening, a horizontal sum per dot), so where
-// the build has vectors they are written out over `Vec`; elsewhere the plain loops stand.
+// The two inner loops, a block's key or value rows against the group's query heads. gcc
+// does not vectorise them well from plain loops (bf16 widening, a horizontal sum per dot,
+// sums held in registers across rows), so where the build has vectors they are written out
+// over `Vec`; elsewhere plain loops take a row at a time.
 #if ITERSERVE_VECTOR_BITS == 512
 struct Vec {
   static constexpr int kWidth = 16;
@@ -68,7 +69,25 @@ struct Vec {
   }
   static Vec splat(float x) { return {_mm512_set1_ps(x)}; }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
-  float sum() const { return _mm512_reduce_add_ps(v); }
+  void store(float* p, int n) const { _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v); }
+  // Lane k of the result is the sum of x[k]'s lanes: 16 sums for 46 instructions, where
+  // one at a time costs about 8 each. Pairs of vectors first fold to their 256-bit halves
+  // side by side, then two rounds of pairwise adds within 128-bit lanes, then across them.
+  static Vec sums(const Vec* x) {
+    auto fold = [](__m512 a, __m512 b) {  // [a.lo + a.hi | b.lo + b.hi], in 256-bit halves
+      return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    };
+    auto pairwise = [](__m512 a, __m512 b) {  // per 128-bit lane: a0+a1, a2+a3, b0+b1, b2+b3
+      return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD));
+    };
+    __m512 f[8];
+    for (int k = 0; k < 8; ++k) f[k] = fold(x[k].v, x[k + 8].v);
+    const __m512 low = pairwise(pairwise(f[0], f[1]), pairwise(f[2], f[3]));   // x0-3 | x8-11, per 128-bit lane
+    const __m512 high = pairwise(pairwise(f[4], f[5]), pairwise(f[6], f[7]));  // x4-7 | x12-15
+    // Quarter j of low holds partial sums of x0-3 (j = 0, 1) or x8-11 (j = 2, 3).
+    const __m512 summed = _mm512_add_ps(_mm512_shuffle_f32x4(low, high, 0x88), _mm512_shuffle_f32x4(low, high, 0xDD));
+    return {_mm512_shuffle_f32x4(summed, summed, 0xD8)};  // [x0-3, x8-11, x4-7, x12-15] into order
+  }
   friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
   friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 };
@@ -88,10 +107,17 @@ struct Vec {
   }
   static Vec splat(float x) { return {_mm256_set1_ps(x)}; }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
-  float sum() const {
-    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    return _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)));
+  void store(float* p, int n) const {
+    alignas(32) float all[kWidth];
+    _mm256_store_ps(all, v);
+    std::copy(all, all + n, p);
+  }
+  // Lane k of the result is the sum of x[k]'s lanes (8 sums for 9 instructions).
+  static Vec sums(const Vec* x) {
+    const __m256 x0123 = _mm256_hadd_ps(_mm256_hadd_ps(x[0].v, x[1].v), _mm256_hadd_ps(x[2].v, x[3].v));
+    const __m256 x4567 = _mm256_hadd_ps(_mm256_hadd_ps(x[4].v, x[5].v), _mm256_hadd_ps(x[6].v, x[7].v));
+    // Each holds its four vectors' partial sums once per 128-bit half.
+    return {_mm256_add_ps(_mm256_permute2f128_ps(x0123, x4567, 0x20), _mm256_permute2f128_ps(x0123, x4567, 0x31))};
   }
   friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
   friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
@@ -113,23 +139,9 @@ inline void load_row(const T* p, Vec* row) {
 }
 #endif
 
-// scores[g * stride] = q_g . k for each query head g of the group.
-template <typename T, int HD>
+// scores[g * stride] = q_g . k for each query head g of the group (rows that are not whole vectors).
+template <typename T>
 inline void score_row(const float* q, const T* k, int64_t group, int64_t hd, float* scores, int64_t stride) {
-#if ITERSERVE_VECTOR_BITS > 0
-  if constexpr (kVectorRows<T, HD>) {
-    constexpr int kVectors = HD / Vec::kWidth;
-    Vec key[kVectors];
-    load_row<T, HD>(k, key);
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = q + g * HD;
-      Vec sum = Vec::load(qg) * key[0];
-      for (int j = 1; j < kVectors; ++j) sum = fmadd(Vec::load(qg + Vec::kWidth * j), key[j], sum);
-      scores[g * stride] = sum.sum();
-    }
-    return;
-  }
-#endif
   for (int64_t g = 0; g < group; ++g) {
     const float* qg = q + g * hd;
     float dot = 0.0f;
@@ -139,22 +151,47 @@ inline void score_row(const float* q, const T* k, int64_t group, int64_t hd, flo
   }
 }
 
-// acc_g += weights[g * stride] * v for each query head g of the group.
-template <typename T, int HD>
-inline void accumulate_row(float* acc, const T* v, const float* weights, int64_t stride, int64_t group, int64_t hd) {
 #if ITERSERVE_VECTOR_BITS > 0
-  if constexpr (kVectorRows<T, HD>) {
-    constexpr int kVectors = HD / Vec::kWidth;
-    Vec value[kVectors];
-    load_row<T, HD>(v, value);
-    for (int64_t g = 0; g < group; ++g) {
-      const Vec weight = Vec::splat(weights[g * stride]);
-      float* a = acc + g * HD;
-      for (int j = 0; j < kVectors; ++j) fmadd(weight, value[j], Vec::load(a + Vec::kWidth * j)).store(a + Vec::kWidth * j);
+// Query heads scored together: their partial dot products for Vec::kWidth keys wait in a
+// stack array (8 KB at most) for one batched reduction per head.
+constexpr int64_t kHeadsPerPass = 8;
+
+// scores[g * stride + i] = q_g . k_i for the n <= Vec::kWidth keys k_i, `key_stride` apart,
+// and each query head g of the group. Each key row is loaded and widened once per pass
+// over up to kHeadsPerPass heads, and each head's n dot products end in one reduction
+// (Vec::sums) rather than n.
+template <typename T, int HD>
+inline void score_keys(const float* q, const T* keys, int64_t key_stride, int64_t n, int64_t group, float* scores,
+                       int64_t stride) {
+  constexpr int kVectors = HD / Vec::kWidth;
+  Vec partial[kHeadsPerPass][Vec::kWidth];
+  for (int64_t g0 = 0; g0 < group; g0 += kHeadsPerPass) {
+    const int64_t heads = std::min(kHeadsPerPass, group - g0);
+    for (int64_t i = 0; i < n; ++i) {
+      Vec key[kVectors];
+      load_row<T, HD>(keys + i * key_stride, key);
+      for (int64_t g = 0; g < heads; ++g) {
+        const float* qg = q + (g0 + g) * HD;
+        Vec sum = Vec::load(qg) * key[0];
+        for (int j = 1; j < kVectors; ++j) sum = fmadd(Vec::load(qg + Vec::kWidth * j), key[j], sum);
+        partial[g][i] = sum;
+      }
     }
-    return;
+    for (int64_t g = 0; g < heads; ++g) {
+      for (int64_t i = n; i < Vec::kWidth; ++i) partial[g][i] = Vec::splat(0.0f);
+      const Vec sums = Vec::sums(partial[g]);
+      if (n == Vec::kWidth)
+        sums.store(scores + (g0 + g) * stride);
+      else
+        sums.store(scores + (g0 + g) * stride, static_cast<int>(n));
+    }
   }
+}
 #endif
+
+// acc_g += weights[g * stride] * v for each query head g of the group (rows that are not whole vectors).
+template <typename T>
+inline void accumulate_row(float* acc, const T* v, const float* weights, int64_t stride, int64_t group, int64_t hd) {
   for (int64_t g = 0; g < group; ++g) {
     const float weight = weights[g * stride];
     float* a = acc + g * hd;
@@ -163,11 +200,62 @@ inline void accumulate_row(float* acc, const T* v, const float* weights, int64_t
   }
 }
 
+#if ITERSERVE_VECTOR_BITS > 0
+// How many Vec accumulators one pass over a block's value rows holds in registers: half the
+// register file, the rest for the value row being added and its weights.
+constexpr int kAccumulators = ITERSERVE_VECTOR_BITS == 512 ? 16 : 8;
+
+// acc_g += sum over i < n of weights[g * stride + i] * v_i, for the n value rows v_i,
+// `value_stride` apart, and each query head g of the group. The sums stay in registers over
+// the rows, so acc is read and written once per block instead of once per row: each row's
+// update would otherwise wait on the store of the row before it. A pass takes as many heads
+// and as many of a row's vectors as kAccumulators holds (with AVX2 at head size 128, half a
+// row: its 16 vectors would leave no registers for the row being added).
+template <typename T, int HD>
+inline void accumulate_rows(float* acc, const T* values, int64_t value_stride, int64_t n, const float* weights,
+                            int64_t stride, int64_t group) {
+  constexpr int kVectors = HD / Vec::kWidth;
+  constexpr int kColumns = std::min(kVectors, kAccumulators);  // vectors of a row per pass
+  constexpr int kHeads = kAccumulators / kColumns;
+  static_assert(kVectors % kColumns == 0);
+  for (int64_t g0 = 0; g0 < group; g0 += kHeads) {
+    const int64_t heads = std::min<int64_t>(kHeads, group - g0);
+    for (int c = 0; c < kVectors; c += kColumns) {
+      Vec sum[kHeads][kColumns];
+#pragma GCC unroll 16
+      for (int g = 0; g < kHeads; ++g)
+        if (g < heads)
+#pragma GCC unroll 16
+          for (int j = 0; j < kColumns; ++j) sum[g][j] = Vec::load(acc + (g0 + g) * HD + Vec::kWidth * (c + j));
+      for (int64_t i = 0; i < n; ++i) {
+        Vec value[kColumns];
+        load_row<T, kColumns * Vec::kWidth>(values + i * value_stride + Vec::kWidth * c, value);
+#pragma GCC unroll 16
+        for (int g = 0; g < kHeads; ++g) {
+          if (g < heads) {
+            const Vec weight = Vec::splat(weights[(g0 + g) * stride + i]);
+#pragma GCC unroll 16
+            for (int j = 0; j < kColumns; ++j) sum[g][j] = fmadd(weight, value[j], sum[g][j]);
+          }
+        }
+      }
+#pragma GCC unroll 16
+      for (int g = 0; g < kHeads; ++g)
+        if (g < heads)
+#pragma GCC unroll 16
+          for (int j = 0; j < kColumns; ++j) sum[g][j].store(acc + (g0 + g) * HD + Vec::kWidth * (c + j));
+    }
+  }
+}
+#endif
+
 // Asks for a block's cache lines while the block before it is being read: a request's
 // blocks are scattered over the pool, so the hardware prefetcher cannot guess the next.
+// Into L2 (the T1 hint), not L1: a block is ~100 lines, and asking L1 for them all stalls
+// on its few miss buffers (on a 2-core EPYC the kernel alone ran 1.3-1.6x slower so).
 inline void prefetch(const void* start, int64_t bytes) {
   const char* p = static_cast<const char*>(start);
-  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 0, 2);
 }
 
 // Attention of one request's query token (all heads) over its context. HD is the head
@@ -197,10 +285,20 @@ void decode_request(const T* query, const C* key_cache, const C* value_cache, T*
     if (b + 1 < num_blocks) prefetch(block_start(key_cache, b + 1), block_bytes);
     const int64_t t0 = b * block_size, n = std::min(block_size, context - t0);
     const C* keys = block_start(key_cache, b);
+#if ITERSERVE_VECTOR_BITS > 0
+    if constexpr (kVectorRows<C, HD>) {
+      for (int64_t i = 0; i < n; i += Vec::kWidth)
+        for (int64_t h = 0; h < kv_heads; ++h)
+          score_keys<C, HD>(q + h * group * hd, keys + i * slot_stride + h * hd, slot_stride,
+                            std::min<int64_t>(Vec::kWidth, n - i), group, scores + h * group * context + t0 + i,
+                            context);
+      continue;
+    }
+#endif
     for (int64_t i = 0; i < n; ++i)
       for (int64_t h = 0; h < kv_heads; ++h)
-        score_row<C, HD>(q + h * group * hd, keys + i * slot_stride + h * hd, group, hd,
-                         scores + h * group * context + t0 + i, context);
+        score_row<C>(q + h * group * hd, keys + i * slot_stride + h * hd, group, hd,
+                     scores + h * group * context + t0 + i, context);
   }
 
   // Built with -ffast-math (vector reductions and exp), so no infinities: the maximum
@@ -224,10 +322,18 @@ void decode_request(const T* query, const C* key_cache, const C* value_cache, T*
     if (b + 1 < num_blocks) prefetch(block_start(value_cache, b + 1), block_bytes);
     const int64_t t0 = b * block_size, n = std::min(block_size, context - t0);
     const C* values = block_start(value_cache, b);
+#if ITERSERVE_VECTOR_BITS > 0
+    if constexpr (kVectorRows<C, HD>) {
+      for (int64_t h = 0; h < kv_heads; ++h)
+        accumulate_rows<C, HD>(acc + h * group * hd, values + h * hd, slot_stride, n,
+                               scores + h * group * context + t0, context, group);
+      continue;
+    }
+#endif
     for (int64_t i = 0; i < n; ++i)
       for (int64_t h = 0; h < kv_heads; ++h)
-        accumulate_row<C, HD>(acc + h * group * hd, values + i * slot_stride + h * hd,
-                              scores + h * group * context + t0 + i, context, group, hd);
+        accumulate_row<C>(acc + h * group * hd, values + i * slot_stride + h * hd,
+                          scores + h * group * context + t0 + i, context, group, hd);
   }
 
   for (int64_t i = 0; i < heads * hd; ++i) out[i] = static_cast<T>(acc[i]);

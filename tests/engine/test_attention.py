@@ -117,29 +117,50 @@ def test_the_engine_gets_the_best_build_this_cpu_runs():
     assert cpu_kernels.load().isa() == cpu_kernels.runnable_builds()[0].isa
 
 
+def check_decode_kernel(kernels, query, key_cache, value_cache, tables, lengths, block_size, tolerance):
+    """The kernel's output against dense attention over each row's context, as the block table finds it."""
+    head_dim = query.shape[-1]
+    out = kernels.paged_decode_attention(query, key_cache, value_cache, tables,
+                                         torch.tensor(lengths, dtype=torch.int32), block_size, head_dim ** -0.5)
+    assert out.dtype == query.dtype
+    for row, n in enumerate(lengths):
+        slots = context_slots(tables[row].long(), torch.arange(n), block_size)
+        expected = F.scaled_dot_product_attention(
+            query[row, :, None].float(), key_cache[slots].transpose(0, 1).float(),
+            value_cache[slots].transpose(0, 1).float(), enable_gqa=True)[:, 0]
+        assert torch.allclose(out[row].float(), expected, atol=tolerance, rtol=tolerance), (row, n)
+
+
+def random_tables(lengths, block_size, num_blocks):
+    """Each row's blocks scattered over the pool, padded to the longest row with zeros."""
+    tables = [torch.randperm(num_blocks)[:-(-n // block_size)] for n in lengths]
+    padded = torch.zeros(len(lengths), max(len(t) for t in tables), dtype=torch.int32)
+    for row, table in enumerate(tables):
+        padded[row, :len(table)] = table
+    return padded
+
+
+# (heads, kv_heads, block_size). The vector builds score a block's keys 8 or 16 at a time and
+# up to 8 query heads per pass, and sum values in registers for up to 16 vectors' worth of
+# heads: groups of 1, 3, 8 and 12, and blocks narrower and wider than a vector, cross each bound.
+KERNEL_SHAPES = [(6, 2, 16), (4, 4, 8), (16, 2, 32), (24, 2, 16), (12, 1, 24)]
+
+
 @pytest.mark.parametrize("isa", [b.isa for b in cpu_kernels.BUILDS])
 @pytest.mark.parametrize("head_dim", [8, 64, 128])  # 64 and 128 have unrolled vector paths in the kernel
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 def test_cpu_decode_kernel_matches_dense_attention(dtype, tolerance, head_dim, isa):
     kernels = kernel_build(isa)
     torch.manual_seed(1)
-    heads, kv_heads, block_size, num_blocks = 6, 2, 16, 64
-    key_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, dtype=dtype)
-    value_cache = torch.randn_like(key_cache)
-    lengths = [1, 15, 16, 17, 100, 300]  # block edges, a single token, several blocks
-    tables = [torch.randperm(num_blocks)[:-(-n // block_size)] for n in lengths]
-    query = torch.randn(len(lengths), heads, head_dim, dtype=dtype)
-    padded = torch.zeros(len(lengths), max(len(t) for t in tables), dtype=torch.int32)
-    for row, table in enumerate(tables):
-        padded[row, :len(table)] = table
-    out = kernels.paged_decode_attention(query, key_cache, value_cache, padded,
-                                         torch.tensor(lengths, dtype=torch.int32), block_size, head_dim ** -0.5)
-    for row, (n, table) in enumerate(zip(lengths, tables)):
-        slots = context_slots(table, torch.arange(n), block_size)
-        expected = F.scaled_dot_product_attention(
-            query[row, :, None].float(), key_cache[slots].transpose(0, 1).float(),
-            value_cache[slots].transpose(0, 1).float(), enable_gqa=True)[:, 0]
-        assert torch.allclose(out[row].float(), expected, atol=tolerance, rtol=tolerance), (row, n)
+    for heads, kv_heads, block_size in KERNEL_SHAPES:
+        num_blocks = 640 // block_size
+        key_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, dtype=dtype)
+        value_cache = torch.randn_like(key_cache)
+        # A single token, both sides of a block edge, part of a vector, several blocks.
+        lengths = [1, block_size - 1, block_size, block_size + 1, 5, 100, 300]
+        query = torch.randn(len(lengths), heads, head_dim, dtype=dtype)
+        check_decode_kernel(kernels, query, key_cache, value_cache, random_tables(lengths, block_size, num_blocks),
+                            lengths, block_size, tolerance)
 
 
 @pytest.mark.parametrize("isa", [b.isa for b in cpu_kernels.BUILDS])
@@ -152,21 +173,14 @@ def test_cpu_decode_kernel_reads_a_narrower_cache(dtype, cache_dtype, tolerance,
     tolerance holds against attention over the same stored values."""
     kernels = kernel_build(isa)
     torch.manual_seed(2)
-    heads, kv_heads, block_size, num_blocks = 8, 2, 16, 40
-    key_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(cache_dtype)
-    value_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(cache_dtype)
-    lengths = [1, 17, 250]
-    tables = torch.stack([torch.randperm(num_blocks)[:16] for _ in lengths]).to(torch.int32)
-    query = torch.randn(len(lengths), heads, head_dim).to(dtype)
-    out = kernels.paged_decode_attention(query, key_cache, value_cache, tables,
-                                         torch.tensor(lengths, dtype=torch.int32), block_size, head_dim ** -0.5)
-    assert out.dtype == dtype
-    for row, n in enumerate(lengths):
-        slots = context_slots(tables[row].long(), torch.arange(n), block_size)
-        expected = F.scaled_dot_product_attention(
-            query[row, :, None].float(), key_cache[slots].transpose(0, 1).float(),
-            value_cache[slots].transpose(0, 1).float(), enable_gqa=True)[:, 0]
-        assert torch.allclose(out[row].float(), expected, atol=tolerance, rtol=tolerance), (row, n)
+    for heads, kv_heads, block_size in KERNEL_SHAPES:
+        num_blocks = 640 // block_size
+        key_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(cache_dtype)
+        value_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(cache_dtype)
+        lengths = [1, block_size + 1, 250]
+        query = torch.randn(len(lengths), heads, head_dim).to(dtype)
+        tables = random_tables(lengths, block_size, num_blocks)
+        check_decode_kernel(kernels, query, key_cache, value_cache, tables, lengths, block_size, tolerance)
     with pytest.raises(RuntimeError, match="bfloat16 or float16 for a float32 query"):
         kernels.paged_decode_attention(query.to(torch.bfloat16), key_cache.to(torch.float16),
                                        value_cache.to(torch.float16), tables,
