@@ -9,7 +9,7 @@ import time
 from typing import Callable
 
 from kvcache import KVCacheManager
-from scheduler import slo
+from scheduler import preemption, slo
 from scheduler.batching import make_batching_policy
 from scheduler.config import SchedulerConfig
 from scheduler.cost_model import StepCostModel
@@ -96,18 +96,9 @@ class Scheduler:
         """The cached blocks admitting `request` would reuse, and the tokens they cover."""
         return self.kv_cache.get_computed_blocks(request) if request.reads_prefix_cache else ([], 0)
 
-    # -- per-tenant KV caps ----------------------------------------------------------
+    # -- admission ------------------------------------------------------------------------
 
-    def _enforce_kv_caps(self, output: SchedulerOutput) -> None:
-        """Tenants over their cap while others wait give blocks back, worst-ranked request first."""
-        for tenant in list(self.kv_caps.binding):  # preempting may widen it
-            while self.kv_caps.over(tenant):
-                victims = [r for r in self.running if r.tenant == tenant]
-                if not victims:
-                    break
-                self._preempt(max(victims, key=self.waiting.rank), output)
-
-    def _next_admissible(self) -> Request | None:
+    def next_admissible(self) -> Request | None:
         """The waiting request to offer a seat: the policy's next that the batching mode lets
         in (under static or dynamic batching, a member of the launched batch: a request that
         came later may outrank them) and, with KV caps, whose tenant has room."""
@@ -144,9 +135,9 @@ class Scheduler:
         self.running.sort(key=self.waiting.rank)
         if self.kv_caps:
             self.kv_caps.begin_step(self.running, self.waiting)
-            self._enforce_kv_caps(output)
+            preemption.enforce_kv_caps(self, output)
         if self.waiting.preempts:
-            self._make_room_for_waiting(output)
+            preemption.make_room_for_waiting(self, output)
         slo_policy = self.config.policy == "slo"
         budget = self.token_budget = slo.plan_token_budget(self) if slo_policy else self.config.max_num_batched_tokens
         # Under slo the decodes' one token each is set aside first: a prompt ranked ahead of
@@ -159,7 +150,7 @@ class Scheduler:
         # Waiting requests that outrank the worst running one are admitted first, to the front,
         # so the budget reaches them before the requests they outrank.
         if self.running and self.waiting:
-            worst = self.waiting.rank(self._worst_running())
+            worst = self.waiting.rank(preemption.worst_running(self))
             if self.waiting.rank(self.waiting.peek()) < worst:
                 budget = reserved + self._admit_waiting(budget - reserved, output, outranking=worst)
 
@@ -185,7 +176,7 @@ class Scheduler:
             if num_new == 0 or self.kv_caps.holds_back(request, num_new) or self.prefill_gate.holds_back(request):
                 index += 1
                 continue
-            if not self._allocate_or_preempt(index, num_new, output):
+            if not preemption.allocate_or_preempt(self, index, num_new, output):
                 continue  # the request itself gave way: running[index] is now the next one
             output.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
@@ -221,80 +212,13 @@ class Scheduler:
             num_new = min(num_new, threshold)
         return min(num_new, budget)
 
-    def _allocate_or_preempt(self, index: int, num_new: int, output: SchedulerOutput) -> bool:
-        """Blocks for running[index], preempting the worst request by the policy's victim rank
-        not yet scheduled this step (the last admitted among equals, which is all of them under
-        FCFS) until they fit."""
-        request = self.running[index]
-        while (blocks := self.kv_cache.allocate_slots(request, num_new)) is None:
-            victim = self._worst_running(start=index, rank=self.waiting.victim_rank)
-            self._preempt(victim, output)
-            if victim is request:
-                return False
-        self.kv_caps.gained(request.tenant, len(blocks))
-        return True
-
-    def _worst_running(self, start: int = 0, rank: Callable[[Request], tuple] | None = None) -> Request:
-        """The worst of running[start:] by `rank` (the policy's by default), the last among
-        equals; with KV caps, a request of a tenant over its cap comes first."""
-        rank = rank or self.waiting.rank
-        if self.kv_caps:
-            def key(i: int) -> tuple:
-                request = self.running[i]
-                return (self.kv_caps.over(request.tenant), rank(request), i)
-        else:
-            def key(i: int) -> tuple:
-                return (rank(self.running[i]), i)
-        return self.running[max(range(start, len(self.running)), key=key)]
-
-    def _make_room_for_waiting(self, output: SchedulerOutput) -> None:
-        """Preemptive policies: while the best waiting request finds no seat or no blocks for its
-        first chunk, the worst running request it outranks gives them up."""
-        block_size = self.kv_cache.block_size
-        while self.waiting and self.running:
-            request = self._next_admissible()
-            if request is None:
-                return
-            num_first = min(request.num_tokens, self.config.max_num_batched_tokens)
-            if self.kv_caps.holds_back(request, num_first, 0):
-                return  # its tenant's cap would hold it back anyway
-            num_blocks = -(-num_first // block_size)
-            if (len(self.running) < self.config.max_num_seqs
-                    and num_blocks <= self.kv_cache.pool.num_free_blocks):
-                return
-            victim = self._worst_running()
-            if not self.waiting.rank(request) < self.waiting.rank(victim):
-                return
-            self._preempt(victim, output)
-
-    def _preempt(self, request: Request, output: SchedulerOutput) -> None:
-        """Take a running request's seat and blocks: its KV goes to the swap pool when it is long
-        enough to be worth the copy (and fits), else it is dropped and recomputed later."""
-        self.running.remove(request)
-        if self.kv_caps:
-            self.kv_caps.released(request)
-        threshold = self.config.swap_threshold_tokens
-        if threshold is not None and request.num_computed_tokens >= threshold and self.kv_cache.can_swap_out(request):
-            pairs = self.kv_cache.swap_out(request)
-            output.swap_out.extend(pairs)
-            self.num_blocks_swapped["out"] += len(pairs)
-            self.num_preemptions_by_mode["swap"] += 1
-        else:
-            self.kv_cache.free(request)
-            request.num_computed_tokens = 0
-            self.num_preemptions_by_mode["recompute"] += 1
-        request.status = RequestStatus.PREEMPTED
-        request.num_preemptions += 1
-        output.preempted_ids.append(request.request_id)
-        self.waiting.prepend(request)
-
     def _admit_waiting(self, budget: int, output: SchedulerOutput, outranking: tuple | None = None) -> int:
         """Admit waiting requests in the policy's order while seats, budget and blocks last; with
         `outranking`, only those ranked above it, each placed before the running requests."""
         self.batching.launch(self.waiting, self.clock())
         num_admitted = 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self._next_admissible()
+            request = self.next_admissible()
             if request is None:
                 break
             if request.status is RequestStatus.PREEMPTED and request.request_id in output.preempted_ids:
@@ -304,11 +228,11 @@ class Scheduler:
             if self.prefill_gate.holds_back(request):
                 break  # the rest rank lower still
             if self.kv_cache.is_swapped(request.request_id):
-                if self.kv_caps.holds_back(request, self._num_tokens_to_schedule(request, budget)):
+                num_new = self._num_tokens_to_schedule(request, budget)
+                if self.kv_caps.holds_back(request, num_new):
                     self.kv_caps.mark_full(request.tenant)
                     continue
-                num_new = self._swap_in(request, budget, output)
-                if num_new == 0:
+                if num_new == 0 or not preemption.swap_in(self, request, num_new, output):
                     break
                 self.waiting.remove(request)
             else:
@@ -338,18 +262,6 @@ class Scheduler:
             output.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         return budget
-
-    def _swap_in(self, request: Request, budget: int, output: SchedulerOutput) -> int:
-        """Bring a swapped-out request back with room for this step's tokens; 0 if it must wait."""
-        num_new = self._num_tokens_to_schedule(request, budget)
-        num_blocks = -(-(request.num_computed_tokens + num_new) // self.kv_cache.block_size)
-        if num_new == 0 or num_blocks > self.kv_cache.pool.num_free_blocks:
-            return 0
-        pairs = self.kv_cache.swap_in(request)
-        self.kv_cache.allocate_slots(request, num_new)  # cannot fail: the room was counted above
-        output.swap_in.extend(pairs)
-        self.num_blocks_swapped["in"] += len(pairs)
-        return num_new
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         return ScheduledRequest(request, num_new, self.kv_cache.block_ids(request.request_id))
