@@ -88,26 +88,12 @@ def launch_step(kernels, dtype: torch.dtype, cache_dtype: torch.dtype, shape: tu
                               max(q for q, _ in sequences), BLOCK_SIZE, head_dim ** -0.5, num_splits=num_splits)
 
 
-def check(arch: int) -> list[Compiled]:
-    """Every kernel of every configuration the engine may launch on compute capability `arch`."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("the kernel check compiles: run it without TRITON_INTERPRET=1")
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
+def _compile_only_driver(target):
+    """A Triton driver that answers as a GPU of `target` would, for one that is not here;
+    nothing reaches a launch (`check` answers Triton's compile hook itself)."""
     from triton.backends.driver import DriverBase
-    from triton.compiler import ASTSource
-    from triton.runtime.driver import driver
-
-    target = GPUTarget("cuda", arch, 32)
-    limit = SHARED_MEMORY_PER_BLOCK[arch]
-    results: list[Compiled] = []
-    seen: set = set()
-    config = ""
 
     class CompileOnly(DriverBase):
-        """Answers for a GPU of `arch` that is not here; nothing reaches a launch (see `compile_instead`)."""
-
         @classmethod
         def is_active(cls):
             return True
@@ -130,6 +116,25 @@ def check(arch: int) -> list[Compiled]:
         def get_benchmarker(self):
             raise NotImplementedError
 
+    return CompileOnly()
+
+
+def check(arch: int) -> list[Compiled]:
+    """Every kernel of every configuration the engine may launch on compute capability `arch`."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("the kernel check compiles: run it without TRITON_INTERPRET=1")
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.driver import driver
+
+    target = GPUTarget("cuda", arch, 32)
+    limit = SHARED_MEMORY_PER_BLOCK[arch]
+    results: list[Compiled] = []
+    seen: set = set()
+    config = ""
+
     def compile_instead(*, key, fn, compile, **_):
         # Triton asks this hook before it compiles; answering True makes it neither compile nor launch.
         if (fn.name, str(key)) not in seen:
@@ -151,7 +156,7 @@ def check(arch: int) -> list[Compiled]:
     kernels = [value for value in vars(triton_attention).values() if isinstance(value, triton.runtime.JITFunction)]
     for kernel in kernels:
         kernel.device_caches.clear()
-    driver.set_active(CompileOnly())
+    driver.set_active(_compile_only_driver(target))
     knobs.runtime.jit_cache_hook = compile_instead
     try:
         for dtype in DTYPES.values():

@@ -128,12 +128,7 @@ class LLMEngine:
         self.vocab_size = loaded.model.args.vocab_size
 
         self.kv_bytes_per_block = kv_bytes_per_block(loaded.model, config.block_size, self.kv_cache_dtype)
-        num_blocks = config.num_kv_blocks or config.kv_cache_memory // self.kv_bytes_per_block
-        if num_blocks * config.block_size < self.max_model_len:
-            raise ValueError(
-                f"the KV cache holds {num_blocks * config.block_size} tokens, less than one request of "
-                f"max_model_len {self.max_model_len}: give it more memory or lower max_model_len"
-            )
+        num_blocks = self._num_kv_blocks()
         num_host_blocks = config.swap_space // self.kv_bytes_per_block
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(
@@ -171,6 +166,18 @@ class LLMEngine:
         # soon after, would walk them all with the GIL held (0.2-0.5 s) in the first steps.
         # Walking them now, once, puts the next one off until as many again have piled up.
         gc.collect()
+
+    def _num_kv_blocks(self) -> int:
+        """The device KV cache's blocks: as given, else as many as its memory holds; ValueError
+        if they cannot hold one request of max_model_len."""
+        config = self.config
+        num_blocks = config.num_kv_blocks or config.kv_cache_memory // self.kv_bytes_per_block
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * config.block_size} tokens, less than one request of "
+                f"max_model_len {self.max_model_len}: give it more memory or lower max_model_len"
+            )
+        return num_blocks
 
     # -- requests in ------------------------------------------------------------------
 

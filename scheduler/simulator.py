@@ -123,16 +123,7 @@ def simulate(requests: list[SimRequest], deployment: Deployment, step_time: Step
         seconds = step_time(shape) + (len(plan.swap_out) + len(plan.swap_in)) * deployment.swap_block_s
         clock.now += seconds
         for request in scheduler.update(plan, {s.request.request_id: _TOKEN for s in plan.scheduled if s.samples}):
-            outcome = outcomes[request.request_id]
-            previous_token_s = outcome.finished_s
-            if outcome.first_token_s is None:
-                outcome.first_token_s = request.first_token_time
-            elif keep_itl:
-                outcome.itl_s.append(request.last_token_time - previous_token_s)
-            outcome.finished_s = request.last_token_time  # its last token so far
-            outcome.num_output_tokens = len(request.output_token_ids)
-            if request.is_finished:
-                _finish(request, outcome, live)
+            _record_token(request, outcomes[request.request_id], live, keep_itl)
         observe(shape, seconds)
         num_steps += 1
     finishes = [o.finished_s for o in outcomes.values() if o.finished_s is not None]
@@ -204,6 +195,19 @@ def _admit(item: SimRequest, scheduler: Scheduler, max_model_len: int, live: dic
         outcome.error = str(error)
         return
     live[item.id] = request
+
+
+def _record_token(request: Request, outcome: SimOutcome, live: dict[str, Request], keep_itl: bool) -> None:
+    """`request` got a token at the end of the step just taken."""
+    previous_token_s = outcome.finished_s
+    if outcome.first_token_s is None:
+        outcome.first_token_s = request.first_token_time
+    elif keep_itl:
+        outcome.itl_s.append(request.last_token_time - previous_token_s)
+    outcome.finished_s = request.last_token_time  # its last token so far
+    outcome.num_output_tokens = len(request.output_token_ids)
+    if request.is_finished:
+        _finish(request, outcome, live)
 
 
 def _finish(request: Request, outcome: SimOutcome, live: dict[str, Request]) -> None:

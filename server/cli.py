@@ -118,6 +118,34 @@ def calibrate(args: argparse.Namespace) -> int:
         return 2
 
 
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("requests", metavar="REQUESTS.jsonl", help="one JSON object a line: id, prompt_len, gen_len")
+    parser.add_argument("--max-shapes", type=int, required=True, metavar="K")
+    parser.add_argument("--align", type=int, default=64, metavar="A", help="shapes are multiples of A")
+    parser.add_argument("--out", required=True, metavar="PLAN.json")
+    parser.add_argument("--max-batch", type=int, default=64, help="requests per batch at most")
+    parser.add_argument("--max-padding-ratio", type=float, default=None,
+                        help="padded prompt tokens over real ones, minus 1, at most")
+    parser.add_argument("--max-p95-latency", type=float, default=None, help="in cost units, from the start")
+    parser.add_argument("--batch-overhead", type=float, default=5.0, help="cost of launching one batch")
+    parser.add_argument("--compile-cost", type=float, default=1e-4, help="per shape, times its length squared")
+    parser.add_argument("--prefill-cost", type=float, default=0.01, help="per padded prompt token")
+    parser.add_argument("--decode-step-cost", type=float, default=1.0,
+                        help="per decode step of a batch (it runs to its longest generation)")
+    parser.add_argument("--decode-token-cost", type=float, default=0.01, help="per request per decode step")
+
+
+def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="where to write the cost model (JSON)")
+    parser.add_argument("--batch-sizes", default="1,4,16,64", help="requests that run together")
+    parser.add_argument("--prompt-lens", default="32,256,1024", help="prompt tokens of each request")
+    parser.add_argument("--output-len", type=int, default=32, help="tokens each request generates")
+    parser.add_argument("--server", default=None, metavar="URL",
+                        help="calibrate a live iterserve server under HTTP load instead of an engine here")
+    parser.add_argument("--api-key", default=os.environ.get("ITERSERVE_API_KEY"), help="for --server")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="iterserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -151,32 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     sim.set_defaults(run=simulate)
 
     planner = commands.add_parser("plan", help="batch known requests into at most K padded shapes at least cost")
-    planner.add_argument("requests", metavar="REQUESTS.jsonl", help="one JSON object a line: id, prompt_len, gen_len")
-    planner.add_argument("--max-shapes", type=int, required=True, metavar="K")
-    planner.add_argument("--align", type=int, default=64, metavar="A", help="shapes are multiples of A")
-    planner.add_argument("--out", required=True, metavar="PLAN.json")
-    planner.add_argument("--max-batch", type=int, default=64, help="requests per batch at most")
-    planner.add_argument("--max-padding-ratio", type=float, default=None,
-                         help="padded prompt tokens over real ones, minus 1, at most")
-    planner.add_argument("--max-p95-latency", type=float, default=None, help="in cost units, from the start")
-    planner.add_argument("--batch-overhead", type=float, default=5.0, help="cost of launching one batch")
-    planner.add_argument("--compile-cost", type=float, default=1e-4, help="per shape, times its length squared")
-    planner.add_argument("--prefill-cost", type=float, default=0.01, help="per padded prompt token")
-    planner.add_argument("--decode-step-cost", type=float, default=1.0,
-                         help="per decode step of a batch (it runs to its longest generation)")
-    planner.add_argument("--decode-token-cost", type=float, default=0.01, help="per request per decode step")
+    add_plan_arguments(planner)
     planner.set_defaults(run=plan)
 
     cal = commands.add_parser("calibrate", help="fit the step cost model to this engine's measured steps")
     add_engine_arguments(cal)
-    cal.add_argument("--seed", type=int, default=0)
-    cal.add_argument("--out", required=True, help="where to write the cost model (JSON)")
-    cal.add_argument("--batch-sizes", default="1,4,16,64", help="requests that run together")
-    cal.add_argument("--prompt-lens", default="32,256,1024", help="prompt tokens of each request")
-    cal.add_argument("--output-len", type=int, default=32, help="tokens each request generates")
-    cal.add_argument("--server", default=None, metavar="URL",
-                     help="calibrate a live iterserve server under HTTP load instead of an engine here")
-    cal.add_argument("--api-key", default=os.environ.get("ITERSERVE_API_KEY"), help="for --server")
+    add_calibrate_arguments(cal)
     cal.set_defaults(run=calibrate)
 
     argv = sys.argv[1:] if argv is None else argv
