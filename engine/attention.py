@@ -7,9 +7,10 @@ tokens first (one per request) and prompt chunks after (each attended on its own
 causally, over its cached prefix).
 
 Three backends (`--attention-backend`, chosen once by `select_backend`):
-- `cpu-kernel`: decodes go to our C++ kernel (engine/csrc/paged_attention.cpp, the build
-  engine/cpu_kernels.py picked for this CPU), which reads each context's keys and values
-  in place through its block table; prompt chunks as in `torch`.
+- `cpu-kernel`: the whole flat batch, decodes and prompt chunks, in one call of our C++
+  kernel (engine/csrc/paged_attention.cpp, the build engine/cpu_kernels.py picked for
+  this CPU), which reads each context's keys and values in place through its block table:
+  a chunk over a cached prefix gathers nothing.
 - `torch`, the reference: decodes are sorted by context length and attended in groups
   whose lengths are within a factor of two, each group gathered and padded to its longest
   context (padding every decode to the batch's longest made one 2,000-token request cost
@@ -49,11 +50,11 @@ class DecodeGroup:
 
 
 @dataclass(slots=True)
-class PagedDecodes:
-    """All decodes of the step for the CPU kernel: rows [0, num_rows) of the batch."""
-    num_rows: int
-    block_tables: torch.Tensor  # int32 [num_rows, max_blocks], padded with block 0
-    context_lens: torch.Tensor  # int32 [num_rows]
+class PagedBatch:
+    """Every sequence of the step for the CPU kernel, one call (the layout of `FlatBatch`)."""
+    query_start_loc: torch.Tensor  # int32 [num_seqs + 1]: sequence s owns rows [loc[s], loc[s + 1])
+    seq_lens: torch.Tensor  # int32 [num_seqs], context including this step's tokens
+    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]
     block_size: int
     kernel: object  # the build's operators, from engine.cpu_kernels.load()
 
@@ -75,7 +76,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's key and value go
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillSpan]
-    paged_decodes: PagedDecodes | None = None  # instead of decode_groups, when the CPU kernel is in use
+    paged: PagedBatch | None = None  # instead of decode_groups and prefills, with the CPU kernel
     flat: FlatBatch | None = None  # instead of all the above, with the Triton backend
 
 
@@ -154,13 +155,11 @@ def paged_attention(
                                               num_splits=flat.num_splits)
     store(key_cache, meta.slot_mapping, key)
     store(value_cache, meta.slot_mapping, value)
+    if meta.paged is not None:
+        paged = meta.paged
+        return paged.kernel.paged_attention(query, key_cache, value_cache, paged.block_tables, paged.query_start_loc,
+                                            paged.seq_lens, paged.block_size, scale)
     output = torch.empty_like(query)
-
-    if meta.paged_decodes is not None:
-        decodes = meta.paged_decodes
-        rows = slice(0, decodes.num_rows)
-        output[rows] = decodes.kernel.paged_decode_attention(
-            query[rows], key_cache, value_cache, decodes.block_tables, decodes.context_lens, decodes.block_size, scale)
     for group in meta.decode_groups:
         rows = slice(group.start, group.end)
         keys = key_cache[group.slots].to(query.dtype).transpose(1, 2)  # [rows, kv_heads, context, head_dim]

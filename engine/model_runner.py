@@ -8,7 +8,7 @@ import torch
 
 from engine import cpu_kernels
 from engine.attention import (
-    AttentionMetadata, DecodeGroup, FlatBatch, PagedDecodes, PrefillSpan, context_slots, num_kv_splits,
+    AttentionMetadata, DecodeGroup, FlatBatch, PagedBatch, PrefillSpan, context_slots, num_kv_splits,
     select_backend,
 )
 from engine.cuda_graphs import StaticDecodeRunner
@@ -84,11 +84,11 @@ class ModelRunner:
         self.sampler = Sampler(device)
         self.attention_backend = select_backend(attention_backend, device, self.kv_cache_dtype)
         # Built (or found in the cache) now, not in the middle of the first step.
-        self.decode_kernel = cpu_kernels.load() if self.attention_backend == "cpu-kernel" else None
+        self.cpu_kernel = cpu_kernels.load() if self.attention_backend == "cpu-kernel" else None
         self.triton_kernels = (importlib.import_module("engine.triton_attention")
                                if self.attention_backend == "triton" else None)
         self.attention_path = {"torch": "torch, gathered groups", "triton": "triton, one launch per layer"}.get(
-            self.attention_backend) or f"C++ kernel, {self.decode_kernel.isa()} build"
+            self.attention_backend) or f"C++ kernel, {self.cpu_kernel.isa()} build"
         self.static_decode: StaticDecodeRunner | None = None
         self.batch = InputBatch(block_size)
         # The last launched step's sampled tokens on the device, and the request of each of
@@ -191,17 +191,15 @@ class ModelRunner:
                                  decode_groups=[], prefills=[])
         if self.triton_kernels is not None:
             meta.flat = self._flat_batch(rows, starts + num_new, query_start_loc, int(num_new.max()))
+        elif self.cpu_kernel is not None:
+            meta.paged = PagedBatch(torch.from_numpy(query_start_loc.astype(np.int32)),
+                                    torch.from_numpy((starts + num_new).astype(np.int32)),
+                                    torch.from_numpy(self.batch.tables(rows)), self.block_size, self.cpu_kernel)
         else:
             meta.prefills = [self._prefill_span(s, int(query_start_loc[len(decodes) + i]),
                                                 int(query_start_loc[len(decodes) + i + 1]))
                              for i, s in enumerate(chunks)]
-            decode_rows, context_lens = rows[:len(decodes)], starts[:len(decodes)] + 1
-            if self.decode_kernel is not None and decodes:
-                meta.paged_decodes = PagedDecodes(len(decodes), torch.from_numpy(self.batch.tables(decode_rows)),
-                                                  torch.from_numpy(context_lens.astype(np.int32)), self.block_size,
-                                                  self.decode_kernel)
-            else:
-                meta.decode_groups = self._decode_groups(decode_rows, context_lens)
+            meta.decode_groups = self._decode_groups(rows[:len(decodes)], starts[:len(decodes)] + 1)
         input_ids = self._tensor(input_ids)
         pending = self._pending_input_ids(decodes)  # only a decode's input can be in flight
         if pending is not None:

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -258,24 +259,34 @@ inline void prefetch(const void* start, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 0, 2);
 }
 
-// Attention of one request's query token (all heads) over its context. HD is the head
-// size when known at compile time (0: runtime `head_dim`), so the per-row loops unroll.
-// T is the query's and output's type, C the cache's (T, or narrower: see `paged_decode_attention`).
+// Attention of `rows` consecutive query tokens of one sequence (all heads each) over its
+// context, causally: the last of them sees `context` keys, each one before it one key fewer.
+// A decode is one row. Rows share a pass over the keys and values: for each KV head, every
+// row's group of query heads is scored against a key row loaded once, as if the group were
+// `rows` times as wide. HD is the head size when known at compile time (0: runtime
+// `head_dim`), so the per-row loops unroll. T is the query's and output's type, C the
+// cache's (T, or narrower: see `paged_attention`).
 template <typename T, typename C, int HD>
-void decode_request(const T* query, const C* key_cache, const C* value_cache, T* out,
-                    const int32_t* block_table, int64_t context, int64_t block_size,
-                    int64_t kv_heads, int64_t group, int64_t head_dim, float scale, std::vector<float>& scratch) {
+void attend_rows(const T* query, int64_t query_stride, T* out, int64_t out_stride, int64_t rows,
+                 const C* key_cache, const C* value_cache, const int32_t* block_table, int64_t context,
+                 int64_t block_size, int64_t kv_heads, int64_t group, int64_t head_dim, float scale,
+                 std::vector<float>& scratch) {
   const int64_t hd = HD > 0 ? HD : head_dim;
-  const int64_t heads = kv_heads * group;
+  const int64_t width = rows * group;  // query vectors per KV head: [row][head of the group]
+  const int64_t vectors = kv_heads * width;
   const int64_t slot_stride = kv_heads * hd;
   const int64_t block_bytes = block_size * slot_stride * static_cast<int64_t>(sizeof(C));
-  // scratch: the queries (scaled, float), their accumulators, heads x context scores.
-  scratch.resize(heads * hd * 2 + heads * context);
+  // scratch: the queries (scaled, float) as [kv head][row][head of the group], their
+  // accumulators alike, and each query vector's scores over the whole context.
+  scratch.resize(vectors * hd * 2 + vectors * context);
   float* q = scratch.data();
-  float* acc = q + heads * hd;
-  float* scores = acc + heads * hd;
-  for (int64_t i = 0; i < heads * hd; ++i) q[i] = static_cast<float>(query[i]) * scale;
-  std::fill(acc, acc + heads * hd, 0.0f);
+  float* acc = q + vectors * hd;
+  float* scores = acc + vectors * hd;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < kv_heads; ++h)
+      for (int64_t i = 0; i < group * hd; ++i)
+        q[(h * rows + r) * group * hd + i] = static_cast<float>(query[r * query_stride + h * group * hd + i]) * scale;
+  std::fill(acc, acc + vectors * hd, 0.0f);
   const int64_t num_blocks = (context + block_size - 1) / block_size;
   auto block_start = [&](const C* cache, int64_t b) {
     return cache + static_cast<int64_t>(block_table[b]) * block_size * slot_stride;
@@ -289,33 +300,37 @@ void decode_request(const T* query, const C* key_cache, const C* value_cache, T*
     if constexpr (kVectorRows<C, HD>) {
       for (int64_t i = 0; i < n; i += Vec::kWidth)
         for (int64_t h = 0; h < kv_heads; ++h)
-          score_keys<C, HD>(q + h * group * hd, keys + i * slot_stride + h * hd, slot_stride,
-                            std::min<int64_t>(Vec::kWidth, n - i), group, scores + h * group * context + t0 + i,
+          score_keys<C, HD>(q + h * width * hd, keys + i * slot_stride + h * hd, slot_stride,
+                            std::min<int64_t>(Vec::kWidth, n - i), width, scores + h * width * context + t0 + i,
                             context);
       continue;
     }
 #endif
     for (int64_t i = 0; i < n; ++i)
       for (int64_t h = 0; h < kv_heads; ++h)
-        score_row<C>(q + h * group * hd, keys + i * slot_stride + h * hd, group, hd,
-                     scores + h * group * context + t0 + i, context);
+        score_row<C>(q + h * width * hd, keys + i * slot_stride + h * hd, width, hd,
+                     scores + h * width * context + t0 + i, context);
   }
 
-  // Built with -ffast-math (vector reductions and exp), so no infinities: the maximum
-  // starts from the first score.
-  for (int64_t g = 0; g < heads; ++g) {
-    float* s = scores + g * context;
+  // Row r sees the first `seen` keys; the weights of the rest (the later rows' own keys,
+  // scored above with the rest of the block) are zero. Built with -ffast-math (vector
+  // reductions and exp), so no infinities: the maximum starts from the first score.
+  for (int64_t v = 0; v < vectors; ++v) {
+    const int64_t r = v / group % rows;
+    const int64_t seen = context - (rows - 1 - r);
+    float* s = scores + v * context;
     float m = s[0];
-    for (int64_t t = 1; t < context; ++t) m = std::max(m, s[t]);
+    for (int64_t t = 1; t < seen; ++t) m = std::max(m, s[t]);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < context; ++t) {
+    for (int64_t t = 0; t < seen; ++t) {
       s[t] = std::exp(s[t] - m);
       sum += s[t];
     }
     const float inverse = 1.0f / sum;
 #pragma omp simd
-    for (int64_t t = 0; t < context; ++t) s[t] *= inverse;
+    for (int64_t t = 0; t < seen; ++t) s[t] *= inverse;
+    std::fill(s + seen, s + context, 0.0f);
   }
 
   for (int64_t b = 0; b < num_blocks; ++b) {
@@ -325,60 +340,91 @@ void decode_request(const T* query, const C* key_cache, const C* value_cache, T*
 #if ITERSERVE_VECTOR_BITS > 0
     if constexpr (kVectorRows<C, HD>) {
       for (int64_t h = 0; h < kv_heads; ++h)
-        accumulate_rows<C, HD>(acc + h * group * hd, values + h * hd, slot_stride, n,
-                               scores + h * group * context + t0, context, group);
+        accumulate_rows<C, HD>(acc + h * width * hd, values + h * hd, slot_stride, n,
+                               scores + h * width * context + t0, context, width);
       continue;
     }
 #endif
     for (int64_t i = 0; i < n; ++i)
       for (int64_t h = 0; h < kv_heads; ++h)
-        accumulate_row<C>(acc + h * group * hd, values + i * slot_stride + h * hd,
-                          scores + h * group * context + t0 + i, context, group, hd);
+        accumulate_row<C>(acc + h * width * hd, values + i * slot_stride + h * hd,
+                          scores + h * width * context + t0 + i, context, width, hd);
   }
 
-  for (int64_t i = 0; i < heads * hd; ++i) out[i] = static_cast<T>(acc[i]);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < kv_heads; ++h)
+      for (int64_t i = 0; i < group * hd; ++i)
+        out[r * out_stride + h * group * hd + i] = static_cast<T>(acc[(h * rows + r) * group * hd + i]);
 }
 
+// Query rows of one sequence attended together, at most: enough that a key row loaded once
+// serves a few passes of query heads, few enough that the rows' scores stay in L2.
+constexpr int64_t kMaxRowsPerItem = 8;
+constexpr int64_t kScoreBytesPerItem = 512 * 1024;
+
+struct WorkItem {
+  int64_t seq, first_row, rows, context;  // context: the keys the item's last row sees
+};
+
 template <typename T, typename C>
-void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                      const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
-                      double scale, at::Tensor& out) {
-  const int64_t rows = query.size(0), heads = query.size(1), head_dim = query.size(2);
+void attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+               const at::Tensor& block_tables, const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+               int64_t block_size, double scale, at::Tensor& out) {
+  const int64_t heads = query.size(1), head_dim = query.size(2);
   const int64_t kv_heads = key_cache.size(1);
   const int64_t group = heads / kv_heads;
-  const int64_t table_stride = block_tables.stride(0);
+  const int32_t* loc = query_start_loc.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  std::vector<WorkItem> items;
+  for (int64_t s = 0; s < seq_lens.size(0); ++s) {
+    const int64_t start = loc[s], end = loc[s + 1], context = lens[s];
+    TORCH_CHECK(start <= end && end <= query.size(0) && end - start <= context,
+                "sequence ", s, " has query rows [", start, ", ", end, ") and ", context, " tokens of context");
+    const int64_t budget = kScoreBytesPerItem / static_cast<int64_t>(heads * context * sizeof(float));
+    const int64_t tile = std::clamp<int64_t>(budget, 1, kMaxRowsPerItem);
+    for (int64_t r = start; r < end; r += tile) {
+      const int64_t rows = std::min(tile, end - r);
+      items.push_back({s, r, rows, context - (end - r - rows)});
+    }
+  }
   const T* q = query.data_ptr<T>();
   const C* k = key_cache.data_ptr<C>();
   const C* v = value_cache.data_ptr<C>();
   T* o = out.data_ptr<T>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
-  const int32_t* lens = context_lens.data_ptr<int32_t>();
-  const auto attend = head_dim == 64    ? decode_request<T, C, 64>
-                      : head_dim == 128 ? decode_request<T, C, 128>
-                                        : decode_request<T, C, 0>;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
-  // Rows arrive sorted by context length, so contiguous ranges would give one thread all
-  // the long contexts: each thread takes every `threads`-th row instead.
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+  const auto attend = head_dim == 64    ? attend_rows<T, C, 64>
+                      : head_dim == 128 ? attend_rows<T, C, 128>
+                                        : attend_rows<T, C, 0>;
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items));
+  // Items are taken one at a time from a shared counter, the last first: decodes arrive
+  // sorted by context and a prompt's rows see more keys the later they come, so the longest
+  // go first and the short ones even the threads out at the end.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::vector<float> scratch;
-    for (int64_t t = begin; t < end; ++t) {
-      for (int64_t r = t; r < rows; r += threads) {
-        attend(q + r * query.stride(0), k, v, o + r * out.stride(0), tables + r * table_stride, lens[r], block_size,
-               kv_heads, group, head_dim, static_cast<float>(scale), scratch);
-      }
+    for (int64_t i; (i = next.fetch_add(1)) < num_items;) {
+      const WorkItem& item = items[num_items - 1 - i];
+      attend(q + item.first_row * query.stride(0), query.stride(0), o + item.first_row * out.stride(0),
+             out.stride(0), item.rows, k, v, tables + item.seq * block_tables.stride(0), item.context, block_size,
+             kv_heads, group, head_dim, static_cast<float>(scale), scratch);
     }
   });
 }
 
 }  // namespace
 
-// query [rows, heads, head_dim]; caches [slots, kv_heads, head_dim] (slot = block * block_size + offset);
-// block_tables int32 [rows, max_blocks]; context_lens int32 [rows], each at least 1. The caches
-// hold the query's dtype, or a narrower one (--kv-cache-dtype): bfloat16 or float16 under a
-// float32 query, float8 e5m2 under any. Widening to float is exact, so only the bytes read change.
-at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache, at::Tensor value_cache,
-                                  at::Tensor block_tables, at::Tensor context_lens, int64_t block_size, double scale) {
-  TORCH_CHECK(query.device().is_cpu(), "paged_decode_attention runs on the CPU");
+// Attention over the paged cache for a flat batch of sequences, decodes and prompt chunks
+// alike: sequence s owns query rows [query_start_loc[s], query_start_loc[s + 1]), the last
+// positions of its seq_lens[s] tokens of context, whose keys and values (these rows' own
+// included) are in the cache already. query [rows, heads, head_dim]; caches [slots, kv_heads,
+// head_dim] (slot = block * block_size + offset); block_tables int32 [seqs, max_blocks];
+// query_start_loc int32 [seqs + 1]; seq_lens int32 [seqs]. The caches hold the query's dtype,
+// or a narrower one (--kv-cache-dtype): bfloat16 or float16 under a float32 query, float8 e5m2
+// under any. Widening to float is exact, so only the bytes read change.
+at::Tensor paged_attention(at::Tensor query, at::Tensor key_cache, at::Tensor value_cache, at::Tensor block_tables,
+                           at::Tensor query_start_loc, at::Tensor seq_lens, int64_t block_size, double scale) {
+  TORCH_CHECK(query.device().is_cpu(), "paged_attention runs on the CPU");
   TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 3 && value_cache.dim() == 3, "expected 3-d query and caches");
   TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2), "query rows must be contiguous");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
@@ -388,24 +434,28 @@ at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache, at::Te
                   (query.scalar_type() == at::kFloat && (cache_type == at::kBFloat16 || cache_type == at::kHalf)),
               "the caches must hold the query's dtype, float8_e5m2, or bfloat16 or float16 for a float32 query");
   TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "heads must be a multiple of kv heads");
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
-              "block tables and context lengths must be int32");
-  TORCH_CHECK(block_tables.stride(1) == 1 && context_lens.is_contiguous(), "block tables must be row-contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && query_start_loc.scalar_type() == at::kInt &&
+                  seq_lens.scalar_type() == at::kInt,
+              "block tables, query start locations and sequence lengths must be int32");
+  TORCH_CHECK(block_tables.stride(1) == 1 && query_start_loc.is_contiguous() && seq_lens.is_contiguous(),
+              "block tables must be row-contiguous");
+  TORCH_CHECK(query_start_loc.size(0) == seq_lens.size(0) + 1 && block_tables.size(0) >= seq_lens.size(0),
+              "expected one block table and one sequence length per sequence, one more start location");
   auto out = at::empty_like(query, at::MemoryFormat::Contiguous);
   if (cache_type == at::kFloat8_e5m2) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode_attention", [&] {
-      decode_attention<scalar_t, c10::Float8_e5m2>(query, key_cache, value_cache, block_tables, context_lens,
-                                                   block_size, scale, out);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention", [&] {
+      attention<scalar_t, c10::Float8_e5m2>(query, key_cache, value_cache, block_tables, query_start_loc, seq_lens,
+                                            block_size, scale, out);
     });
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache_type, "paged_decode_attention", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache_type, "paged_attention", [&] {
     if (query.scalar_type() == cache_type)
-      decode_attention<scalar_t, scalar_t>(query, key_cache, value_cache, block_tables, context_lens, block_size,
-                                           scale, out);
+      attention<scalar_t, scalar_t>(query, key_cache, value_cache, block_tables, query_start_loc, seq_lens,
+                                    block_size, scale, out);
     else
-      decode_attention<float, scalar_t>(query, key_cache, value_cache, block_tables, context_lens, block_size,
-                                        scale, out);
+      attention<float, scalar_t>(query, key_cache, value_cache, block_tables, query_start_loc, seq_lens,
+                                 block_size, scale, out);
   });
   return out;
 }
@@ -416,6 +466,6 @@ std::string isa() { return ITERSERVE_ISA; }
 // One level of indirection, so that ITERSERVE_OPS is expanded before TORCH_LIBRARY pastes it.
 #define ITERSERVE_REGISTER(ns, m) TORCH_LIBRARY(ns, m)
 ITERSERVE_REGISTER(ITERSERVE_OPS, m) {
-  m.def("paged_decode_attention", &paged_decode_attention);
+  m.def("paged_attention", &paged_attention);
   m.def("isa", &isa);
 }

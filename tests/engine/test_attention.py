@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from engine import cpu_kernels, host
 from engine.attention import (
-    AttentionMetadata, DecodeGroup, PagedDecodes, PrefillSpan, context_slots, narrow, paged_attention,
+    AttentionMetadata, DecodeGroup, PagedBatch, PrefillSpan, context_slots, narrow, paged_attention,
     select_backend,
 )
 
@@ -25,13 +25,13 @@ def dense_reference(q, k, v):
     return out[0].transpose(0, 1)
 
 
-@pytest.mark.parametrize("decode_path", ["kernel", "torch groups"])
+@pytest.mark.parametrize("backend", ["cpu-kernel", "torch"])
 @pytest.mark.parametrize("dtype, cache_dtype, tolerance", [
     (torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 3e-2),
     # --kv-cache-dtype: a float32 model over a 16-bit cache, against attention over the stored values.
     (torch.float32, torch.bfloat16, 1e-5), (torch.float32, torch.float16, 1e-5),
     (torch.float32, torch.float8_e5m2, 1e-5), (torch.bfloat16, torch.float8_e5m2, 3e-2)])
-def test_decodes_and_chunks_match_dense_attention(dtype, cache_dtype, tolerance, decode_path):
+def test_decodes_and_chunks_match_dense_attention(dtype, cache_dtype, tolerance, backend):
     torch.manual_seed(0)
     # Three decodes (contexts 3, 9, 40: two length groups), one chunk of 5 after a 6-token
     # prefix, and a whole prompt of 7, whose keys attention must also read as the cache holds them.
@@ -67,17 +67,16 @@ def test_decodes_and_chunks_match_dense_attention(dtype, cache_dtype, tolerance,
         mask = torch.tensor([[p < lengths[n] for p in range(width)] for n in names]).view(len(names), 1, 1, width)
         return DecodeGroup(start, start + len(names), slots, mask)
 
-    chunk_slots = torch.tensor([slot("chunk", p) for p in range(11)])
-    chunk_mask = torch.arange(11)[None] <= torch.arange(6, 11)[:, None]
-    meta = AttentionMetadata(slot_mapping, [], [PrefillSpan(3, 8, 6, chunk_slots, chunk_mask),
-                                                PrefillSpan(8, 15, 0, None, None)])
-    if decode_path == "kernel":
-        decodes = order[:3]
-        meta.paged_decodes = PagedDecodes(3, torch.tensor([tables[n] for n in decodes], dtype=torch.int32),
-                                          torch.tensor([lengths[n] for n in decodes], dtype=torch.int32), BLOCK,
-                                          cpu_kernels.load())
+    if backend == "cpu-kernel":  # the whole batch in one call
+        query_start_loc = torch.tensor([0, 1, 2, 3, 8, 15], dtype=torch.int32)
+        meta = AttentionMetadata(slot_mapping, [], [], paged=PagedBatch(
+            query_start_loc, torch.tensor([lengths[n] for n in order], dtype=torch.int32),
+            torch.tensor([tables[n] for n in order], dtype=torch.int32), BLOCK, cpu_kernels.load()))
     else:
-        meta.decode_groups = [group(0, ["d3", "d9"]), group(2, ["d40"])]
+        chunk_slots = torch.tensor([slot("chunk", p) for p in range(11)])
+        chunk_mask = torch.arange(11)[None] <= torch.arange(6, 11)[:, None]
+        meta = AttentionMetadata(slot_mapping, [group(0, ["d3", "d9"]), group(2, ["d40"])],
+                                 [PrefillSpan(3, 8, 6, chunk_slots, chunk_mask), PrefillSpan(8, 15, 0, None, None)])
     out = paged_attention(q, k, v, key_cache, value_cache, meta, HEAD_DIM ** -0.5)
     assert out.dtype == dtype
 
@@ -117,18 +116,24 @@ def test_the_engine_gets_the_best_build_this_cpu_runs():
     assert cpu_kernels.load().isa() == cpu_kernels.runnable_builds()[0].isa
 
 
-def check_decode_kernel(kernels, query, key_cache, value_cache, tables, lengths, block_size, tolerance):
-    """The kernel's output against dense attention over each row's context, as the block table finds it."""
+def check_kernel(kernels, query, key_cache, value_cache, tables, seqs, block_size, tolerance):
+    """The kernel's output against dense causal attention over each sequence's context, as its
+    block table finds it; `seqs` holds each sequence's (query rows, context), the rows being
+    the context's last positions (a decode is one row)."""
     head_dim = query.shape[-1]
-    out = kernels.paged_decode_attention(query, key_cache, value_cache, tables,
-                                         torch.tensor(lengths, dtype=torch.int32), block_size, head_dim ** -0.5)
-    assert out.dtype == query.dtype
-    for row, n in enumerate(lengths):
-        slots = context_slots(tables[row].long(), torch.arange(n), block_size)
+    query_start_loc = torch.tensor([0] + [rows for rows, _ in seqs], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    seq_lens = torch.tensor([context for _, context in seqs], dtype=torch.int32)
+    out = kernels.paged_attention(query, key_cache, value_cache, tables, query_start_loc, seq_lens, block_size,
+                                  head_dim ** -0.5)
+    assert out.dtype == query.dtype and out.shape == query.shape
+    for s, (rows, context) in enumerate(seqs):
+        slots = context_slots(tables[s].long(), torch.arange(context), block_size)
+        first = int(query_start_loc[s])
+        visible = torch.arange(context)[None] <= torch.arange(context - rows, context)[:, None]
         expected = F.scaled_dot_product_attention(
-            query[row, :, None].float(), key_cache[slots].transpose(0, 1).float(),
-            value_cache[slots].transpose(0, 1).float(), enable_gqa=True)[:, 0]
-        assert torch.allclose(out[row].float(), expected, atol=tolerance, rtol=tolerance), (row, n)
+            query[first:first + rows].transpose(0, 1).float(), key_cache[slots].transpose(0, 1).float(),
+            value_cache[slots].transpose(0, 1).float(), attn_mask=visible, enable_gqa=True).transpose(0, 1)
+        assert torch.allclose(out[first:first + rows].float(), expected, atol=tolerance, rtol=tolerance), (rows, context)
 
 
 def random_tables(lengths, block_size, num_blocks):
@@ -146,21 +151,29 @@ def random_tables(lengths, block_size, num_blocks):
 KERNEL_SHAPES = [(6, 2, 16), (4, 4, 8), (16, 2, 32), (24, 2, 16), (12, 1, 24)]
 
 
+def kernel_batch(block_size):
+    """(query rows, context) of a flat batch: decodes of a single token, on both sides of a block
+    edge, part of a vector and several blocks; a whole prompt; chunks after a prefix, of more rows
+    than the kernel takes together (8) and not a multiple of them; and one whose long context
+    leaves room in the kernel's scratch for fewer rows at a time."""
+    decodes = [(1, n) for n in (1, block_size - 1, block_size, block_size + 1, 5, 100, 300)]
+    return decodes + [(5, 5), (7, 100), (20, 300), (block_size + 3, block_size + 3), (12, 1000)]
+
+
 @pytest.mark.parametrize("isa", [b.isa for b in cpu_kernels.BUILDS])
 @pytest.mark.parametrize("head_dim", [8, 64, 128])  # 64 and 128 have unrolled vector paths in the kernel
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
-def test_cpu_decode_kernel_matches_dense_attention(dtype, tolerance, head_dim, isa):
+def test_cpu_kernel_matches_dense_attention(dtype, tolerance, head_dim, isa):
     kernels = kernel_build(isa)
     torch.manual_seed(1)
     for heads, kv_heads, block_size in KERNEL_SHAPES:
-        num_blocks = 640 // block_size
+        num_blocks = 1536 // block_size
         key_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, dtype=dtype)
         value_cache = torch.randn_like(key_cache)
-        # A single token, both sides of a block edge, part of a vector, several blocks.
-        lengths = [1, block_size - 1, block_size, block_size + 1, 5, 100, 300]
-        query = torch.randn(len(lengths), heads, head_dim, dtype=dtype)
-        check_decode_kernel(kernels, query, key_cache, value_cache, random_tables(lengths, block_size, num_blocks),
-                            lengths, block_size, tolerance)
+        seqs = kernel_batch(block_size)
+        query = torch.randn(sum(rows for rows, _ in seqs), heads, head_dim, dtype=dtype)
+        tables = random_tables([context for _, context in seqs], block_size, num_blocks)
+        check_kernel(kernels, query, key_cache, value_cache, tables, seqs, block_size, tolerance)
 
 
 @pytest.mark.parametrize("isa", [b.isa for b in cpu_kernels.BUILDS])
@@ -168,7 +181,7 @@ def test_cpu_decode_kernel_matches_dense_attention(dtype, tolerance, head_dim, i
 @pytest.mark.parametrize("dtype, cache_dtype, tolerance", [
     (torch.float32, torch.bfloat16, 1e-5), (torch.float32, torch.float16, 1e-5),
     (torch.float32, torch.float8_e5m2, 1e-5), (torch.bfloat16, torch.float8_e5m2, 2e-2)])
-def test_cpu_decode_kernel_reads_a_narrower_cache(dtype, cache_dtype, tolerance, head_dim, isa):
+def test_cpu_kernel_reads_a_narrower_cache(dtype, cache_dtype, tolerance, head_dim, isa):
     """--kv-cache-dtype: the kernel widens the stored values exactly, so the query dtype's
     tolerance holds against attention over the same stored values."""
     kernels = kernel_build(isa)
@@ -177,14 +190,22 @@ def test_cpu_decode_kernel_reads_a_narrower_cache(dtype, cache_dtype, tolerance,
         num_blocks = 640 // block_size
         key_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(cache_dtype)
         value_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(cache_dtype)
-        lengths = [1, block_size + 1, 250]
-        query = torch.randn(len(lengths), heads, head_dim).to(dtype)
-        tables = random_tables(lengths, block_size, num_blocks)
-        check_decode_kernel(kernels, query, key_cache, value_cache, tables, lengths, block_size, tolerance)
+        seqs = [(1, 1), (1, block_size + 1), (1, 250), (9, 9), (11, 200)]
+        query = torch.randn(sum(rows for rows, _ in seqs), heads, head_dim).to(dtype)
+        tables = random_tables([context for _, context in seqs], block_size, num_blocks)
+        check_kernel(kernels, query, key_cache, value_cache, tables, seqs, block_size, tolerance)
     with pytest.raises(RuntimeError, match="bfloat16 or float16 for a float32 query"):
-        kernels.paged_decode_attention(query.to(torch.bfloat16), key_cache.to(torch.float16),
-                                       value_cache.to(torch.float16), tables,
-                                       torch.tensor(lengths, dtype=torch.int32), block_size, 1.0)
+        kernels.paged_attention(query.to(torch.bfloat16), key_cache.to(torch.float16), value_cache.to(torch.float16),
+                                tables, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([1], dtype=torch.int32),
+                                block_size, 1.0)
+
+
+def test_cpu_kernel_refuses_a_sequence_with_more_query_rows_than_context():
+    kernels = cpu_kernels.load()
+    cache = torch.zeros(64, 1, 8)
+    with pytest.raises(RuntimeError, match=r"query rows \[0, 3\) and 2 tokens of context"):
+        kernels.paged_attention(torch.zeros(3, 1, 8), cache, cache, torch.zeros(1, 4, dtype=torch.int32),
+                                torch.tensor([0, 3], dtype=torch.int32), torch.tensor([2], dtype=torch.int32), 16, 1.0)
 
 
 @pytest.mark.skipif(not host.current().cpu.is_x86, reason="the avx512 and avx2 builds are x86-64 code")
@@ -221,14 +242,16 @@ def test_the_kernel_runs_its_rows_on_torchs_own_threads():
     key_cache = torch.randn(num_blocks * block_size, 3, 64)
     value_cache = torch.randn_like(key_cache)
     tables = torch.randperm(num_blocks)[:len(lengths) * 19].view(len(lengths), 19).to(torch.int32)
-    query, lens = torch.randn(len(lengths), 9, 64), torch.tensor(lengths, dtype=torch.int32)
+    # Decodes, then two prompt chunks of 20 and 30 rows.
+    query_start_loc = torch.tensor([0, 1, 2, 3, 4, 5, 6, 26, 56], dtype=torch.int32)
+    query, lens = torch.randn(56, 9, 64), torch.tensor(lengths, dtype=torch.int32)
     before = torch.get_num_threads()
     try:
         outputs = []
         for threads in (1, max(2, before)):
             torch.set_num_threads(threads)
-            outputs.append(kernels.paged_decode_attention(query, key_cache, value_cache, tables, lens, block_size,
-                                                          0.125))
+            outputs.append(kernels.paged_attention(query, key_cache, value_cache, tables, query_start_loc, lens,
+                                                   block_size, 0.125))
     finally:
         torch.set_num_threads(before)
     assert torch.equal(*outputs)
@@ -244,7 +267,8 @@ torch.manual_seed(0)
 keys, values = torch.randn(64, 2, 16), torch.randn(64, 2, 16)
 query = torch.randn(1, 4, 16)
 table, length = torch.randperm(4).to(torch.int32).view(1, 4), 50
-out = kernels.paged_decode_attention(query, keys, values, table, torch.tensor([length], dtype=torch.int32), 16, 0.25)
+out = kernels.paged_attention(query, keys, values, table, torch.tensor([0, 1], dtype=torch.int32),
+                              torch.tensor([length], dtype=torch.int32), 16, 0.25)
 slots = (table[0].long()[:, None] * 16 + torch.arange(16)).flatten()[:length]
 k, v = keys[slots].repeat_interleave(2, dim=1), values[slots].repeat_interleave(2, dim=1)
 weights = torch.softmax(torch.einsum("hd,nhd->hn", query[0], k) * 0.25, dim=-1)
