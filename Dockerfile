@@ -54,7 +54,7 @@ USER iterserve
 ENV ITERSERVE_CACHE=/home/iterserve/.cache/iterserve
 # Convert the embedded GGUF once at build time, so a container starts serving in seconds.
 RUN python -c "from engine.embedded_model import default_model_path; print(default_model_path())"
-# Compile every build of the CPU decode kernel that the build machine runs (avx512, avx2, portable)
+# Compile every build of the CPU kernels that the build machine runs (avx512bf16, avx512, avx2, portable)
 # into the same cache. Each is keyed on its ISA flags, so a host that runs more (AVX-512 where the
 # build machine had AVX2 alone) compiles its best build once, on first start.
 RUN python -c "from engine import cpu_kernels as k; assert all(k.load(b.isa) for b in k.runnable_builds())"

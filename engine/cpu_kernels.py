@@ -1,8 +1,8 @@
 """Our C++ CPU kernels (engine/csrc: paged decode attention, and a layer's small ops
 fused), compiled on first use into one extension and cached.
 
-One source builds three ways: `avx512`, `avx2` and `portable` (plain loops, for x86-64
-without AVX2 and for Arm). `load()` gives the best build that this CPU runs, as
+One source builds four ways: `avx512bf16` (AVX-512 with the bfloat16 dot product),
+`avx512`, `avx2` and `portable` (plain loops, for x86-64 without AVX2 and for Arm). `load()` gives the best build that this CPU runs, as
 engine/host.py reads the CPU; `load(isa)` a named one, which the tests use to prove
 every build the host can run. Each build is compiled with its own ISA flags rather
 than `-march=native`, into `$ITERSERVE_CACHE/kernels/<arch>-<isa>-<key>`, the key a
@@ -45,6 +45,8 @@ class KernelBuild:
     cflags: tuple[str, ...]
 
     def runs_on(self, cpu: host.CpuInfo) -> bool:
+        if self.isa == "avx512bf16":
+            return cpu.is_x86 and cpu.avx512 and "avx512_bf16" in cpu.flags
         if self.isa == "avx512":
             return cpu.is_x86 and cpu.avx512
         if self.isa == "avx2":
@@ -60,8 +62,10 @@ class KernelBuild:
 
 
 AVX2_FLAGS = ("-mavx2", "-mfma", "-mf16c")
+AVX512_FLAGS = AVX2_FLAGS + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
 BUILDS = (  # best first
-    KernelBuild("avx512", AVX2_FLAGS + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")),
+    KernelBuild("avx512bf16", AVX512_FLAGS + ("-mavx512bf16",)),
+    KernelBuild("avx512", AVX512_FLAGS),
     KernelBuild("avx2", AVX2_FLAGS),
     KernelBuild("portable", ()),
 )

@@ -1,15 +1,17 @@
-// Decode attention read straight out of the paged KV cache, for the CPU.
+// Attention read straight out of the paged KV cache, for the CPU: a step's whole flat batch,
+// decodes and prompt chunks, in one call.
 //
-// One query token per request, one request per work item: its query heads are scored
-// against every key of the context as the block table finds them, then the values are
-// summed with the softmax weights. Keys and values are read once, in place;
-// the pure-torch path gathers them into a padded copy first and reads that again.
+// A work item is up to 8 consecutive query tokens of one sequence (a decode is one): their
+// query heads are scored against every key of the context as the block table finds them,
+// causally, then the values are summed with the softmax weights. Keys and values are read
+// in place, once per item; a chunk over a cached prefix reads the prefix where it lies.
 //
-// The same source builds three ways (engine/cpu_kernels.py picks the best the CPU runs):
-// with -mavx512f/bw/vl/dq the inner loops use 16-float vectors, with -mavx2 -mfma -mf16c
-// 8-float ones, and with no ISA flags plain loops that the compiler vectorises as it can
-// (the build for CPUs without AVX2, and for Arm). Each build registers its operator under
-// its own namespace, ITERSERVE_OPS, so several can live in one process (the tests load
+// The same source builds four ways (engine/cpu_kernels.py picks the best the CPU runs):
+// with -mavx512f/bw/vl/dq the inner loops use 16-float vectors, adding -mavx512bf16 the
+// bfloat16 model's products use the hardware's bfloat16 dot product, with -mavx2 -mfma
+// -mf16c 8-float vectors, and with no ISA flags plain loops that the compiler vectorises as
+// it can (the build for CPUs without AVX2, and for Arm). Each build registers its operator
+// under its own namespace, ITERSERVE_OPS, so several can live in one process (the tests load
 // every build the host can run).
 
 #include <ATen/Dispatch.h>
@@ -25,13 +27,18 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define ITERSERVE_VECTOR_BITS 512
+#if defined(__AVX512BF16__)
+#define ITERSERVE_ISA "avx512bf16"
+#else
 #define ITERSERVE_ISA "avx512"
+#endif
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define ITERSERVE_VECTOR_BITS 256
 #define ITERSERVE_ISA "avx2"
@@ -250,6 +257,101 @@ inline void accumulate_rows(float* acc, const T* values, int64_t value_stride, i
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// bfloat16 queries over a bfloat16 cache (the avx512bf16 build): the hardware's bfloat16 dot
+// product (vdpbf16ps) multiplies 32 pairs a vector and sums each two into a float lane, so
+// the keys and values need no widening and each vector instruction does twice the work.
+template <typename T, typename C, int HD>
+constexpr bool kBf16Dot = std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, c10::BFloat16> && HD > 0 &&
+                          HD % 32 == 0 && HD <= 128;
+
+inline __m512bh load_bf16(const c10::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+// As score_keys, with the queries in bfloat16 as they came (the scale is applied to the sums).
+template <int HD>
+inline void score_keys_bf16(const c10::BFloat16* q, const c10::BFloat16* keys, int64_t key_stride, int64_t n,
+                            int64_t group, float scale, float* scores, int64_t stride) {
+  constexpr int kVectors = HD / 32;
+  Vec partial[kHeadsPerPass][Vec::kWidth];
+  for (int64_t g0 = 0; g0 < group; g0 += kHeadsPerPass) {
+    const int64_t heads = std::min(kHeadsPerPass, group - g0);
+    for (int64_t i = 0; i < n; ++i) {
+      __m512bh key[kVectors];
+      for (int j = 0; j < kVectors; ++j) key[j] = load_bf16(keys + i * key_stride + 32 * j);
+      for (int64_t g = 0; g < heads; ++g) {
+        const c10::BFloat16* qg = q + (g0 + g) * HD;
+        __m512 sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), load_bf16(qg), key[0]);
+        for (int j = 1; j < kVectors; ++j) sum = _mm512_dpbf16_ps(sum, load_bf16(qg + 32 * j), key[j]);
+        partial[g][i] = {sum};
+      }
+    }
+    for (int64_t g = 0; g < heads; ++g) {
+      for (int64_t i = n; i < Vec::kWidth; ++i) partial[g][i] = Vec::splat(0.0f);
+      const Vec sums = Vec::sums(partial[g]) * Vec::splat(scale);
+      if (n == Vec::kWidth)
+        sums.store(scores + (g0 + g) * stride);
+      else
+        sums.store(scores + (g0 + g) * stride, static_cast<int>(n));
+    }
+  }
+}
+
+// Where element d of a head's output sits in its accumulators under accumulate_rows_bf16:
+// two value rows are interleaved 16 bits at a time within each 128-bit lane, so a 512-bit
+// vector of 32 elements feeds two accumulators, the low and high four of each lane's eight.
+inline int64_t pair_order(int64_t d) {
+  const int64_t within = d % 32, lane = within / 8, high = within % 8 / 4;
+  return (2 * (d / 32) + high) * 16 + lane * 4 + within % 4;
+}
+
+// As accumulate_rows, two value rows per instruction: acc_g (in pair_order) += w_i v_i +
+// w_i+1 v_i+1, the weights rounded to bfloat16 (as GPU flash attention rounds them). An odd
+// last row is paired with zeros; `weights` must then hold a finite value one past it.
+template <int HD>
+inline void accumulate_rows_bf16(float* acc, const c10::BFloat16* values, int64_t value_stride, int64_t n,
+                                 const c10::BFloat16* weights, int64_t stride, int64_t group) {
+  constexpr int kVectors = HD / 16;  // accumulators a head
+  constexpr int kHeads = kAccumulators / kVectors;
+  for (int64_t g0 = 0; g0 < group; g0 += kHeads) {
+    const int64_t heads = std::min<int64_t>(kHeads, group - g0);
+    Vec sum[kHeads][kVectors];
+#pragma GCC unroll 16
+    for (int g = 0; g < kHeads; ++g)
+      if (g < heads)
+#pragma GCC unroll 16
+        for (int j = 0; j < kVectors; ++j) sum[g][j] = Vec::load(acc + (g0 + g) * HD + 16 * j);
+    for (int64_t i = 0; i < n; i += 2) {
+      __m512bh pairs[kVectors];
+      for (int j = 0; j < kVectors / 2; ++j) {
+        const __m512i a = _mm512_loadu_si512(values + i * value_stride + 32 * j);
+        const __m512i b = i + 1 < n ? _mm512_loadu_si512(values + (i + 1) * value_stride + 32 * j)
+                                    : _mm512_setzero_si512();
+        pairs[2 * j] = (__m512bh)_mm512_unpacklo_epi16(a, b);
+        pairs[2 * j + 1] = (__m512bh)_mm512_unpackhi_epi16(a, b);
+      }
+#pragma GCC unroll 16
+      for (int g = 0; g < kHeads; ++g) {
+        if (g < heads) {
+          int32_t two;
+          std::memcpy(&two, weights + (g0 + g) * stride + i, sizeof(two));
+          const __m512bh weight = (__m512bh)_mm512_set1_epi32(two);
+#pragma GCC unroll 16
+          for (int j = 0; j < kVectors; ++j) sum[g][j] = {_mm512_dpbf16_ps(sum[g][j].v, pairs[j], weight)};
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int g = 0; g < kHeads; ++g)
+      if (g < heads)
+#pragma GCC unroll 16
+        for (int j = 0; j < kVectors; ++j) sum[g][j].store(acc + (g0 + g) * HD + 16 * j);
+  }
+}
+#else
+template <typename T, typename C, int HD>
+constexpr bool kBf16Dot = false;
+#endif
+
 // Asks for a block's cache lines while the block before it is being read: a request's
 // blocks are scattered over the pool, so the hardware prefetcher cannot guess the next.
 // Into L2 (the T1 hint), not L1: a block is ~100 lines, and asking L1 for them all stalls
@@ -276,16 +378,26 @@ void attend_rows(const T* query, int64_t query_stride, T* out, int64_t out_strid
   const int64_t vectors = kv_heads * width;
   const int64_t slot_stride = kv_heads * hd;
   const int64_t block_bytes = block_size * slot_stride * static_cast<int64_t>(sizeof(C));
-  // scratch: the queries (scaled, float) as [kv head][row][head of the group], their
-  // accumulators alike, and each query vector's scores over the whole context.
-  scratch.resize(vectors * hd * 2 + vectors * context);
+  constexpr bool dot = kBf16Dot<T, C, HD>;
+  // scratch: the queries (scaled, float; with `dot`, bfloat16 as they came) as [kv head][row]
+  // [head of the group], their accumulators alike, each query vector's scores over the whole
+  // context, and with `dot` its weights in bfloat16, two or three spare (zero) past the
+  // context: an even count, so the bfloat16 rows fill whole floats.
+  const int64_t weight_stride = (context + 3) / 2 * 2;
+  scratch.resize(vectors * hd * 2 + vectors * context + (dot ? vectors * weight_stride / 2 : 0));
   float* q = scratch.data();
   float* acc = q + vectors * hd;
   float* scores = acc + vectors * hd;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t h = 0; h < kv_heads; ++h)
-      for (int64_t i = 0; i < group * hd; ++i)
-        q[(h * rows + r) * group * hd + i] = static_cast<float>(query[r * query_stride + h * group * hd + i]) * scale;
+      for (int64_t i = 0; i < group * hd; ++i) {
+        const T x = query[r * query_stride + h * group * hd + i];
+        const int64_t at = (h * rows + r) * group * hd + i;
+        if constexpr (dot)
+          reinterpret_cast<T*>(q)[at] = x;
+        else
+          q[at] = static_cast<float>(x) * scale;
+      }
   std::fill(acc, acc + vectors * hd, 0.0f);
   const int64_t num_blocks = (context + block_size - 1) / block_size;
   auto block_start = [&](const C* cache, int64_t b) {
@@ -296,6 +408,16 @@ void attend_rows(const T* query, int64_t query_stride, T* out, int64_t out_strid
     if (b + 1 < num_blocks) prefetch(block_start(key_cache, b + 1), block_bytes);
     const int64_t t0 = b * block_size, n = std::min(block_size, context - t0);
     const C* keys = block_start(key_cache, b);
+#if defined(__AVX512BF16__)
+    if constexpr (dot) {
+      for (int64_t i = 0; i < n; i += Vec::kWidth)
+        for (int64_t h = 0; h < kv_heads; ++h)
+          score_keys_bf16<HD>(reinterpret_cast<const T*>(q) + h * width * hd, keys + i * slot_stride + h * hd,
+                              slot_stride, std::min<int64_t>(Vec::kWidth, n - i), width, scale,
+                              scores + h * width * context + t0 + i, context);
+      continue;
+    }
+#endif
 #if ITERSERVE_VECTOR_BITS > 0
     if constexpr (kVectorRows<C, HD>) {
       for (int64_t i = 0; i < n; i += Vec::kWidth)
@@ -332,11 +454,33 @@ void attend_rows(const T* query, int64_t query_stride, T* out, int64_t out_strid
     for (int64_t t = 0; t < seen; ++t) s[t] *= inverse;
     std::fill(s + seen, s + context, 0.0f);
   }
+#if defined(__AVX512BF16__)
+  c10::BFloat16* weights = reinterpret_cast<c10::BFloat16*>(scores + vectors * context);
+  if constexpr (dot) {
+    for (int64_t v = 0; v < vectors; ++v) {
+      const float* s = scores + v * context;
+      c10::BFloat16* w = weights + v * weight_stride;
+      int64_t t = 0;
+      for (; t + 16 <= context; t += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + t), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + t)));
+      for (; t < context; ++t) w[t] = c10::BFloat16(s[t]);
+      std::fill(w + context, w + weight_stride, c10::BFloat16(0.0f));
+    }
+  }
+#endif
 
   for (int64_t b = 0; b < num_blocks; ++b) {
     if (b + 1 < num_blocks) prefetch(block_start(value_cache, b + 1), block_bytes);
     const int64_t t0 = b * block_size, n = std::min(block_size, context - t0);
     const C* values = block_start(value_cache, b);
+#if defined(__AVX512BF16__)
+    if constexpr (dot) {
+      for (int64_t h = 0; h < kv_heads; ++h)
+        accumulate_rows_bf16<HD>(acc + h * width * hd, values + h * hd, slot_stride, n,
+                                 weights + h * width * weight_stride + t0, weight_stride, width);
+      continue;
+    }
+#endif
 #if ITERSERVE_VECTOR_BITS > 0
     if constexpr (kVectorRows<C, HD>) {
       for (int64_t h = 0; h < kv_heads; ++h)
@@ -353,8 +497,16 @@ void attend_rows(const T* query, int64_t query_stride, T* out, int64_t out_strid
 
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t h = 0; h < kv_heads; ++h)
-      for (int64_t i = 0; i < group * hd; ++i)
-        out[r * out_stride + h * group * hd + i] = static_cast<T>(acc[(h * rows + r) * group * hd + i]);
+      for (int64_t i = 0; i < group * hd; ++i) {
+        const float* a = acc + (h * rows + r) * group * hd + i / hd * hd;
+#if defined(__AVX512BF16__)
+        if constexpr (dot) {
+          out[r * out_stride + h * group * hd + i] = static_cast<T>(a[pair_order(i % hd)]);
+          continue;
+        }
+#endif
+        out[r * out_stride + h * group * hd + i] = static_cast<T>(a[i % hd]);
+      }
 }
 
 // Query rows of one sequence attended together, at most: enough that a key row loaded once
@@ -460,7 +612,7 @@ at::Tensor paged_attention(at::Tensor query, at::Tensor key_cache, at::Tensor va
   return out;
 }
 
-// Which build this is: "avx512", "avx2" or "portable".
+// Which build this is: "avx512bf16", "avx512", "avx2" or "portable".
 std::string isa() { return ITERSERVE_ISA; }
 
 // One level of indirection, so that ITERSERVE_OPS is expanded before TORCH_LIBRARY pastes it.

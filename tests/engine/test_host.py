@@ -28,7 +28,7 @@ def test_an_avx512_bf16_host_gets_every_fast_path():
     cpu = host.read_cpu(XEON_AVX512_BF16, arch="x86_64")
     assert cpu.avx512 and cpu.native_bfloat16
     assert cpu.onednn_packs_bfloat16 == torch.backends.mkldnn.is_available()
-    assert [b.isa for b in cpu_kernels.runnable_builds(cpu)] == ["avx512", "avx2", "portable"]
+    assert [b.isa for b in cpu_kernels.runnable_builds(cpu)] == ["avx512bf16", "avx512", "avx2", "portable"]
     assert cpu.summary() == {"arch": "x86_64", "model": "Intel(R) Xeon(R) Platinum 8481C", "isa": "avx512",
                              "native_bfloat16": True, "amx": True}
 
@@ -37,6 +37,7 @@ def test_avx512_without_bf16_packs_weights_but_computes_bfloat16_emulated():
     cpu = host.read_cpu(AVX512_NO_BF16, arch="x86_64")
     assert cpu.avx512 and not cpu.native_bfloat16
     assert cpu.onednn_packs_bfloat16 == torch.backends.mkldnn.is_available()
+    assert [b.isa for b in cpu_kernels.runnable_builds(cpu)] == ["avx512", "avx2", "portable"]
 
 
 def test_an_arm_host_builds_the_portable_kernel_only():
@@ -52,6 +53,10 @@ def test_disabled_features_look_absent(monkeypatch):
     cpu = host.read_cpu(XEON_AVX512_BF16, arch="x86_64")
     assert not cpu.avx512 and cpu.avx2
     assert cpu.native_bfloat16, "avx512_bf16 is still there"
+    assert [b.isa for b in cpu_kernels.runnable_builds(cpu)] == ["avx2", "portable"]
+    monkeypatch.setenv("ITERSERVE_CPU_DISABLE", "avx512_bf16")
+    assert [b.isa for b in cpu_kernels.runnable_builds(host.read_cpu(XEON_AVX512_BF16, arch="x86_64"))] == [
+        "avx512", "avx2", "portable"]
 
 
 def test_this_host_is_read(cpu_without):
