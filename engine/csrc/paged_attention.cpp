@@ -530,7 +530,7 @@ void attention(const at::Tensor& query, const at::Tensor& key_cache, const at::T
   std::vector<WorkItem> items;
   for (int64_t s = 0; s < seq_lens.size(0); ++s) {
     const int64_t start = loc[s], end = loc[s + 1], context = lens[s];
-    TORCH_CHECK(start <= end && end <= query.size(0) && end - start <= context,
+    TORCH_CHECK(0 <= start && start <= end && end <= query.size(0) && end - start <= context,
                 "sequence ", s, " has query rows [", start, ", ", end, ") and ", context, " tokens of context");
     const int64_t budget = kScoreBytesPerItem / static_cast<int64_t>(heads * context * sizeof(float));
     const int64_t tile = std::clamp<int64_t>(budget, 1, kMaxRowsPerItem);
