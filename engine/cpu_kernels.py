@@ -1,16 +1,16 @@
-"""Our C++ CPU kernels (engine/csrc: paged decode attention, and a layer's small ops
-fused), compiled on first use into one extension and cached.
+"""Our C++ CPU kernels (engine/csrc: attention over the paged KV cache, and a layer's small
+ops fused), compiled on first use into one extension and cached.
 
 One source builds four ways: `avx512bf16` (AVX-512 with the bfloat16 dot product),
-`avx512`, `avx2` and `portable` (plain loops, for x86-64 without AVX2 and for Arm). `load()` gives the best build that this CPU runs, as
-engine/host.py reads the CPU; `load(isa)` a named one, which the tests use to prove
-every build the host can run. Each build is compiled with its own ISA flags rather
-than `-march=native`, into `$ITERSERVE_CACHE/kernels/<arch>-<isa>-<key>`, the key a
-hash of the compiler, the flags and torch's version: a cache on a disk shared between
-machines never hands one host a build another made for different hardware, and a build
-is loaded only where the CPU has every feature its flags assume. Where nothing can be
-built (no compiler, no ninja) the engine falls back to the pure-torch attention path and
-says so once.
+`avx512`, `avx2` and `portable` (plain loops, for x86-64 without AVX2 and for Arm).
+`load()` gives the best build that this CPU runs, as engine/host.py reads the CPU;
+`load(isa)` a named one, which the tests use to prove every build the host can run. Each
+build is compiled with its own ISA flags rather than `-march=native`, into
+`$ITERSERVE_CACHE/kernels/<arch>-<isa>-<key>`, the key a hash of the compiler, the flags
+and torch's version: a cache on a disk shared between machines never hands one host a
+build another made for different hardware, and a build is loaded only where the CPU has
+every feature its flags assume. Where nothing can be built (no compiler, no ninja) the
+engine falls back to the pure-torch attention path and says so once.
 
 The kernel splits its rows over threads with ATen's `parallel_for`, a header template that
 runs serially unless the extension itself is compiled with OpenMP: so where torch runs on

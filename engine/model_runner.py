@@ -172,8 +172,8 @@ class ModelRunner:
         return self._tensor(rows), self._last_sampled[self._tensor(sources)]
 
     def prepare(self, output: SchedulerOutput) -> ModelInput:
-        # Decodes first, shortest context first, so that groups of similar length are
-        # contiguous rows; then prompt chunks, attended one by one.
+        # Decodes first, shortest context first (the torch path groups similar lengths as
+        # contiguous rows; the CPU kernel starts from the longest), then prompt chunks.
         decodes = sorted((s for s in output.scheduled if s.num_new_tokens == 1), key=lambda s: s.start_position)
         chunks = [s for s in output.scheduled if s.num_new_tokens > 1]
         order = decodes + chunks
