@@ -164,6 +164,20 @@ inline void score_row(const float* q, const T* k, int64_t group, int64_t hd, flo
 // stack array (8 KB at most) for one batched reduction per head.
 constexpr int64_t kHeadsPerPass = 8;
 
+// scores[g * stride + i] = scale * (the sum of partial[g][i]'s lanes), for the first `heads`
+// heads and the n <= Vec::kWidth keys i: each head's n dot products end in one reduction.
+inline void store_sums(Vec (*partial)[Vec::kWidth], int64_t heads, int64_t n, Vec scale, float* scores,
+                       int64_t stride) {
+  for (int64_t g = 0; g < heads; ++g) {
+    for (int64_t i = n; i < Vec::kWidth; ++i) partial[g][i] = Vec::splat(0.0f);
+    const Vec sums = Vec::sums(partial[g]) * scale;
+    if (n == Vec::kWidth)
+      sums.store(scores + g * stride);
+    else
+      sums.store(scores + g * stride, static_cast<int>(n));
+  }
+}
+
 // scores[g * stride + i] = q_g . k_i for the n <= Vec::kWidth keys k_i, `key_stride` apart,
 // and each query head g of the group. Each key row is loaded and widened once per pass
 // over up to kHeadsPerPass heads, and each head's n dot products end in one reduction
@@ -185,14 +199,7 @@ inline void score_keys(const float* q, const T* keys, int64_t key_stride, int64_
         partial[g][i] = sum;
       }
     }
-    for (int64_t g = 0; g < heads; ++g) {
-      for (int64_t i = n; i < Vec::kWidth; ++i) partial[g][i] = Vec::splat(0.0f);
-      const Vec sums = Vec::sums(partial[g]);
-      if (n == Vec::kWidth)
-        sums.store(scores + (g0 + g) * stride);
-      else
-        sums.store(scores + (g0 + g) * stride, static_cast<int>(n));
-    }
+    store_sums(partial, heads, n, Vec::splat(1.0f), scores + g0 * stride, stride);
   }
 }
 #endif
@@ -285,14 +292,7 @@ inline void score_keys_bf16(const c10::BFloat16* q, const c10::BFloat16* keys, i
         partial[g][i] = {sum};
       }
     }
-    for (int64_t g = 0; g < heads; ++g) {
-      for (int64_t i = n; i < Vec::kWidth; ++i) partial[g][i] = Vec::splat(0.0f);
-      const Vec sums = Vec::sums(partial[g]) * Vec::splat(scale);
-      if (n == Vec::kWidth)
-        sums.store(scores + (g0 + g) * stride);
-      else
-        sums.store(scores + (g0 + g) * stride, static_cast<int>(n));
-    }
+    store_sums(partial, heads, n, Vec::splat(scale), scores + g0 * stride, stride);
   }
 }
 
