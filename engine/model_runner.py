@@ -192,9 +192,8 @@ class ModelRunner:
         if self.triton_kernels is not None:
             meta.flat = self._flat_batch(rows, starts + num_new, query_start_loc, int(num_new.max()))
         elif self.cpu_kernel is not None:
-            meta.paged = PagedBatch(torch.from_numpy(query_start_loc.astype(np.int32)),
-                                    torch.from_numpy((starts + num_new).astype(np.int32)),
-                                    torch.from_numpy(self.batch.tables(rows)), self.block_size, self.cpu_kernel)
+            meta.paged = PagedBatch(*self._sequences(rows, starts + num_new, query_start_loc), self.block_size,
+                                    self.cpu_kernel)
         else:
             meta.prefills = [self._prefill_span(s, int(query_start_loc[len(decodes) + i]),
                                                 int(query_start_loc[len(decodes) + i + 1]))
@@ -213,13 +212,17 @@ class ModelRunner:
             prompt_spans=prompt_spans(order, query_start_loc),
         )
 
+    def _sequences(self, rows: np.ndarray, seq_lens: np.ndarray,
+                   query_start_loc: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The flat batch's layout, as both kernels read it: int32 query start locations,
+        sequence lengths and block tables, on the device."""
+        return (self._to_device(query_start_loc.astype(np.int32)), self._to_device(seq_lens.astype(np.int32)),
+                self._to_device(self.batch.tables(rows)))
+
     def _flat_batch(self, rows: np.ndarray, seq_lens: np.ndarray, query_start_loc: np.ndarray,
                     max_query_len: int) -> FlatBatch:
         return FlatBatch(
-            query_start_loc=self._to_device(query_start_loc.astype(np.int32)),
-            seq_lens=self._to_device(seq_lens.astype(np.int32)),
-            block_tables=self._to_device(self.batch.tables(rows)),
-            max_query_len=max_query_len, block_size=self.block_size,
+            *self._sequences(rows, seq_lens, query_start_loc), max_query_len=max_query_len, block_size=self.block_size,
             num_splits=num_kv_splits(len(rows) * self.model.args.num_kv_heads, max_query_len,
                                      int(seq_lens.max()), self.device),
             kernels=self.triton_kernels)
