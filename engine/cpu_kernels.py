@@ -1,5 +1,5 @@
-"""Our C++ CPU kernels (engine/csrc: attention over the paged KV cache, and a layer's small
-ops fused), compiled on first use into one extension and cached.
+"""Our C++ CPU kernels (engine/csrc: attention over the paged KV cache, a layer's small ops
+fused, and the sampler's draw), compiled on first use into one extension and cached.
 
 One source builds four ways: `avx512bf16` (AVX-512 with the bfloat16 dot product),
 `avx512`, `avx2` and `portable` (plain loops, for x86-64 without AVX2 and for Arm).
@@ -34,7 +34,8 @@ from engine.embedded_model import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "layer_ops.cpp"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name
+                for name in ("paged_attention.cpp", "layer_ops.cpp", "sampling.cpp"))
 COMMON_CFLAGS = ("-O3", "-ffast-math", "-fopenmp-simd")
 OPENMP_FLAGS = ("-fopenmp",)
 

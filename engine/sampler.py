@@ -1,4 +1,7 @@
-"""Turns one step's logits into tokens: logit bias, penalties, temperature, top-k/top-p/min-p, seeds, logprobs."""
+"""Turns one step's logits into tokens: logit bias, penalties, temperature, top-k/top-p/min-p, seeds, logprobs.
+
+Three draws: on a GPU by the exponential race (`draw_by_race`); on a CPU by the C++ kernel
+(`draw_with_kernel`), or by torch's ops where it cannot be built (`draw_by_inverse_cdf`)."""
 
 from dataclasses import dataclass, field
 import itertools
@@ -17,8 +20,11 @@ class TokenLogprobs:
 
 
 class Sampler:
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", kernel=None):
+        """`kernel`: the CPU kernels' operators (engine.cpu_kernels.load()), whose `sample_tokens`
+        then draws a CPU step's rows; without it torch's ops draw them."""
         self.device = torch.device(device)
+        self.kernel = kernel
         # A seeded request draws from its own generator, so its tokens do not depend on
         # which other requests share the batch.
         self._generators: dict[str, torch.Generator] = {}
@@ -39,29 +45,25 @@ class Sampler:
             # largest is the same token. `max` rather than `argmax`: on CPU, argmax over
             # bfloat16 takes twice as long (both give the first of equal largest values).
             return SampledTokens(logits.max(dim=-1).indices)
-        logits = logits.float()
         # Logprobs are reported from the model's own distribution, before any processing,
         # and computed for the rows that ask alone.
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if logprob_rows:
             logprob_index = to_device(logprob_rows, torch.long, logits.device)
-            raw_logprobs = torch.log_softmax(logits[logprob_index], dim=-1)
+            raw_logprobs = torch.log_softmax(logits[logprob_index].float(), dim=-1)
         biased, penalised = any(p.logit_bias for p in params), any(p.has_penalties for p in params)
-        if biased or penalised:
-            logits = logits.clone(memory_format=torch.contiguous_format)  # the model's own stay as they are
+        if biased or penalised:  # on a float copy: the model's own stay as they are
+            logits = logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
         if biased:
             apply_logit_bias(logits, requests)
         if penalised:
             apply_penalties(logits, requests)
 
-        random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
-        if len(random_rows) == len(requests):
-            tokens = self._sample_random(logits, requests)
+        if self.kernel is not None:
+            generators = [None if p.is_greedy else self._generator(r) for r, p in zip(requests, params)]
+            tokens = draw_with_kernel(self.kernel, logits, params, generators)
         else:
-            tokens = logits.argmax(dim=-1)
-            if random_rows:
-                rows = to_device(random_rows, torch.long, logits.device)
-                tokens[rows] = self._sample_random(logits[rows], [requests[i] for i in random_rows])
+            tokens = self._draw_with_torch(logits.float(), requests)
         sampled = SampledTokens(tokens)
         if logprob_rows:
             sampled.logprob_rows = logprob_rows
@@ -69,6 +71,16 @@ class Sampler:
             sampled.chosen, sampled.ranks, sampled.top_values, sampled.top_ids = logprob_tensors(
                 raw_logprobs, tokens[logprob_index], max(sampled.numbers))
         return sampled
+
+    def _draw_with_torch(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.is_greedy]
+        if len(random_rows) == len(requests):
+            return self._sample_random(logits, requests)
+        tokens = logits.argmax(dim=-1)
+        if random_rows:
+            rows = to_device(random_rows, torch.long, logits.device)
+            tokens[rows] = self._sample_random(logits[rows], [requests[i] for i in random_rows])
+        return tokens
 
     def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
@@ -156,15 +168,43 @@ def inverse_cdf(logits: torch.Tensor, generators: list[torch.Generator | None],
         weights.masked_fill_(weights < min_p.unsqueeze(1), 0.0)
     cdf = weights.cumsum_(dim=-1)
     total = cdf[:, -1:]
-    uniform = torch.rand(len(generators), 1, dtype=torch.float64, device=logits.device)
-    for row, generator in enumerate(generators):
-        if generator is not None:
-            uniform[row] = torch.rand(1, dtype=torch.float64, device=logits.device, generator=generator)
+    uniform = uniforms(generators, logits.device).unsqueeze(1)
     # Kept below the total even where rounding would reach it, so the search always lands on a
     # token that adds weight.
     target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
     # A row of NaN (a broken model) finds no place: it still gets a token id of the vocabulary.
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+
+
+def uniforms(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
+    """One float64 draw in [0, 1) per row: a seeded row's from its own generator, the others
+    from torch's."""
+    uniform = torch.rand(len(generators), dtype=torch.float64, device=device)
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            uniform[row] = torch.rand(1, dtype=torch.float64, device=device, generator=generator)
+    return uniform
+
+
+def draw_with_kernel(kernel, logits: torch.Tensor, params: list[SamplingParams],
+                     generators: list[torch.Generator | None]) -> torch.Tensor:
+    """The CPU kernel's draw (engine/csrc/sampling.cpp): every row in one call, in the logits'
+    own dtype, greedy rows by argmax, temperature applied there. A row's top-k is passed as its
+    k-th best logit, a floor: tokens tied with it are kept too, as vLLM keeps them."""
+    rows, vocab = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    floor = torch.full((rows,), torch.finfo(torch.float32).min)
+    top_k_rows = [row for row, p in enumerate(params) if p.top_k and not p.is_greedy]
+    if top_k_rows:
+        index = torch.tensor(top_k_rows)
+        ks = torch.tensor([min(params[row].top_k, vocab) for row in top_k_rows])
+        best = logits[index].topk(int(ks.max()), dim=-1).values
+        floor[index] = best.gather(1, ks.unsqueeze(1) - 1).squeeze(1).float()
+    temperature = torch.tensor([0.0 if p.is_greedy else p.temperature for p in params], dtype=torch.float32)
+    min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+    return kernel.sample_tokens(logits, temperature, floor, min_p, top_p, uniforms(generators, logits.device))
 
 
 def redraw_outside_top_p(tokens: torch.Tensor, logits: torch.Tensor, generators: list[torch.Generator | None],

@@ -1,0 +1,230 @@
+// One token per row of a step's logits, for the CPU: greedy rows by argmax, the others drawn
+// by inverse CDF from the weights exp((logit - max) / temperature), with top-k as a floor on
+// the logits, min-p on the weights and top-p by rejection.
+//
+// torch's way (engine/sampler.py, draw_by_inverse_cdf) widens the rows into fresh float32
+// and float64 tensors, divides, exponentiates and sums them whole: on 64 rows of a 49k
+// vocabulary a fifth of a decode step, mostly memory traffic and first-touch page faults.
+// Here a row is read in its own dtype twice (its max, then its weights into a thread's
+// scratch row, which stays in L2) and its running sum is found through partial sums of
+// kBlock weights, so the draw itself reads a block or two.
+//
+// Built with paged_attention.cpp into one extension, under the same ITERSERVE_OPS namespace,
+// and, like it, under -ffast-math: no infinity or NaN is ever relied on. A masked token gets
+// weight 0 by a comparison against finite bounds, never through exp(-inf); a row of NaN (a
+// broken model) still yields a token id of the vocabulary.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifndef ITERSERVE_OPS
+#define ITERSERVE_OPS iterserve_cpu
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 256;  // weights per partial sum
+// Weights under exp(-88) of the best token's are 0: exp would leave float's normal range
+// there, and such a token is beyond what a float64 uniform draw can land on anyway.
+constexpr float kMinExponent = -88.0f;
+
+// The row's redraws (top-p) take further uniforms from its first, by splitmix64 over its
+// bits: a seeded row's draws stay a function of its generator alone.
+double next_uniform(uint64_t& state) {
+  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<double>(z >> 11) * 0x1.0p-53;
+}
+
+template <typename T>
+float row_max(const T* x, int64_t n) {
+  float best = std::numeric_limits<float>::lowest();
+#pragma omp simd reduction(max : best)
+  for (int64_t j = 0; j < n; ++j) best = std::max(best, static_cast<float>(x[j]));
+  return best;
+}
+
+// The first token whose logit is `best`, as torch's argmax picks it; 0 where none is (NaN).
+template <typename T>
+int64_t first_of(const T* x, int64_t n, float best) {
+  for (int64_t j = 0; j < n; ++j)
+    if (static_cast<float>(x[j]) == best) return j;
+  return 0;
+}
+
+// w[j] = exp((x[j] - best) * inverse_t) for the tokens at or above `floor`, 0 for the rest.
+// Returns their sum, the mass top-p's share is taken of.
+template <typename T>
+double weigh(const T* x, int64_t n, float best, float inverse_t, float floor, float* w) {
+  double total = 0.0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min(n, start + kBlock);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = start; j < end; ++j) {
+      const float x_j = static_cast<float>(x[j]);
+      const float exponent = (x_j - best) * inverse_t;
+      const float weight = std::exp(std::max(exponent, kMinExponent));
+      w[j] = x_j >= floor && exponent > kMinExponent ? weight : 0.0f;
+      sum += w[j];
+    }
+    total += sum;
+  }
+  return total;
+}
+
+// Each block's sum of the weights a draw may take: at or above `floor`, and at least `min_p`
+// (the best token's weight is 1). Returns the blocks' total.
+template <typename T>
+double block_sums(const T* x, const float* w, int64_t n, float floor, float min_p, double* sums) {
+  double total = 0.0;
+  for (int64_t start = 0, b = 0; start < n; start += kBlock, ++b) {
+    const int64_t end = std::min(n, start + kBlock);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = start; j < end; ++j)
+      sum += static_cast<float>(x[j]) >= floor && w[j] >= min_p ? w[j] : 0.0f;
+    sums[b] = sum;
+    total += sum;
+  }
+  return total;
+}
+
+// The first token whose running sum of drawable weights passes `target` (< the total); -1
+// where rounding or NaN leaves none. The block is found by its partial sums, then its tokens
+// are summed one by one, on past its end if the float block sum was rounded up.
+template <typename T>
+int64_t find_token(const T* x, const float* w, const double* sums, int64_t n, float floor, float min_p,
+                   double target) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  double before = 0.0;
+  int64_t b = 0;
+  while (b < blocks && !(before + sums[b] > target)) before += sums[b++];
+  int64_t last = -1;
+  for (int64_t j = b * kBlock; j < n; ++j) {
+    if (static_cast<float>(x[j]) >= floor && w[j] >= min_p && w[j] > 0.0f) {
+      last = j;
+      before += w[j];
+      if (before > target) return j;
+    }
+  }
+  return last;
+}
+
+// The mass of the tokens likelier than `token`, by their unfiltered weights.
+template <typename T>
+double likelier_mass(const T* x, const float* w, int64_t n, int64_t token) {
+  const float drawn = static_cast<float>(x[token]);
+  double total = 0.0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min(n, start + kBlock);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = start; j < end; ++j) sum += static_cast<float>(x[j]) > drawn ? w[j] : 0.0f;
+    total += sum;
+  }
+  return total;
+}
+
+struct RowParams {
+  float temperature;  // 0: greedy
+  float floor;        // the lowest logit a draw may take (top-k's k-th best), or float's lowest
+  float min_p;
+  float top_p;
+  double uniform;  // in [0, 1)
+};
+
+// One row's token. Top-p by rejection: a drawn token stands if the tokens likelier than it
+// weigh at most top_p of the row; otherwise every token no likelier than it is dropped and
+// the row draws again. What stands is distributed as top-p's renormalised distribution (the
+// tokens a full sort would keep), and each draw stands with probability at least top_p.
+template <typename T>
+int64_t sample_row(const T* x, int64_t n, const RowParams& p, float* w, double* sums) {
+  const float best = row_max(x, n);
+  if (p.temperature == 0.0f) return first_of(x, n, best);
+  const double mass = weigh(x, n, best, 1.0f / p.temperature, p.floor, w);
+  const double limit = static_cast<double>(p.top_p) * mass;
+  uint64_t state;
+  std::memcpy(&state, &p.uniform, sizeof(state));
+  float floor = p.floor;
+  double uniform = p.uniform;
+  while (true) {
+    const double total = block_sums(x, w, n, floor, p.min_p, sums);
+    // Kept below the total even where rounding would reach it, so the search lands on a
+    // token that adds weight.
+    const double target = std::min(uniform * total, std::nextafter(total, 0.0));
+    const int64_t token = find_token(x, w, sums, n, floor, p.min_p, target);
+    if (token < 0) return first_of(x, n, best);
+    if (p.top_p >= 1.0f || likelier_mass(x, w, n, token) <= limit) return token;
+    floor = std::nextafter(static_cast<float>(x[token]), std::numeric_limits<float>::max());
+    uniform = next_uniform(state);
+  }
+}
+
+template <typename T>
+void sample_rows(const at::Tensor& logits, const RowParams* params, int64_t* tokens) {
+  const int64_t rows = logits.size(0), n = logits.size(1), stride = logits.stride(0);
+  const T* base = logits.data_ptr<T>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(n);
+    std::vector<double> sums((n + kBlock - 1) / kBlock);
+    for (int64_t r = begin; r < end; ++r) tokens[r] = sample_row(base + r * stride, n, params[r], w.data(), sums.data());
+  });
+}
+
+const float* checked_rows(const at::Tensor& t, int64_t rows, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == rows &&
+                  t.is_contiguous(),
+              name, " must be a contiguous float32 CPU tensor of one value per row");
+  return t.data_ptr<float>();
+}
+
+}  // namespace
+
+// One token id per row of logits [rows, vocab] (float32, bfloat16 or float16, contiguous
+// rows). Per row, float32: temperature (0 for greedy), floor (the lowest logit a token may
+// have: top-k's k-th best, or float's lowest for every token), min_p (0 for none) and top_p
+// (1 for none); uniform, float64 in [0, 1): the row's draw.
+at::Tensor sample_tokens(at::Tensor logits, at::Tensor temperature, at::Tensor floor, at::Tensor min_p,
+                         at::Tensor top_p, at::Tensor uniform) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.stride(1) == 1 && logits.size(1) > 0,
+              "logits must be a CPU [rows, vocab] tensor with contiguous rows");
+  const int64_t rows = logits.size(0);
+  const float* t = checked_rows(temperature, rows, "temperature");
+  const float* f = checked_rows(floor, rows, "floor");
+  const float* m = checked_rows(min_p, rows, "min_p");
+  const float* p = checked_rows(top_p, rows, "top_p");
+  TORCH_CHECK(uniform.scalar_type() == at::kDouble && uniform.dim() == 1 && uniform.size(0) == rows &&
+                  uniform.is_contiguous(),
+              "uniform must be a contiguous float64 tensor of one value per row");
+  const double* u = uniform.data_ptr<double>();
+  std::vector<RowParams> params(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(t[r] >= 0.0f && p[r] > 0.0f && u[r] >= 0.0 && u[r] < 1.0, "row ", r,
+                ": expected temperature >= 0, top_p > 0 and a uniform in [0, 1)");
+    params[r] = {t[r], f[r], m[r], p[r], u[r]};
+  }
+  auto tokens = at::empty({rows}, logits.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "sample_tokens",
+                                  [&] { sample_rows<scalar_t>(logits, params.data(), tokens.data_ptr<int64_t>()); });
+  return tokens;
+}
+
+// A fragment of the namespace paged_attention.cpp defines; the same indirection, so that
+// ITERSERVE_OPS is expanded before the macro pastes it.
+#define ITERSERVE_REGISTER_SAMPLING(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+ITERSERVE_REGISTER_SAMPLING(ITERSERVE_OPS, m) { m.def("sample_tokens", &sample_tokens); }
