@@ -189,22 +189,15 @@ def uniforms(generators: list[torch.Generator | None], device: torch.device) -> 
 def draw_with_kernel(kernel, logits: torch.Tensor, params: list[SamplingParams],
                      generators: list[torch.Generator | None]) -> torch.Tensor:
     """The CPU kernel's draw (engine/csrc/sampling.cpp): every row in one call, in the logits'
-    own dtype, greedy rows by argmax, temperature applied there. A row's top-k is passed as its
-    k-th best logit, a floor: tokens tied with it are kept too, as vLLM keeps them."""
-    rows, vocab = logits.shape
+    own dtype, greedy rows by argmax, temperature and top-k applied there (top-k keeping the
+    tokens tied with the k-th best, as vLLM keeps them)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    floor = torch.full((rows,), torch.finfo(torch.float32).min)
-    top_k_rows = [row for row, p in enumerate(params) if p.top_k and not p.is_greedy]
-    if top_k_rows:
-        index = torch.tensor(top_k_rows)
-        ks = torch.tensor([min(params[row].top_k, vocab) for row in top_k_rows])
-        best = logits[index].topk(int(ks.max()), dim=-1).values
-        floor[index] = best.gather(1, ks.unsqueeze(1) - 1).squeeze(1).float()
+    top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
     temperature = torch.tensor([0.0 if p.is_greedy else p.temperature for p in params], dtype=torch.float32)
     min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-    return kernel.sample_tokens(logits, temperature, floor, min_p, top_p, uniforms(generators, logits.device))
+    return kernel.sample_tokens(logits, temperature, top_k, min_p, top_p, uniforms(generators, logits.device))
 
 
 def redraw_outside_top_p(tokens: torch.Tensor, logits: torch.Tensor, generators: list[torch.Generator | None],

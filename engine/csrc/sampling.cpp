@@ -1,6 +1,6 @@
 // One token per row of a step's logits, for the CPU: greedy rows by argmax, the others drawn
 // by inverse CDF from the weights exp((logit - max) / temperature), with top-k as a floor on
-// the logits, min-p on the weights and top-p by rejection.
+// the logits (ties with the k-th best kept), min-p on the weights and top-p by rejection.
 //
 // torch's way (engine/sampler.py, draw_by_inverse_cdf) widens the rows into fresh float32
 // and float64 tensors, divides, exponentiates and sums them whole: on 64 rows of a 49k
@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -36,6 +37,7 @@
 namespace {
 
 constexpr int64_t kBlock = 256;  // weights per partial sum
+constexpr int64_t kStretch = 64;  // logits per maximum taken in kth_largest
 // Weights under exp(-88) of the best token's are 0: exp would leave float's normal range
 // there, and such a token is beyond what a float64 uniform draw can land on anyway.
 constexpr float kMinExponent = -88.0f;
@@ -64,6 +66,34 @@ int64_t first_of(const T* x, int64_t n, float best) {
   for (int64_t j = 0; j < n; ++j)
     if (static_cast<float>(x[j]) == best) return j;
   return 0;
+}
+
+// The k-th largest logit (counting ties), through a min-heap of the k largest so far. Most
+// stretches of kStretch logits have nothing above the heap's least once it has filled, which
+// their maximum tells; only the others are looked at one by one.
+template <typename T>
+float kth_largest(const T* x, int64_t n, int64_t k, std::vector<float>& heap) {
+  heap.resize(k);
+  for (int64_t j = 0; j < k; ++j) heap[j] = static_cast<float>(x[j]);
+  std::make_heap(heap.begin(), heap.end(), std::greater<float>());
+  float least = heap.front();
+  for (int64_t start = k; start < n; start += kStretch) {
+    const int64_t end = std::min(n, start + kStretch);
+    float most = std::numeric_limits<float>::lowest();
+#pragma omp simd reduction(max : most)
+    for (int64_t j = start; j < end; ++j) most = std::max(most, static_cast<float>(x[j]));
+    if (!(most > least)) continue;
+    for (int64_t j = start; j < end; ++j) {
+      const float v = static_cast<float>(x[j]);
+      if (v > least) {
+        std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
+        heap.back() = v;
+        std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+        least = heap.front();
+      }
+    }
+  }
+  return least;
 }
 
 // w[j] = exp((x[j] - best) * inverse_t) for the tokens at or above `floor`, 0 for the rest.
@@ -142,25 +172,37 @@ double likelier_mass(const T* x, const float* w, int64_t n, int64_t token) {
 
 struct RowParams {
   float temperature;  // 0: greedy
-  float floor;        // the lowest logit a draw may take (top-k's k-th best), or float's lowest
+  int64_t top_k;      // 0: every token
   float min_p;
   float top_p;
   double uniform;  // in [0, 1)
+};
+
+// A thread's working rows, reused for each row it samples.
+struct Scratch {
+  std::vector<float> weights;  // [vocab]
+  std::vector<double> sums;    // [vocab / kBlock], rounded up
+  std::vector<float> heap;     // [top_k]
 };
 
 // One row's token. Top-p by rejection: a drawn token stands if the tokens likelier than it
 // weigh at most top_p of the row; otherwise every token no likelier than it is dropped and
 // the row draws again. What stands is distributed as top-p's renormalised distribution (the
 // tokens a full sort would keep), and each draw stands with probability at least top_p.
+// Top-k is a floor at the k-th best logit: tokens tied with it are kept too, as vLLM keeps
+// them (a bfloat16 model's logits tie often).
 template <typename T>
-int64_t sample_row(const T* x, int64_t n, const RowParams& p, float* w, double* sums) {
+int64_t sample_row(const T* x, int64_t n, const RowParams& p, Scratch& scratch) {
   const float best = row_max(x, n);
   if (p.temperature == 0.0f) return first_of(x, n, best);
-  const double mass = weigh(x, n, best, 1.0f / p.temperature, p.floor, w);
+  float* w = scratch.weights.data();
+  float floor = std::numeric_limits<float>::lowest();
+  if (p.top_k > 0 && p.top_k < n) floor = kth_largest(x, n, p.top_k, scratch.heap);
+  double* sums = scratch.sums.data();
+  const double mass = weigh(x, n, best, 1.0f / p.temperature, floor, w);
   const double limit = static_cast<double>(p.top_p) * mass;
   uint64_t state;
   std::memcpy(&state, &p.uniform, sizeof(state));
-  float floor = p.floor;
   double uniform = p.uniform;
   while (true) {
     const double total = block_sums(x, w, n, floor, p.min_p, sums);
@@ -180,43 +222,41 @@ void sample_rows(const at::Tensor& logits, const RowParams* params, int64_t* tok
   const int64_t rows = logits.size(0), n = logits.size(1), stride = logits.stride(0);
   const T* base = logits.data_ptr<T>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> w(n);
-    std::vector<double> sums((n + kBlock - 1) / kBlock);
-    for (int64_t r = begin; r < end; ++r) tokens[r] = sample_row(base + r * stride, n, params[r], w.data(), sums.data());
+    Scratch scratch{std::vector<float>(n), std::vector<double>((n + kBlock - 1) / kBlock), {}};
+    for (int64_t r = begin; r < end; ++r) tokens[r] = sample_row(base + r * stride, n, params[r], scratch);
   });
 }
 
-const float* checked_rows(const at::Tensor& t, int64_t rows, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == rows &&
-                  t.is_contiguous(),
-              name, " must be a contiguous float32 CPU tensor of one value per row");
-  return t.data_ptr<float>();
+template <typename V>
+const V* checked_rows(const at::Tensor& t, int64_t rows, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == c10::CppTypeToScalarType<V>::value && t.dim() == 1 &&
+                  t.size(0) == rows && t.is_contiguous(),
+              name, " must be a contiguous ", c10::CppTypeToScalarType<V>::value,
+              " CPU tensor of one value per row");
+  return t.data_ptr<V>();
 }
 
 }  // namespace
 
 // One token id per row of logits [rows, vocab] (float32, bfloat16 or float16, contiguous
-// rows). Per row, float32: temperature (0 for greedy), floor (the lowest logit a token may
-// have: top-k's k-th best, or float's lowest for every token), min_p (0 for none) and top_p
-// (1 for none); uniform, float64 in [0, 1): the row's draw.
-at::Tensor sample_tokens(at::Tensor logits, at::Tensor temperature, at::Tensor floor, at::Tensor min_p,
+// rows). Per row: temperature (float32, 0 for greedy), top_k (int64, 0 for none), min_p
+// (float32, 0 for none), top_p (float32, 1 for none) and uniform (float64 in [0, 1), the
+// row's draw).
+at::Tensor sample_tokens(at::Tensor logits, at::Tensor temperature, at::Tensor top_k, at::Tensor min_p,
                          at::Tensor top_p, at::Tensor uniform) {
   TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.stride(1) == 1 && logits.size(1) > 0,
               "logits must be a CPU [rows, vocab] tensor with contiguous rows");
   const int64_t rows = logits.size(0);
-  const float* t = checked_rows(temperature, rows, "temperature");
-  const float* f = checked_rows(floor, rows, "floor");
-  const float* m = checked_rows(min_p, rows, "min_p");
-  const float* p = checked_rows(top_p, rows, "top_p");
-  TORCH_CHECK(uniform.scalar_type() == at::kDouble && uniform.dim() == 1 && uniform.size(0) == rows &&
-                  uniform.is_contiguous(),
-              "uniform must be a contiguous float64 tensor of one value per row");
-  const double* u = uniform.data_ptr<double>();
+  const float* t = checked_rows<float>(temperature, rows, "temperature");
+  const int64_t* k = checked_rows<int64_t>(top_k, rows, "top_k");
+  const float* m = checked_rows<float>(min_p, rows, "min_p");
+  const float* p = checked_rows<float>(top_p, rows, "top_p");
+  const double* u = checked_rows<double>(uniform, rows, "uniform");
   std::vector<RowParams> params(rows);
   for (int64_t r = 0; r < rows; ++r) {
-    TORCH_CHECK(t[r] >= 0.0f && p[r] > 0.0f && u[r] >= 0.0 && u[r] < 1.0, "row ", r,
-                ": expected temperature >= 0, top_p > 0 and a uniform in [0, 1)");
-    params[r] = {t[r], f[r], m[r], p[r], u[r]};
+    TORCH_CHECK(t[r] >= 0.0f && k[r] >= 0 && p[r] > 0.0f && u[r] >= 0.0 && u[r] < 1.0, "row ", r,
+                ": expected temperature >= 0, top_k >= 0, top_p > 0 and a uniform in [0, 1)");
+    params[r] = {t[r], k[r], m[r], p[r], u[r]};
   }
   auto tokens = at::empty({rows}, logits.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "sample_tokens",

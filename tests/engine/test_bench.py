@@ -3,7 +3,9 @@
 import argparse
 import json
 
-from engine import bench
+import pytest
+
+from engine import bench, cpu_kernels, sampler_bench
 
 
 def args(**overrides) -> argparse.Namespace:
@@ -49,3 +51,11 @@ def test_native_dtypes_run_every_case_unmarked(tmp_path, monkeypatch):
     assert ran == ["hf-static-64x128", "hf-generate-batch-64x128"]
     assert [row["case"] for row in report.results] == ["iterserve-offline-256", "iterserve-64x128", *ran]
     assert not any(row.get("emulated") for row in report.results)
+
+
+def test_the_sampler_benchmark_times_both_draws_in_every_setting():
+    if cpu_kernels.load() is None:
+        pytest.skip("no compiler here: there is no kernel draw to time")
+    results = sampler_bench.run(rows=4, vocab=300, dtype="bfloat16", isa=None, repeats=1)
+    assert [row["setting"] for row in results] == list(sampler_bench.SETTINGS)
+    assert all(row["torch_ms"] > 0 and row["kernel_ms"] > 0 for row in results)

@@ -406,6 +406,20 @@ def test_the_kernels_top_k_keeps_the_tokens_tied_with_the_kth_best(isa):
 
 
 @pytest.mark.parametrize("isa", KERNELS)
+@pytest.mark.parametrize("order", ["random", "ascending"])  # ascending: every logit enters the kernel's heap
+def test_the_kernels_top_k_keeps_exactly_the_tokens_at_or_above_the_kth_best(isa, order):
+    logits = (torch.randn(1000, generator=torch.Generator().manual_seed(8)) * 2).to(torch.bfloat16)
+    if order == "ascending":
+        logits = logits.sort().values
+    for k in (1, 7, 64, 65, 300, 999):
+        kept = set((logits >= logits.topk(k).values[-1]).nonzero().squeeze(1).tolist())
+        params = [SamplingParams(max_tokens=1, temperature=100.0, top_k=k)] * 4000  # near uniform over the kept
+        tokens = draw_with_kernel(kernel_of(isa), logits.repeat(4000, 1), params, [None] * 4000)
+        drawn = set(tokens.tolist())
+        assert drawn == kept if k <= 300 else drawn <= kept and len(drawn) > 900, k
+
+
+@pytest.mark.parametrize("isa", KERNELS)
 def test_the_kernel_takes_greedy_rows_beside_drawn_ones_by_argmax(isa):
     logits = torch.randn(64, 4096, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     logits[4, 100] = logits[4, 200] = logits[4].max() + 1  # a tie: the lower id, as argmax gives it
@@ -418,11 +432,13 @@ def test_the_kernel_takes_greedy_rows_beside_drawn_ones_by_argmax(isa):
 
 @pytest.mark.parametrize("isa", KERNELS)
 def test_the_kernel_refuses_malformed_arguments_with_a_clear_error(isa):
-    kernel, logits, row = kernel_of(isa), torch.randn(2, VOCAB), torch.ones(2)
+    kernel, logits, row, top_k = kernel_of(isa), torch.randn(2, VOCAB), torch.ones(2), torch.zeros(2, dtype=torch.long)
     uniform = torch.full((2,), 0.5, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="one value per row"):
-        kernel.sample_tokens(logits, torch.ones(3), row, row * 0, row, uniform)
+        kernel.sample_tokens(logits, torch.ones(3), top_k, row * 0, row, uniform)
+    with pytest.raises(RuntimeError, match="top_k must be a contiguous Long"):
+        kernel.sample_tokens(logits, row, row, row * 0, row, uniform)
     with pytest.raises(RuntimeError, match="uniform in"):
-        kernel.sample_tokens(logits, row, row, row * 0, row, uniform + 1.0)
+        kernel.sample_tokens(logits, row, top_k, row * 0, row, uniform + 1.0)
     with pytest.raises(RuntimeError, match="contiguous rows"):
-        kernel.sample_tokens(logits.t(), row, row, row * 0, row, uniform)
+        kernel.sample_tokens(logits.t(), row, top_k, row * 0, row, uniform)
