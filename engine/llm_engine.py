@@ -155,12 +155,12 @@ class LLMEngine:
         # Which kernels this host got: logged once, and shown by the server's /version.
         self.paths = {"linear": linear_path(self.dtype, self.device),
                       "attention": self.runner.attention_path,
-                      "layer_ops": loaded.model.layer_ops_path}
+                      "layer_ops": loaded.model.layer_ops_path, "sampling": self.runner.sampler.path}
         logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens in %s; linears: %s; attention: %s; "
-                    "layer ops: %s; async scheduling: %s; host: %s", self.model_path, self.dtype, self.device,
-                    num_blocks, config.block_size, self.kv_cache_dtype_name, self.paths["linear"],
-                    self.paths["attention"], self.paths["layer_ops"], "on" if self.async_scheduling else "off",
-                    host.current().summary())
+                    "layer ops: %s; sampling: %s; async scheduling: %s; host: %s", self.model_path, self.dtype,
+                    self.device, num_blocks, config.block_size, self.kv_cache_dtype_name, self.paths["linear"],
+                    self.paths["attention"], self.paths["layer_ops"], self.paths["sampling"],
+                    "on" if self.async_scheduling else "off", host.current().summary())
         # The load left objects that live as long as the engine (370k with SmolLM2, millions
         # with a small model's many KV blocks), and the collector's first full collection, due
         # soon after, would walk them all with the GIL held (0.2-0.5 s) in the first steps.

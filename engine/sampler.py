@@ -25,6 +25,11 @@ class Sampler:
         then draws a CPU step's rows; without it torch's ops draw them."""
         self.device = torch.device(device)
         self.kernel = kernel
+        # Which draw this sampler takes, for the engine's log and the server's /version.
+        if self.device.type == "cuda":
+            self.path = "exponential race on the device"
+        else:
+            self.path = f"C++ kernel, {kernel.isa()} build" if kernel is not None else "torch, inverse CDF"
         # A seeded request draws from its own generator, so its tokens do not depend on
         # which other requests share the batch.
         self._generators: dict[str, torch.Generator] = {}

@@ -5,9 +5,15 @@ import argparse
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine's flags, in three groups of `--help`."""
+    add_model_arguments(parser.add_argument_group("model and KV cache"))
+    add_scheduling_arguments(parser.add_argument_group("scheduling"))
+    add_device_arguments(parser.add_argument_group("device"))
+
+
+def add_model_arguments(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument("--model", default=None, help="Hugging Face model folder (default: embedded SmolLM2-135M)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory", default="2GiB", help="bytes for the KV cache, e.g. 2GiB")
@@ -16,12 +22,6 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "in bfloat16 or float16, or any model's in fp8_e5m2, take less memory and fewer "
                              "attention reads, at some precision")
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-memory")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--long-prefill-token-threshold", type=int, default=256, metavar="N",
-                        help="with chunked prefill, at most N tokens of one prompt per step, so short "
-                             "prompts start beside a long one (0: no cap; default 256)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     # On CPU a swap out and back costs 1-7% of recomputing the same context, from 16 tokens
     # up (BENCHMARKS.md, issue 11: python -m engine.swap_cost), so every victim that fits is swapped.
@@ -29,6 +29,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 1GiB; 0: preempted requests are recomputed)")
     parser.add_argument("--swap-threshold-tokens", type=int, default=0, metavar="N",
                         help="victims with fewer than N computed tokens are recomputed instead of swapped")
+
+
+def add_scheduling_arguments(parser: argparse._ArgumentGroup) -> None:
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--long-prefill-token-threshold", type=int, default=256, metavar="N",
+                        help="with chunked prefill, at most N tokens of one prompt per step, so short "
+                             "prompts start beside a long one (0: no cap; default 256)")
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "sjf", "fair", "slo"],
                         help="the order of waiting requests: first come; lower `priority` first, preempting; "
                              "shortest remaining work first; fair share between tenants (VTC); or earliest TTFT "
@@ -49,6 +58,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests per static or dynamic batch (default: --max-num-seqs)")
     parser.add_argument("--batch-timeout-s", type=float, default=0.5,
                         help="how long a static batch, or a dynamic bucket's oldest request, waits to fill")
+
+
+def add_device_arguments(parser: argparse._ArgumentGroup) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--cuda-graphs", action="store_true", help="capture decode steps as CUDA graphs")
     parser.add_argument("--cuda-graph-sizes", default=None, metavar="SIZES",
                         help="the decode batch sizes to capture (implies --cuda-graphs), comma-separated, or auto: "

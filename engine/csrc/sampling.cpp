@@ -5,9 +5,9 @@
 // torch's way (engine/sampler.py, draw_by_inverse_cdf) widens the rows into fresh float32
 // and float64 tensors, divides, exponentiates and sums them whole: on 64 rows of a 49k
 // vocabulary a fifth of a decode step, mostly memory traffic and first-touch page faults.
-// Here a row is read in its own dtype twice (its max, then its weights into a thread's
-// scratch row, which stays in L2) and its running sum is found through partial sums of
-// kBlock weights, so the draw itself reads a block or two.
+// Here a row stays in its own dtype: one pass finds its max, one writes its weights into a
+// thread's scratch row, one sums them kBlock at a time, all but the first from L2; the draw
+// then finds its block by those partial sums and reads a block or two.
 //
 // Built with paged_attention.cpp into one extension, under the same ITERSERVE_OPS namespace,
 // and, like it, under -ffast-math: no infinity or NaN is ever relied on. A masked token gets

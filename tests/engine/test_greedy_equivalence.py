@@ -37,12 +37,13 @@ def smollm2_expected(smollm2_path):
 
 @pytest.mark.parametrize("backend", [b.isa for b in cpu_kernels.BUILDS] + ["torch", "triton"])
 def test_tiny_llama_matches_transformers(tiny_model_path, backend, monkeypatch):
-    """On the CPU: through each build of the C++ kernels this CPU runs (decode attention and the
-    fused layer ops), the torch reference path (as on a machine without a compiler: no kernels
+    """On the CPU: through each build of the C++ kernels this CPU runs (attention, the fused
+    layer ops and the sampler's draw), the torch reference path (as on a machine without a compiler: no kernels
     at all), and the Triton kernels under Triton's interpreter."""
     runnable = [b.isa for b in cpu_kernels.runnable_builds()]
     config = {"device": "cpu"}
     layer_ops = "C++ kernel, fused" if cpu_kernels.load() is not None else "torch"
+    sampling = f"C++ kernel, {runnable[0]} build" if cpu_kernels.load() is not None else "torch, inverse CDF"
     if backend in ("torch", "triton"):
         if backend == "triton":
             pytest.importorskip("triton", reason="Triton is not installed (the test extra brings it)")
@@ -50,7 +51,7 @@ def test_tiny_llama_matches_transformers(tiny_model_path, backend, monkeypatch):
                 pytest.skip("with CUDA present Triton compiles for the GPU, not for CPU tensors")
         else:
             monkeypatch.setattr(cpu_kernels, "load", lambda: None)
-            layer_ops = "torch"
+            layer_ops, sampling = "torch", "torch, inverse CDF"
         config["attention_backend"] = backend
         expected_path = {"torch": "torch, gathered groups", "triton": "triton, one launch per layer"}[backend]
     elif backend not in runnable:
@@ -58,13 +59,14 @@ def test_tiny_llama_matches_transformers(tiny_model_path, backend, monkeypatch):
     else:
         build = cpu_kernels.load(backend)
         monkeypatch.setattr(cpu_kernels, "load", lambda: build)
-        expected_path = f"C++ kernel, {backend} build"
+        expected_path = sampling = f"C++ kernel, {backend} build"
     # Contexts from a few tokens to a few hundred: the fallback attends decodes in several length groups.
     prompts = PROMPTS + ["counting sheep, " * 40, "one more time " * 110]
     expected = reference_tokens(tiny_model_path, prompts, 24)
     got, llm = run_ours(tiny_model_path, prompts, 24, **config)
     assert llm.engine.paths["attention"] == expected_path
     assert llm.engine.paths["layer_ops"] == layer_ops
+    assert llm.engine.paths["sampling"] == sampling
     assert got == expected
 
 
