@@ -136,7 +136,7 @@ class ModelRunner:
             spans = prompt_spans(decodes, np.arange(len(decodes)))  # a one-token prompt chunk may be here
         launched = LaunchedStep([s.request for s in sampling])
         if spans:
-            launched.prompt_logprobs = score_prompts(self.model, hidden, spans)
+            launched.prompt_logprobs = score_prompts(self.model, hidden, spans, self.sampler.kernel)
             launched.prompt_logprobs.start_copy()
         if not sampling:
             return launched

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.sampler import TokenLogprobs, copy_to_device, logprob_tensors, start_host_copy, token_logprobs
+from engine.sampler import TokenLogprobs, copy_to_device, model_logprobs, start_host_copy, token_logprobs
 from scheduler import ScheduledRequest
 
 # Prompt rows turned into logits at once: each is a float32 row over the whole vocabulary
@@ -85,15 +85,17 @@ class PromptLogprobs:
         return result
 
 
-def score_prompts(model: torch.nn.Module, hidden: torch.Tensor, spans: list[PromptSpan]) -> PromptLogprobs:
+def score_prompts(model: torch.nn.Module, hidden: torch.Tensor, spans: list[PromptSpan],
+                  kernel=None) -> PromptLogprobs:
     """Each span's rows of `hidden` turned into logprobs (in float32, from the model's own
-    logits: no bias or penalty applies to a prompt) and read at the tokens they predict."""
+    logits: no bias or penalty applies to a prompt) and read at the tokens they predict; by
+    the CPU kernel where `kernel` is given (as `model_logprobs` takes it)."""
     rows = torch.from_numpy(np.concatenate([np.arange(s.row_start, s.row_start + len(s.targets)) for s in spans]))
     rows = copy_to_device(rows, hidden.device)
     targets = copy_to_device(torch.tensor([token for span in spans for token in span.targets]), hidden.device)
     most = max(span.number for span in spans)
     pieces = []
     for start in range(0, len(rows), ROWS_PER_SLICE):
-        logits = model.compute_logits(hidden[rows[start:start + ROWS_PER_SLICE]]).float()
-        pieces.append(logprob_tensors(torch.log_softmax(logits, dim=-1), targets[start:start + ROWS_PER_SLICE], most))
+        logits = model.compute_logits(hidden[rows[start:start + ROWS_PER_SLICE]])
+        pieces.append(model_logprobs(logits, targets[start:start + ROWS_PER_SLICE], most, kernel))
     return PromptLogprobs(spans, tuple(torch.cat(parts) for parts in zip(*pieces)))

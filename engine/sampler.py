@@ -50,12 +50,7 @@ class Sampler:
             # largest is the same token. `max` rather than `argmax`: on CPU, argmax over
             # bfloat16 takes twice as long (both give the first of equal largest values).
             return SampledTokens(logits.max(dim=-1).indices)
-        # Logprobs are reported from the model's own distribution, before any processing,
-        # and computed for the rows that ask alone.
-        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if logprob_rows:
-            logprob_index = to_device(logprob_rows, torch.long, logits.device)
-            raw_logprobs = torch.log_softmax(logits[logprob_index].float(), dim=-1)
+        model_logits = logits  # processing below works on a copy
         biased, penalised = any(p.logit_bias for p in params), any(p.has_penalties for p in params)
         if biased or penalised:  # on a float copy: the model's own stay as they are
             logits = logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
@@ -70,11 +65,18 @@ class Sampler:
         else:
             tokens = self._draw_with_torch(logits.float(), requests)
         sampled = SampledTokens(tokens)
+        # Logprobs are reported from the model's own distribution, before any processing,
+        # and computed for the rows that ask alone.
+        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if logprob_rows:
+            asking_logits, asking_tokens = model_logits, tokens
+            if len(logprob_rows) < len(requests):  # a copy of the asking rows alone
+                index = to_device(logprob_rows, torch.long, logits.device)
+                asking_logits, asking_tokens = model_logits[index], tokens[index]
             sampled.logprob_rows = logprob_rows
             sampled.numbers = [params[i].logprobs for i in logprob_rows]
-            sampled.chosen, sampled.ranks, sampled.top_values, sampled.top_ids = logprob_tensors(
-                raw_logprobs, tokens[logprob_index], max(sampled.numbers))
+            sampled.chosen, sampled.ranks, sampled.top_values, sampled.top_ids = model_logprobs(
+                asking_logits, asking_tokens, max(sampled.numbers), self.kernel)
         return sampled
 
     def _draw_with_torch(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -336,6 +338,16 @@ def copy_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def model_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, most: int,
+                   kernel=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`logprob_tensors`' four for rows of the model's logits: on a CPU with the C++ kernels in
+    one call over the rows in their own dtype (engine/csrc/sampling.cpp), else from torch's
+    log_softmax of the rows widened to float32."""
+    if kernel is not None:
+        return tuple(kernel.token_logprobs(logits if logits.stride(-1) == 1 else logits.contiguous(), token_ids, most))
+    return logprob_tensors(torch.log_softmax(logits.float(), dim=-1), token_ids, most)
 
 
 def logprob_tensors(rows: torch.Tensor, token_ids: torch.Tensor,

@@ -20,6 +20,7 @@ SETTINGS = {
     "temperature 0.7, top-p 0.9": {"temperature": 0.7, "top_p": 0.9},
     "top-k 50": {"temperature": 1.0, "top_k": 50},
     "min-p 0.05": {"temperature": 1.0, "min_p": 0.05},
+    "temperature 1, 5 logprobs": {"temperature": 1.0, "logprobs": 5},
 }
 
 

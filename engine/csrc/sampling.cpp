@@ -28,6 +28,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #ifndef ITERSERVE_OPS
@@ -37,7 +38,7 @@
 namespace {
 
 constexpr int64_t kBlock = 256;  // weights per partial sum
-constexpr int64_t kStretch = 64;  // logits per maximum taken in kth_largest
+constexpr int64_t kStretch = 64;  // logits per maximum taken in kth_largest and best_tokens
 // Weights under exp(-88) of the best token's are 0: exp would leave float's normal range
 // there, and such a token is beyond what a float64 uniform draw can land on anyway.
 constexpr float kMinExponent = -88.0f;
@@ -79,10 +80,7 @@ float kth_largest(const T* x, int64_t n, int64_t k, std::vector<float>& heap) {
   float least = heap.front();
   for (int64_t start = k; start < n; start += kStretch) {
     const int64_t end = std::min(n, start + kStretch);
-    float most = std::numeric_limits<float>::lowest();
-#pragma omp simd reduction(max : most)
-    for (int64_t j = start; j < end; ++j) most = std::max(most, static_cast<float>(x[j]));
-    if (!(most > least)) continue;
+    if (!(row_max(x + start, end - start) > least)) continue;
     for (int64_t j = start; j < end; ++j) {
       const float v = static_cast<float>(x[j]);
       if (v > least) {
@@ -236,6 +234,77 @@ const V* checked_rows(const at::Tensor& t, int64_t rows, const char* name) {
   return t.data_ptr<V>();
 }
 
+// log(sum(exp(x - best))) + best: the row's log-partition, summed kBlock at a time.
+template <typename T>
+float log_partition(const T* x, int64_t n, float best) {
+  double total = 0.0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min(n, start + kBlock);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = start; j < end; ++j) sum += std::exp(std::max(static_cast<float>(x[j]) - best, kMinExponent));
+    total += sum;
+  }
+  return best + static_cast<float>(std::log(total));
+}
+
+// A candidate for a row's best tokens: likelier first, the lower id first among equals.
+struct Scored {
+  float value;
+  int64_t id;
+};
+
+inline bool better(const Scored& a, const Scored& b) { return a.value > b.value || (a.value == b.value && a.id < b.id); }
+
+// The row's `most` best tokens, best first, into `out`: a heap of the best so far whose front
+// is the worst of them, skipping stretches as kth_largest does. Tokens come in id order, so
+// one equal to the front is never better.
+template <typename T>
+void best_tokens(const T* x, int64_t n, int64_t most, std::vector<Scored>& out) {
+  out.clear();
+  if (most == 0) return;
+  for (int64_t j = 0; j < most; ++j) out.push_back({static_cast<float>(x[j]), j});
+  std::make_heap(out.begin(), out.end(), better);
+  for (int64_t start = most; start < n; start += kStretch) {
+    const int64_t end = std::min(n, start + kStretch);
+    if (!(row_max(x + start, end - start) > out.front().value)) continue;
+    for (int64_t j = start; j < end; ++j) {
+      const float v = static_cast<float>(x[j]);
+      if (v > out.front().value) {
+        std::pop_heap(out.begin(), out.end(), better);
+        out.back() = {v, j};
+        std::push_heap(out.begin(), out.end(), better);
+      }
+    }
+  }
+  std::sort_heap(out.begin(), out.end(), better);
+}
+
+template <typename T>
+void logprob_rows(const at::Tensor& logits, const int64_t* tokens, int64_t most, float* chosen, int64_t* ranks,
+                  float* top_values, int64_t* top_ids) {
+  const int64_t rows = logits.size(0), n = logits.size(1), stride = logits.stride(0);
+  const T* base = logits.data_ptr<T>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Scored> best;
+    for (int64_t r = begin; r < end; ++r) {
+      const T* x = base + r * stride;
+      const float partition = log_partition(x, n, row_max(x, n));
+      const float own = static_cast<float>(x[tokens[r]]);
+      int64_t likelier = 0;
+#pragma omp simd reduction(+ : likelier)
+      for (int64_t j = 0; j < n; ++j) likelier += static_cast<float>(x[j]) > own;
+      chosen[r] = own - partition;
+      ranks[r] = likelier + 1;
+      best_tokens(x, n, most, best);
+      for (int64_t i = 0; i < most; ++i) {
+        top_values[r * most + i] = best[i].value - partition;
+        top_ids[r * most + i] = best[i].id;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // One token id per row of logits [rows, vocab] (float32, bfloat16 or float16, contiguous
@@ -264,7 +333,35 @@ at::Tensor sample_tokens(at::Tensor logits, at::Tensor temperature, at::Tensor t
   return tokens;
 }
 
+// For each row of logits [rows, vocab] (float32, bfloat16 or float16, contiguous rows) and
+// its token (token_ids, int64 [rows]): the token's log-probability under the row's softmax,
+// its rank (1 + how many tokens are likelier), and the row's `most` best log-probabilities
+// and their ids, best first (the lower id first among equals). float32 log-probabilities,
+// as torch's log_softmax over the widened row gives them up to the order of a sum.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs(at::Tensor logits, at::Tensor token_ids,
+                                                                           int64_t most) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.stride(1) == 1 && logits.size(1) > 0,
+              "logits must be a CPU [rows, vocab] tensor with contiguous rows");
+  const int64_t rows = logits.size(0), n = logits.size(1);
+  const int64_t* tokens = checked_rows<int64_t>(token_ids, rows, "token_ids");
+  TORCH_CHECK(most >= 0 && most <= n, "most must be between 0 and the vocabulary's size, got ", most);
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(tokens[r] >= 0 && tokens[r] < n, "row ", r, ": token ", tokens[r], " is outside the vocabulary");
+  auto floats = logits.options().dtype(at::kFloat);
+  auto longs = logits.options().dtype(at::kLong);
+  auto chosen = at::empty({rows}, floats), top_values = at::empty({rows, most}, floats);
+  auto ranks = at::empty({rows}, longs), top_ids = at::empty({rows, most}, longs);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs", [&] {
+    logprob_rows<scalar_t>(logits, tokens, most, chosen.data_ptr<float>(), ranks.data_ptr<int64_t>(),
+                           top_values.data_ptr<float>(), top_ids.data_ptr<int64_t>());
+  });
+  return {chosen, ranks, top_values, top_ids};
+}
+
 // A fragment of the namespace paged_attention.cpp defines; the same indirection, so that
 // ITERSERVE_OPS is expanded before the macro pastes it.
 #define ITERSERVE_REGISTER_SAMPLING(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
-ITERSERVE_REGISTER_SAMPLING(ITERSERVE_OPS, m) { m.def("sample_tokens", &sample_tokens); }
+ITERSERVE_REGISTER_SAMPLING(ITERSERVE_OPS, m) {
+  m.def("sample_tokens", &sample_tokens);
+  m.def("token_logprobs", &token_logprobs);
+}

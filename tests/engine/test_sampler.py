@@ -9,7 +9,7 @@ import torch
 from engine import cpu_kernels
 from engine.sampler import (
     Sampler, _apply_top_k_top_p, apply_penalties, draw_by_inverse_cdf, draw_by_race, draw_with_kernel,
-    exponential_race, inverse_cdf,
+    exponential_race, inverse_cdf, logprob_tensors,
 )
 from scheduler import Request, SamplingParams
 
@@ -442,3 +442,32 @@ def test_the_kernel_refuses_malformed_arguments_with_a_clear_error(isa):
         kernel.sample_tokens(logits, row, top_k, row * 0, row, uniform + 1.0)
     with pytest.raises(RuntimeError, match="contiguous rows"):
         kernel.sample_tokens(logits.t(), row, top_k, row * 0, row, uniform)
+
+
+@pytest.mark.parametrize("isa", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_kernels_logprobs_are_the_log_softmax_of_the_model_rows(isa, dtype):
+    """Against torch's log_softmax of the widened rows: a vocabulary of several partial sums and
+    stretches, tokens of every rank, ties among the best (the lower id first), and asking for
+    no alternatives or for the whole vocabulary."""
+    logits = (torch.randn(6, 1000, generator=torch.Generator().manual_seed(9)) * 3).to(dtype)
+    logits[2, [40, 700, 999]] = logits[2].max() + 1  # a three-way tie for the best
+    expected_rows = torch.log_softmax(logits.float(), dim=-1)
+    tokens = torch.tensor([0, 999, 700, int(expected_rows[3].argmin()), int(expected_rows[4].argmax()), 500])
+    for most in (0, 5, 1000):
+        chosen, ranks, top_values, top_ids = kernel_of(isa).token_logprobs(logits, tokens, most)
+        expected = logprob_tensors(expected_rows, tokens, most)
+        assert torch.allclose(chosen, expected[0], atol=1e-5) and torch.equal(ranks, expected[1])
+        assert torch.allclose(top_values, expected[2], atol=1e-5)
+        order = torch.sort(-expected_rows, dim=-1, stable=True).indices[:, :most]  # best first, lower id first
+        assert torch.equal(top_ids, order)
+    assert ranks[4] == 1 and ranks[3] >= 990
+    assert top_ids[2, :3].tolist() == [40, 700, 999]
+
+
+@pytest.mark.parametrize("isa", KERNELS)
+def test_the_kernels_logprobs_refuse_a_token_outside_the_vocabulary(isa):
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        kernel_of(isa).token_logprobs(torch.randn(2, VOCAB), torch.tensor([3, VOCAB]), 2)
+    with pytest.raises(RuntimeError, match="most must be"):
+        kernel_of(isa).token_logprobs(torch.randn(2, VOCAB), torch.tensor([3, 4]), VOCAB + 1)
