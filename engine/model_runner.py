@@ -12,10 +12,11 @@ from engine.attention import (
     select_backend,
 )
 from engine.cuda_graphs import StaticDecodeRunner
+from engine.device_copy import copy_to_device
 from engine.input_batch import InputBatch, known_token, step_positions
 from engine.model import LlamaForCausalLM
 from engine.prompt_logprobs import PromptLogprobs, PromptSpan, prompt_spans, score_prompts
-from engine.sampler import SampledTokens, Sampler, TokenLogprobs, copy_to_device
+from engine.sampler import SampledTokens, Sampler, TokenLogprobs
 from scheduler import Request, ScheduledRequest, SchedulerOutput
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.sampler import TokenLogprobs, copy_to_device, model_logprobs, start_host_copy, token_logprobs
+from engine.device_copy import copy_to_device, start_host_copy
+from engine.sampler import TokenLogprobs, model_logprobs, token_logprobs
 from scheduler import ScheduledRequest
 
 # Prompt rows turned into logits at once: each is a float32 row over the whole vocabulary

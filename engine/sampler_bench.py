@@ -42,8 +42,8 @@ def run(rows: int, vocab: int, dtype: str, isa: str | None, repeats: int) -> lis
     results = []
     for name, params in SETTINGS.items():
         requests = [Request(f"r{i}", [1], SamplingParams(max_tokens=1, **params)) for i in range(rows)]
-        results.append({"setting": name, "torch_ms": round(best_ms(Sampler(), logits, requests, repeats), 2),
-                        "kernel_ms": round(best_ms(Sampler(kernel=kernel), logits, requests, repeats), 2)})
+        results.append({"setting": name, "torch_ms": best_ms(Sampler(), logits, requests, repeats),
+                        "kernel_ms": best_ms(Sampler(kernel=kernel), logits, requests, repeats)})
     return results
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     print(f"{args.rows} rows x {args.vocab}, {args.dtype}, {build} build, {torch.get_num_threads()} threads; "
           "best of", args.repeats)
     for row in run(args.rows, args.vocab, args.dtype, args.isa, args.repeats):
-        print(json.dumps(row))
+        print(json.dumps({key: round(value, 2) if isinstance(value, float) else value for key, value in row.items()}))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@
 // then finds its block by those partial sums and reads a block or two.
 //
 // Built with paged_attention.cpp into one extension, under the same ITERSERVE_OPS namespace,
-// and, like it, under -ffast-math: no infinity or NaN is ever relied on. A masked token gets
-// weight 0 by a comparison against finite bounds, never through exp(-inf); a row of NaN (a
-// broken model) still yields a token id of the vocabulary.
+// and, like it, under -ffast-math, which lets the compiler assume no infinity or NaN: none is
+// relied on. A row whose best logit is not finite is answered before any weight (is_special
+// reads the bits); a masked token gets weight 0 by a comparison against finite bounds, never
+// through exp(-inf); whatever the row, the token is an id of the vocabulary.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -153,7 +154,7 @@ int64_t find_token(const T* x, const float* w, const double* sums, int64_t n, fl
   return last;
 }
 
-// The mass of the tokens likelier than `token`, by their unfiltered weights.
+// The mass of the tokens likelier than `token`, by their weights before min-p.
 template <typename T>
 double likelier_mass(const T* x, const float* w, int64_t n, int64_t token) {
   const float drawn = static_cast<float>(x[token]);
@@ -189,10 +190,20 @@ struct Scratch {
 // tokens a full sort would keep), and each draw stands with probability at least top_p.
 // Top-k is a floor at the k-th best logit: tokens tied with it are kept too, as vLLM keeps
 // them (a bfloat16 model's logits tie often).
+// Whether v is inf or NaN, read from its bits: under -ffast-math std::isfinite may be folded
+// to true.
+inline bool is_special(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return (bits & 0x7f800000u) == 0x7f800000u;
+}
+
 template <typename T>
 int64_t sample_row(const T* x, int64_t n, const RowParams& p, Scratch& scratch) {
   const float best = row_max(x, n);
-  if (p.temperature == 0.0f) return first_of(x, n, best);
+  // A row whose best is +inf or NaN (a broken model) has no distribution to draw from: it
+  // takes its first best, as argmax would, and the weights below only ever see finite ones.
+  if (p.temperature == 0.0f || is_special(best)) return first_of(x, n, best);
   float* w = scratch.weights.data();
   float floor = std::numeric_limits<float>::lowest();
   if (p.top_k > 0 && p.top_k < n) floor = kth_largest(x, n, p.top_k, scratch.heap);
@@ -309,7 +320,7 @@ void logprob_rows(const at::Tensor& logits, const int64_t* tokens, int64_t most,
 
 // One token id per row of logits [rows, vocab] (float32, bfloat16 or float16, contiguous
 // rows). Per row: temperature (float32, 0 for greedy), top_k (int64, 0 for none), min_p
-// (float32, 0 for none), top_p (float32, 1 for none) and uniform (float64 in [0, 1), the
+// (float32, 0 for none), top_p (float32, 1 for none, 0 for the best token alone) and uniform (float64 in [0, 1), the
 // row's draw).
 at::Tensor sample_tokens(at::Tensor logits, at::Tensor temperature, at::Tensor top_k, at::Tensor min_p,
                          at::Tensor top_p, at::Tensor uniform) {
@@ -323,8 +334,9 @@ at::Tensor sample_tokens(at::Tensor logits, at::Tensor temperature, at::Tensor t
   const double* u = checked_rows<double>(uniform, rows, "uniform");
   std::vector<RowParams> params(rows);
   for (int64_t r = 0; r < rows; ++r) {
-    TORCH_CHECK(t[r] >= 0.0f && k[r] >= 0 && p[r] > 0.0f && u[r] >= 0.0 && u[r] < 1.0, "row ", r,
-                ": expected temperature >= 0, top_k >= 0, top_p > 0 and a uniform in [0, 1)");
+    // top_p may be 0: a request's tiny top_p rounds to it in float32, and keeps the best token.
+    TORCH_CHECK(t[r] >= 0.0f && k[r] >= 0 && p[r] >= 0.0f && u[r] >= 0.0 && u[r] < 1.0, "row ", r,
+                ": expected temperature >= 0, top_k >= 0, top_p >= 0 and a uniform in [0, 1)");
     params[r] = {t[r], k[r], m[r], p[r], u[r]};
   }
   auto tokens = at::empty({rows}, logits.options().dtype(at::kLong));

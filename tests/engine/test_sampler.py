@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from engine import cpu_kernels
-from engine.sampler import (
-    Sampler, _apply_top_k_top_p, apply_penalties, draw_by_inverse_cdf, draw_by_race, draw_with_kernel,
-    exponential_race, inverse_cdf, logprob_tensors,
+from engine.draws import (
+    _apply_top_k_top_p, draw_by_inverse_cdf, draw_by_race, draw_with_kernel, exponential_race, inverse_cdf,
 )
+from engine.sampler import Sampler, apply_penalties, logprob_tensors
 from scheduler import Request, SamplingParams
 
 VOCAB = 50
@@ -201,6 +201,7 @@ EXTREMES = [
     {"repetition_penalty": 2.0}, {"repetition_penalty": 1e-9}, {"presence_penalty": 2.0},
     {"frequency_penalty": -2.0}, {"presence_penalty": -2.0, "frequency_penalty": 2.0, "repetition_penalty": 2.0},
     {"temperature": 1e-4, "top_p": 1e-9, "top_k": 3, "min_p": 0.9},
+    {"top_p": 1e-50},  # 0 in float32
 ]
 
 
@@ -342,6 +343,16 @@ def test_rows_without_top_k_or_top_p_keep_every_token_beside_rows_with_them(make
     assert tokens == [alone[0], int(logits[1].argmax())]
 
 
+def filtered_distribution(probs: torch.Tensor, settings: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k, then top-p, then min-p applied by hand to probabilities in order, best first: the
+    tokens kept and their renormalised probabilities."""
+    keep = torch.arange(len(probs)) < settings.get("top_k", len(probs))
+    within = torch.where(keep, probs, 0.0) / torch.where(keep, probs, 0.0).sum()
+    keep &= (within.cumsum(0) - within) <= settings.get("top_p", 1.0)
+    keep &= probs >= settings.get("min_p", 0.0) * probs[0]
+    return keep, torch.where(keep, probs, 0.0) / torch.where(keep, probs, 0.0).sum()
+
+
 @pytest.mark.parametrize("name", ["race", *DRAWS])
 @pytest.mark.parametrize("settings", [{"top_p": 0.6}, {"top_k": 5, "top_p": 0.9}, {"min_p": 0.3},
                                       {"top_k": 4, "min_p": 0.5}, {"top_p": 0.8, "min_p": 0.4}])
@@ -352,16 +363,39 @@ def test_the_gpus_draw_and_the_cpus_give_the_same_distribution(name, settings):
     draw = draw_from_logits(name)
     torch.manual_seed(0)
     logits = torch.linspace(1.0, -3.0, VOCAB).unsqueeze(0)
-    probs = torch.softmax(logits[0], dim=-1)  # already in order, best first
-    keep = torch.arange(VOCAB) < settings.get("top_k", VOCAB)
-    within = torch.where(keep, probs, 0.0) / torch.where(keep, probs, 0.0).sum()
-    keep &= (within.cumsum(0) - within) <= settings.get("top_p", 1.0)
-    keep &= probs >= settings.get("min_p", 0.0) * probs[0]
-    expected = torch.where(keep, probs, 0.0) / torch.where(keep, probs, 0.0).sum()
+    keep, expected = filtered_distribution(torch.softmax(logits[0], dim=-1), settings)
     params = [SamplingParams(max_tokens=1, temperature=1.0, **settings)] * 20000
     tokens = draw(logits.repeat(20000, 1), params, [None] * 20000)
     assert set(tokens.tolist()) == set(keep.nonzero().squeeze(1).tolist())
     assert torch.allclose(torch.bincount(tokens, minlength=VOCAB) / 20000, expected, atol=0.012)
+
+
+@pytest.mark.parametrize("name", ["race", *DRAWS])
+@pytest.mark.parametrize("settings", [{"top_p": 0.6}, {"top_k": 300, "top_p": 0.9}, {"min_p": 0.3},
+                                      {"top_k": 700, "min_p": 0.2}, {"top_p": 0.8, "min_p": 0.4}])
+def test_every_draw_keeps_the_same_tokens_across_a_long_vocabulary(name, settings):
+    """The same over 1,000 tokens: the kernel's partial sums (256 tokens each) and top-p's
+    rising floor cross blocks. 10,000 rows land on each twentieth of the vocabulary as often as
+    its share says, and never outside what the rules keep."""
+    draw = draw_from_logits(name)
+    torch.manual_seed(0)
+    logits = torch.linspace(2.0, -4.0, 1000).unsqueeze(0)
+    keep, expected = filtered_distribution(torch.softmax(logits[0], dim=-1), settings)
+    params = [SamplingParams(max_tokens=1, temperature=1.0, **settings)] * 10000
+    tokens = draw(logits.repeat(10000, 1), params, [None] * 10000)
+    assert set(tokens.tolist()) <= set(keep.nonzero().squeeze(1).tolist())
+    counts = torch.bincount(tokens, minlength=1000).view(20, 50).sum(dim=-1) / 10000
+    assert torch.allclose(counts, expected.view(20, 50).sum(dim=-1), atol=0.015)
+
+
+@pytest.mark.parametrize("name", ["race", *DRAWS])
+def test_every_draws_top_k_keeps_the_tokens_tied_with_the_kth_best(name):
+    """Top-k keeps every token tied with the k-th best, as vLLM keeps them (a bfloat16 model's
+    logits tie often), on the GPU's draw and both of the CPU's alike."""
+    logits = torch.full((200, VOCAB), -2.0)
+    logits[:, 0], logits[:, [3, 8, 40]] = 5.0, 4.5
+    params = [SamplingParams(max_tokens=1, temperature=1.0, top_k=2)] * 200
+    assert set(draw_from_logits(name)(logits, params, [None] * 200).tolist()) == {0, 3, 8, 40}
 
 
 KERNELS = DRAWS[1:]
@@ -393,16 +427,6 @@ def test_the_kernel_draws_tokens_at_the_edges_of_its_blocks(isa):
         for row, token in enumerate(draw_from_probs(isa)(probs, [None] * 3).tolist()):
             seen[row].add(token)
     assert seen == [{255, 256}, {999}, {0, 511, 512, 998}]
-
-
-@pytest.mark.parametrize("isa", KERNELS)
-def test_the_kernels_top_k_keeps_the_tokens_tied_with_the_kth_best(isa):
-    """Top-k is a floor at the k-th best logit: a bfloat16 model's logits tie often, and every
-    token tied with the k-th is kept, as vLLM keeps them."""
-    logits = torch.full((200, VOCAB), -2.0, dtype=torch.bfloat16)
-    logits[:, 0], logits[:, [3, 8, 40]] = 5.0, 4.5
-    params = [SamplingParams(max_tokens=1, temperature=2.0, top_k=2)] * 200
-    assert set(draw_with_kernel(kernel_of(isa), logits, params, [None] * 200).tolist()) == {0, 3, 8, 40}
 
 
 @pytest.mark.parametrize("isa", KERNELS)
