@@ -105,12 +105,12 @@ def _load(build: KernelBuild, arch: str):
         except Exception as error:  # noqa: BLE001 - a compiler without OpenMP: the serial build, then
             if not threaded:
                 raise
-            log.warning("CPU attention kernel: no OpenMP build (%s); building it single-threaded", error)
+            log.warning("CPU kernels: no OpenMP build (%s); building them single-threaded", error)
             threaded, ops = False, _compile(build, arch, openmp=False)
     except Exception as error:  # no compiler, no ninja, an unsupported platform
-        log.warning("CPU attention kernel unavailable (%s); using the slower pure-torch path", error)
+        log.warning("CPU kernels unavailable (%s); using the slower pure-torch paths", error)
         return None
-    log.info("CPU attention kernel: the %s build%s", build.isa, "" if threaded else ", single-threaded")
+    log.info("CPU kernels: the %s build%s", build.isa, "" if threaded else ", single-threaded")
     return ops
 
 

@@ -39,7 +39,7 @@
 namespace {
 
 constexpr int64_t kBlock = 256;  // weights per partial sum
-constexpr int64_t kStretch = 64;  // logits per maximum taken in kth_largest and best_tokens
+constexpr int64_t kStretch = 64;  // logits per maximum taken in gather_best
 // Weights under exp(-88) of the best token's are 0: exp would leave float's normal range
 // there, and such a token is beyond what a float64 uniform draw can land on anyway.
 constexpr float kMinExponent = -88.0f;
@@ -70,67 +70,72 @@ int64_t first_of(const T* x, int64_t n, float best) {
   return 0;
 }
 
-// The k-th largest logit (counting ties), through a min-heap of the k largest so far. Most
-// stretches of kStretch logits have nothing above the heap's least once it has filled, which
-// their maximum tells; only the others are looked at one by one.
+// A candidate for a row's best tokens: likelier first, the lower id first among equals.
+struct Scored {
+  float value;
+  int64_t id;
+};
+
+inline bool better(const Scored& a, const Scored& b) { return a.value > b.value || (a.value == b.value && a.id < b.id); }
+
+// The row's `most` best tokens (most >= 1) as a heap whose front is the worst of them. Most
+// stretches of kStretch logits have nothing above that front once the heap has filled, which
+// their maximum tells; only the others are looked at one by one. Tokens come in id order, so
+// one equal to the front is never better.
 template <typename T>
-float kth_largest(const T* x, int64_t n, int64_t k, std::vector<float>& heap) {
-  heap.resize(k);
-  for (int64_t j = 0; j < k; ++j) heap[j] = static_cast<float>(x[j]);
-  std::make_heap(heap.begin(), heap.end(), std::greater<float>());
-  float least = heap.front();
-  for (int64_t start = k; start < n; start += kStretch) {
+void gather_best(const T* x, int64_t n, int64_t most, std::vector<Scored>& heap) {
+  heap.clear();
+  for (int64_t j = 0; j < most; ++j) heap.push_back({static_cast<float>(x[j]), j});
+  std::make_heap(heap.begin(), heap.end(), better);
+  for (int64_t start = most; start < n; start += kStretch) {
     const int64_t end = std::min(n, start + kStretch);
-    if (!(row_max(x + start, end - start) > least)) continue;
+    if (!(row_max(x + start, end - start) > heap.front().value)) continue;
     for (int64_t j = start; j < end; ++j) {
       const float v = static_cast<float>(x[j]);
-      if (v > least) {
-        std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
-        heap.back() = v;
-        std::push_heap(heap.begin(), heap.end(), std::greater<float>());
-        least = heap.front();
+      if (v > heap.front().value) {
+        std::pop_heap(heap.begin(), heap.end(), better);
+        heap.back() = {v, j};
+        std::push_heap(heap.begin(), heap.end(), better);
       }
     }
   }
-  return least;
+}
+
+// The sum of term(j) over [0, n), in float kBlock terms at a time (vectorised) and in double
+// across blocks; with `sums`, each block's sum is kept there.
+template <typename Term>
+double sum_blocks(int64_t n, Term term, double* sums = nullptr) {
+  double total = 0.0;
+  for (int64_t start = 0, b = 0; start < n; start += kBlock, ++b) {
+    const int64_t end = std::min(n, start + kBlock);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = start; j < end; ++j) sum += term(j);
+    if (sums != nullptr) sums[b] = sum;
+    total += sum;
+  }
+  return total;
 }
 
 // w[j] = exp((x[j] - best) * inverse_t) for the tokens at or above `floor`, 0 for the rest.
 // Returns their sum, the mass top-p's share is taken of.
 template <typename T>
 double weigh(const T* x, int64_t n, float best, float inverse_t, float floor, float* w) {
-  double total = 0.0;
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t end = std::min(n, start + kBlock);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = start; j < end; ++j) {
-      const float x_j = static_cast<float>(x[j]);
-      const float exponent = (x_j - best) * inverse_t;
-      const float weight = std::exp(std::max(exponent, kMinExponent));
-      w[j] = x_j >= floor && exponent > kMinExponent ? weight : 0.0f;
-      sum += w[j];
-    }
-    total += sum;
-  }
-  return total;
+  return sum_blocks(n, [&](int64_t j) {
+    const float x_j = static_cast<float>(x[j]);
+    const float exponent = (x_j - best) * inverse_t;
+    const float weight = std::exp(std::max(exponent, kMinExponent));
+    w[j] = x_j >= floor && exponent > kMinExponent ? weight : 0.0f;
+    return w[j];
+  });
 }
 
 // Each block's sum of the weights a draw may take: at or above `floor`, and at least `min_p`
 // (the best token's weight is 1). Returns the blocks' total.
 template <typename T>
 double block_sums(const T* x, const float* w, int64_t n, float floor, float min_p, double* sums) {
-  double total = 0.0;
-  for (int64_t start = 0, b = 0; start < n; start += kBlock, ++b) {
-    const int64_t end = std::min(n, start + kBlock);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = start; j < end; ++j)
-      sum += static_cast<float>(x[j]) >= floor && w[j] >= min_p ? w[j] : 0.0f;
-    sums[b] = sum;
-    total += sum;
-  }
-  return total;
+  return sum_blocks(n, [&](int64_t j) { return static_cast<float>(x[j]) >= floor && w[j] >= min_p ? w[j] : 0.0f; },
+                    sums);
 }
 
 // The first token whose running sum of drawable weights passes `target` (< the total); -1
@@ -158,15 +163,7 @@ int64_t find_token(const T* x, const float* w, const double* sums, int64_t n, fl
 template <typename T>
 double likelier_mass(const T* x, const float* w, int64_t n, int64_t token) {
   const float drawn = static_cast<float>(x[token]);
-  double total = 0.0;
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t end = std::min(n, start + kBlock);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = start; j < end; ++j) sum += static_cast<float>(x[j]) > drawn ? w[j] : 0.0f;
-    total += sum;
-  }
-  return total;
+  return sum_blocks(n, [&](int64_t j) { return static_cast<float>(x[j]) > drawn ? w[j] : 0.0f; });
 }
 
 struct RowParams {
@@ -181,7 +178,7 @@ struct RowParams {
 struct Scratch {
   std::vector<float> weights;  // [vocab]
   std::vector<double> sums;    // [vocab / kBlock], rounded up
-  std::vector<float> heap;     // [top_k]
+  std::vector<Scored> best;    // [top_k]
 };
 
 // One row's token. Top-p by rejection: a drawn token stands if the tokens likelier than it
@@ -206,7 +203,10 @@ int64_t sample_row(const T* x, int64_t n, const RowParams& p, Scratch& scratch) 
   if (p.temperature == 0.0f || is_special(best)) return first_of(x, n, best);
   float* w = scratch.weights.data();
   float floor = std::numeric_limits<float>::lowest();
-  if (p.top_k > 0 && p.top_k < n) floor = kth_largest(x, n, p.top_k, scratch.heap);
+  if (p.top_k > 0 && p.top_k < n) {  // the k-th best logit, counting ties
+    gather_best(x, n, p.top_k, scratch.best);
+    floor = scratch.best.front().value;
+  }
   double* sums = scratch.sums.data();
   const double mass = weigh(x, n, best, 1.0f / p.temperature, floor, w);
   const double limit = static_cast<double>(p.top_p) * mass;
@@ -245,49 +245,20 @@ const V* checked_rows(const at::Tensor& t, int64_t rows, const char* name) {
   return t.data_ptr<V>();
 }
 
-// log(sum(exp(x - best))) + best: the row's log-partition, summed kBlock at a time.
+// log(sum(exp(x - best))) + best: the row's log-partition.
 template <typename T>
 float log_partition(const T* x, int64_t n, float best) {
-  double total = 0.0;
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t end = std::min(n, start + kBlock);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = start; j < end; ++j) sum += std::exp(std::max(static_cast<float>(x[j]) - best, kMinExponent));
-    total += sum;
-  }
+  const double total =
+      sum_blocks(n, [&](int64_t j) { return std::exp(std::max(static_cast<float>(x[j]) - best, kMinExponent)); });
   return best + static_cast<float>(std::log(total));
 }
 
-// A candidate for a row's best tokens: likelier first, the lower id first among equals.
-struct Scored {
-  float value;
-  int64_t id;
-};
-
-inline bool better(const Scored& a, const Scored& b) { return a.value > b.value || (a.value == b.value && a.id < b.id); }
-
-// The row's `most` best tokens, best first, into `out`: a heap of the best so far whose front
-// is the worst of them, skipping stretches as kth_largest does. Tokens come in id order, so
-// one equal to the front is never better.
+// The row's `most` best tokens, best first, into `out`.
 template <typename T>
 void best_tokens(const T* x, int64_t n, int64_t most, std::vector<Scored>& out) {
   out.clear();
   if (most == 0) return;
-  for (int64_t j = 0; j < most; ++j) out.push_back({static_cast<float>(x[j]), j});
-  std::make_heap(out.begin(), out.end(), better);
-  for (int64_t start = most; start < n; start += kStretch) {
-    const int64_t end = std::min(n, start + kStretch);
-    if (!(row_max(x + start, end - start) > out.front().value)) continue;
-    for (int64_t j = start; j < end; ++j) {
-      const float v = static_cast<float>(x[j]);
-      if (v > out.front().value) {
-        std::pop_heap(out.begin(), out.end(), better);
-        out.back() = {v, j};
-        std::push_heap(out.begin(), out.end(), better);
-      }
-    }
-  }
+  gather_best(x, n, most, out);
   std::sort_heap(out.begin(), out.end(), better);
 }
 
