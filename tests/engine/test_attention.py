@@ -293,7 +293,7 @@ def test_a_compiler_without_openmp_gets_the_serial_build(tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stderr
     assert "isa: portable" in run.stdout
-    assert "building it single-threaded" in run.stderr and "the portable build, single-threaded" in run.stderr
+    assert "building them single-threaded" in run.stderr and "the portable build, single-threaded" in run.stderr
     # A second build under the same name in one process is suffixed (_v1) by torch.
     built = list((tmp_path / "cache" / "kernels").glob("*-portable-*/iterserve_cpu_portable*.so"))
     assert len(built) == 1
