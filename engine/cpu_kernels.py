@@ -1,5 +1,5 @@
 """Our C++ CPU kernels (engine/csrc: attention over the paged KV cache, a layer's small ops
-fused, and the sampler's draw), compiled on first use into one extension and cached.
+fused, the sampler's draws and logprobs), compiled on first use into one extension and cached.
 
 One source builds four ways: `avx512bf16` (AVX-512 with the bfloat16 dot product),
 `avx512`, `avx2` and `portable` (plain loops, for x86-64 without AVX2 and for Arm).

@@ -76,7 +76,9 @@ struct Scored {
   int64_t id;
 };
 
-inline bool better(const Scored& a, const Scored& b) { return a.value > b.value || (a.value == b.value && a.id < b.id); }
+inline bool better(const Scored& a, const Scored& b) {
+  return a.value > b.value || (a.value == b.value && a.id < b.id);
+}
 
 // The row's `most` best tokens (most >= 1) as a heap whose front is the worst of them. Most
 // stretches of kStretch logits have nothing above that front once the heap has filled, which
@@ -291,8 +293,8 @@ void logprob_rows(const at::Tensor& logits, const int64_t* tokens, int64_t most,
 
 // One token id per row of logits [rows, vocab] (float32, bfloat16 or float16, contiguous
 // rows). Per row: temperature (float32, 0 for greedy), top_k (int64, 0 for none), min_p
-// (float32, 0 for none), top_p (float32, 1 for none, 0 for the best token alone) and uniform (float64 in [0, 1), the
-// row's draw).
+// (float32, 0 for none), top_p (float32, 1 for none, 0 for the best token alone) and
+// uniform (float64 in [0, 1), the row's draw).
 at::Tensor sample_tokens(at::Tensor logits, at::Tensor temperature, at::Tensor top_k, at::Tensor min_p,
                          at::Tensor top_p, at::Tensor uniform) {
   TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.stride(1) == 1 && logits.size(1) > 0,

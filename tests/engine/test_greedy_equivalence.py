@@ -38,8 +38,8 @@ def smollm2_expected(smollm2_path):
 @pytest.mark.parametrize("backend", [b.isa for b in cpu_kernels.BUILDS] + ["torch", "triton"])
 def test_tiny_llama_matches_transformers(tiny_model_path, backend, monkeypatch):
     """On the CPU: through each build of the C++ kernels this CPU runs (attention, the fused
-    layer ops and the sampler's draw), the torch reference path (as on a machine without a compiler: no kernels
-    at all), and the Triton kernels under Triton's interpreter."""
+    layer ops and the sampler's argmax), the torch reference path (as on a machine without a
+    compiler: no kernels at all), and the Triton kernels under Triton's interpreter."""
     runnable = [b.isa for b in cpu_kernels.runnable_builds()]
     config = {"device": "cpu"}
     layer_ops = "C++ kernel, fused" if cpu_kernels.load() is not None else "torch"
