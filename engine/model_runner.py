@@ -82,10 +82,11 @@ class ModelRunner:
             args.num_layers, 2, num_host_blocks * block_size, args.num_kv_heads, args.head_dim,
             dtype=self.kv_cache_dtype, device="cpu", pin_memory=device.type == "cuda" and num_host_blocks > 0,
         )
-        self.sampler = Sampler(device, cpu_kernels.load() if device.type == "cpu" else None)
-        self.attention_backend = select_backend(attention_backend, device, self.kv_cache_dtype)
         # Built (or found in the cache) now, not in the middle of the first step.
-        self.cpu_kernel = cpu_kernels.load() if self.attention_backend == "cpu-kernel" else None
+        kernels = cpu_kernels.load() if device.type == "cpu" else None
+        self.sampler = Sampler(device, kernels)
+        self.attention_backend = select_backend(attention_backend, device, self.kv_cache_dtype)
+        self.cpu_kernel = kernels if self.attention_backend == "cpu-kernel" else None
         self.triton_kernels = (importlib.import_module("engine.triton_attention")
                                if self.attention_backend == "triton" else None)
         self.attention_path = {"torch": "torch, gathered groups", "triton": "triton, one launch per layer"}.get(
