@@ -132,12 +132,17 @@ double weigh(const T* x, int64_t n, float best, float inverse_t, float floor, fl
   });
 }
 
-// Each block's sum of the weights a draw may take: at or above `floor`, and at least `min_p`
-// (the best token's weight is 1). Returns the blocks' total.
+// Token j's weight where a draw may take it, at or above `floor` and at least `min_p` (the
+// best token's weight is 1); 0 elsewhere.
+template <typename T>
+inline float drawable(const T* x, const float* w, int64_t j, float floor, float min_p) {
+  return static_cast<float>(x[j]) >= floor && w[j] >= min_p ? w[j] : 0.0f;
+}
+
+// Each block's sum of the drawable weights. Returns the blocks' total.
 template <typename T>
 double block_sums(const T* x, const float* w, int64_t n, float floor, float min_p, double* sums) {
-  return sum_blocks(n, [&](int64_t j) { return static_cast<float>(x[j]) >= floor && w[j] >= min_p ? w[j] : 0.0f; },
-                    sums);
+  return sum_blocks(n, [&](int64_t j) { return drawable(x, w, j, floor, min_p); }, sums);
 }
 
 // The first token whose running sum of drawable weights passes `target` (< the total); -1
@@ -152,9 +157,10 @@ int64_t find_token(const T* x, const float* w, const double* sums, int64_t n, fl
   while (b < blocks && !(before + sums[b] > target)) before += sums[b++];
   int64_t last = -1;
   for (int64_t j = b * kBlock; j < n; ++j) {
-    if (static_cast<float>(x[j]) >= floor && w[j] >= min_p && w[j] > 0.0f) {
+    const float weight = drawable(x, w, j, floor, min_p);
+    if (weight > 0.0f) {
       last = j;
-      before += w[j];
+      before += weight;
       if (before > target) return j;
     }
   }
