@@ -347,10 +347,105 @@ inline void accumulate_rows_bf16(float* acc, const c10::BFloat16* values, int64_
         for (int j = 0; j < kVectors; ++j) sum[g][j].store(acc + (g0 + g) * HD + 16 * j);
   }
 }
+
+// e^x to within about 2 ulp: x log2(e) = n + f with |f| <= 1/2, 2^f by its Taylor series to
+// the 6th power (the next term is below 2^-23), and n added to the exponent by vscalefps,
+// which takes a result below the float range to 0.
+inline __m512 exp_ps(__m512 x) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);  // ln(2)^6 / 6!
+  for (const float c : {1.3333558146428443e-3f, 9.6181291076284772e-3f, 5.5504108664821580e-2f,
+                        2.4022650695910071e-1f, 6.9314718055994531e-1f, 1.0f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// A prompt chunk's items all score the same keys, and score_keys_bf16 spends more on the
+// horizontal sums that end each dot product than on the products. So a chunk of many rows
+// has its keys laid out once per call for dot products with nothing to sum across lanes:
+// for KV head h and tile t of 16 context positions, the 32-bit word (p, k) holds dimensions
+// 2p and 2p + 1 of the key at position 16t + k. Tiles come in pairs, the positions past the
+// context zero.
+constexpr int64_t kPackedRows = 16;  // a chunk of fewer rows scores its keys as a decode does
+
+inline int64_t packed_tiles(int64_t context) { return (context + 31) / 32 * 2; }
+
+template <int HD>
+void pack_keys_bf16(const c10::BFloat16* key_cache, const int32_t* block_table, int64_t context, int64_t block_size,
+                    int64_t kv_heads, int64_t kv_head, uint32_t* packed) {
+  constexpr int kPairs = HD / 2;
+  const int64_t tiles = packed_tiles(context);
+  uint32_t* tile = packed + kv_head * tiles * kPairs * 16;
+  for (int64_t t = 0; t < tiles; ++t, tile += kPairs * 16)
+    for (int64_t k = 0; k < 16; ++k) {
+      const int64_t position = t * 16 + k;
+      if (position >= context) {
+        for (int p = 0; p < kPairs; ++p) tile[p * 16 + k] = 0;
+        continue;
+      }
+      const int64_t slot = static_cast<int64_t>(block_table[position / block_size]) * block_size +
+                           position % block_size;
+      const c10::BFloat16* key = key_cache + (slot * kv_heads + kv_head) * HD;
+      for (int p = 0; p < kPairs; ++p) std::memcpy(tile + p * 16 + k, key + 2 * p, sizeof(uint32_t));
+    }
+}
+
+// scores[v * stride + i] = scale * q_v . key_i for the query vectors v < width (bfloat16,
+// HD apart) and the first `context` keys, packed by pack_keys_bf16 (one KV head's tiles).
+// A query's pair of dimensions, broadcast, meets the same pair of 16 keys in one vdpbf16ps:
+// each lane sums its own key's product. Two tiles and 12 query vectors a pass keep 24
+// accumulators in registers, the rest for the tiles' words.
+template <int HD>
+void score_packed_bf16(const c10::BFloat16* q, int64_t width, const uint32_t* packed, int64_t context, float scale,
+                       float* scores, int64_t stride) {
+  constexpr int kPairs = HD / 2;
+  constexpr int kVectorsPerPass = 12;
+  const uint32_t* q_words = reinterpret_cast<const uint32_t*>(q);
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  for (int64_t t = 0; t * 16 < context; t += 2) {
+    const uint32_t* tile = packed + t * kPairs * 16;
+    const int64_t first = std::min<int64_t>(16, context - t * 16);
+    const int64_t second = std::clamp<int64_t>(context - (t + 1) * 16, 0, 16);
+    for (int64_t v0 = 0; v0 < width; v0 += kVectorsPerPass) {
+      const int64_t vectors = std::min<int64_t>(kVectorsPerPass, width - v0);
+      __m512 acc[kVectorsPerPass][2];
+#pragma GCC unroll 16
+      for (int v = 0; v < kVectorsPerPass; ++v) acc[v][0] = acc[v][1] = _mm512_setzero_ps();
+      for (int p = 0; p < kPairs; ++p) {
+        const __m512bh keys0 = (__m512bh)_mm512_loadu_si512(tile + p * 16);
+        const __m512bh keys1 = (__m512bh)_mm512_loadu_si512(tile + (kPairs + p) * 16);
+#pragma GCC unroll 16
+        for (int v = 0; v < kVectorsPerPass; ++v) {
+          if (v < vectors) {
+            const __m512bh pair = (__m512bh)_mm512_set1_epi32(static_cast<int>(q_words[(v0 + v) * kPairs + p]));
+            acc[v][0] = _mm512_dpbf16_ps(acc[v][0], pair, keys0);
+            acc[v][1] = _mm512_dpbf16_ps(acc[v][1], pair, keys1);
+          }
+        }
+      }
+#pragma GCC unroll 16
+      for (int v = 0; v < kVectorsPerPass; ++v) {
+        if (v < vectors) {
+          float* s = scores + (v0 + v) * stride + t * 16;
+          _mm512_mask_storeu_ps(s, static_cast<__mmask16>((1u << first) - 1), _mm512_mul_ps(acc[v][0], scale_v));
+          _mm512_mask_storeu_ps(s + 16, static_cast<__mmask16>((1u << second) - 1), _mm512_mul_ps(acc[v][1], scale_v));
+        }
+      }
+    }
+  }
+}
 #else
 template <typename T, typename C, int HD>
 constexpr bool kBf16Dot = false;
 #endif
+
+// A sequence's keys as pack_keys_bf16 lays them out, `head_words` per KV head; none: null.
+struct PackedKeys {
+  const uint32_t* words = nullptr;
+  int64_t head_words = 0;
+};
 
 // Asks for a block's cache lines while the block before it is being read: a request's
 // blocks are scattered over the pool, so the hardware prefetcher cannot guess the next.
@@ -372,7 +467,7 @@ template <typename T, typename C, int HD>
 void attend_rows(const T* query, int64_t query_stride, T* out, int64_t out_stride, int64_t rows,
                  const C* key_cache, const C* value_cache, const int32_t* block_table, int64_t context,
                  int64_t block_size, int64_t kv_heads, int64_t group, int64_t head_dim, float scale,
-                 std::vector<float>& scratch) {
+                 PackedKeys packed_keys, std::vector<float>& scratch) {
   const int64_t hd = HD > 0 ? HD : head_dim;
   const int64_t width = rows * group;  // query vectors per KV head: [row][head of the group]
   const int64_t vectors = kv_heads * width;
@@ -382,9 +477,9 @@ void attend_rows(const T* query, int64_t query_stride, T* out, int64_t out_strid
   // scratch: the queries (scaled, float; with `dot`, bfloat16 as they came) as [kv head][row]
   // [head of the group], their accumulators alike, each query vector's scores over the whole
   // context, and with `dot` its weights in bfloat16, two or three spare (zero) past the
-  // context: an even count, so the bfloat16 rows fill whole floats.
+  // context (an even count, so the bfloat16 rows fill whole floats), and their sums' inverses.
   const int64_t weight_stride = (context + 3) / 2 * 2;
-  scratch.resize(vectors * hd * 2 + vectors * context + (dot ? vectors * weight_stride / 2 : 0));
+  scratch.resize(vectors * hd * 2 + vectors * context + (dot ? vectors * weight_stride / 2 + vectors : 0));
   float* q = scratch.data();
   float* acc = q + vectors * hd;
   float* scores = acc + vectors * hd;
@@ -404,7 +499,17 @@ void attend_rows(const T* query, int64_t query_stride, T* out, int64_t out_strid
     return cache + static_cast<int64_t>(block_table[b]) * block_size * slot_stride;
   };
 
-  for (int64_t b = 0; b < num_blocks; ++b) {
+#if defined(__AVX512BF16__)
+  if constexpr (dot) {
+    if (packed_keys.words != nullptr) {
+      for (int64_t h = 0; h < kv_heads; ++h)
+        score_packed_bf16<HD>(reinterpret_cast<const T*>(q) + h * width * hd, width,
+                              packed_keys.words + h * packed_keys.head_words, context, scale,
+                              scores + h * width * context, context);
+    }
+  }
+#endif
+  for (int64_t b = 0; packed_keys.words == nullptr && b < num_blocks; ++b) {
     if (b + 1 < num_blocks) prefetch(block_start(key_cache, b + 1), block_bytes);
     const int64_t t0 = b * block_size, n = std::min(block_size, context - t0);
     const C* keys = block_start(key_cache, b);
@@ -437,12 +542,39 @@ void attend_rows(const T* query, int64_t query_stride, T* out, int64_t out_strid
   // Row r sees the first `seen` keys; the weights of the rest (the later rows' own keys,
   // scored above with the rest of the block) are zero. Built with -ffast-math (vector
   // reductions and exp), so no infinities: the maximum starts from the first score.
-  for (int64_t v = 0; v < vectors; ++v) {
-    const int64_t r = v / group % rows;
-    const int64_t seen = context - (rows - 1 - r);
-    float* s = scores + v * context;
+  auto visible = [&](int64_t v) { return context - (rows - 1 - v / group % rows); };
+  auto maximum = [&](const float* s, int64_t seen) {
     float m = s[0];
     for (int64_t t = 1; t < seen; ++t) m = std::max(m, s[t]);
+    return m;
+  };
+#if defined(__AVX512BF16__)
+  // With `dot`, one pass turns the scores into bfloat16 weights e^(s - m), as GPU flash
+  // attention rounds them, unnormalised: the output is divided by their sum instead.
+  c10::BFloat16* weights = reinterpret_cast<c10::BFloat16*>(scores + vectors * context);
+  float* inverse_sums = reinterpret_cast<float*>(weights + vectors * weight_stride);
+  if constexpr (dot) {
+    for (int64_t v = 0; v < vectors; ++v) {
+      const int64_t seen = visible(v);
+      const float* s = scores + v * context;
+      c10::BFloat16* w = weights + v * weight_stride;
+      const __m512 m = _mm512_set1_ps(maximum(s, seen));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t t = 0; t < seen; t += 16) {
+        const __mmask16 mask = seen - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (seen - t)) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(mask, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + t), m)));
+        sum = _mm512_add_ps(sum, e);
+        _mm256_mask_storeu_epi16(w + t, mask, (__m256i)_mm512_cvtneps_pbh(e));
+      }
+      std::fill(w + seen, w + weight_stride, c10::BFloat16(0.0f));
+      inverse_sums[v] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+  }
+#endif
+  for (int64_t v = 0; !dot && v < vectors; ++v) {
+    const int64_t seen = visible(v);
+    float* s = scores + v * context;
+    const float m = maximum(s, seen);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t t = 0; t < seen; ++t) {
@@ -454,20 +586,6 @@ void attend_rows(const T* query, int64_t query_stride, T* out, int64_t out_strid
     for (int64_t t = 0; t < seen; ++t) s[t] *= inverse;
     std::fill(s + seen, s + context, 0.0f);
   }
-#if defined(__AVX512BF16__)
-  c10::BFloat16* weights = reinterpret_cast<c10::BFloat16*>(scores + vectors * context);
-  if constexpr (dot) {
-    for (int64_t v = 0; v < vectors; ++v) {
-      const float* s = scores + v * context;
-      c10::BFloat16* w = weights + v * weight_stride;
-      int64_t t = 0;
-      for (; t + 16 <= context; t += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + t), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + t)));
-      for (; t < context; ++t) w[t] = c10::BFloat16(s[t]);
-      std::fill(w + context, w + weight_stride, c10::BFloat16(0.0f));
-    }
-  }
-#endif
 
   for (int64_t b = 0; b < num_blocks; ++b) {
     if (b + 1 < num_blocks) prefetch(block_start(value_cache, b + 1), block_bytes);
@@ -501,7 +619,8 @@ void attend_rows(const T* query, int64_t query_stride, T* out, int64_t out_strid
         const float* a = acc + (h * rows + r) * group * hd + i / hd * hd;
 #if defined(__AVX512BF16__)
         if constexpr (dot) {
-          out[r * out_stride + h * group * hd + i] = static_cast<T>(a[pair_order(i % hd)]);
+          const float inverse_sum = inverse_sums[(h * rows + r) * group + i / hd];
+          out[r * out_stride + h * group * hd + i] = static_cast<T>(a[pair_order(i % hd)] * inverse_sum);
           continue;
         }
 #endif
@@ -517,6 +636,41 @@ constexpr int64_t kScoreBytesPerItem = 512 * 1024;
 struct WorkItem {
   int64_t seq, first_row, rows, context;  // context: the keys the item's last row sees
 };
+
+// The keys of each sequence of at least kPackedRows query rows, packed into `storage` for
+// score_packed_bf16 (in parallel, a KV head of a sequence a job); the other sequences get
+// none, and so does every sequence outside the avx512bf16 build's bfloat16 path.
+template <typename T, typename C>
+std::vector<PackedKeys> pack_chunks(const C* key_cache, const int32_t* tables, int64_t table_stride,
+                                    const int32_t* loc, const int32_t* lens, int64_t num_seqs, int64_t block_size,
+                                    int64_t kv_heads, int64_t head_dim, std::vector<uint32_t>& storage) {
+  std::vector<PackedKeys> packed(num_seqs);
+#if defined(__AVX512BF16__)
+  if constexpr (kBf16Dot<T, C, 64>) {
+    if (head_dim != 64 && head_dim != 128) return packed;
+    std::vector<int64_t> at(num_seqs, -1), jobs;
+    int64_t words = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      if (loc[s + 1] - loc[s] < kPackedRows) continue;
+      at[s] = words;
+      words += kv_heads * packed_tiles(lens[s]) * head_dim / 2 * 16;
+      for (int64_t h = 0; h < kv_heads; ++h) jobs.push_back(s * kv_heads + h);
+    }
+    if (jobs.empty()) return packed;
+    storage.resize(words);
+    const auto pack = head_dim == 64 ? pack_keys_bf16<64> : pack_keys_bf16<128>;
+    at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t s = jobs[j] / kv_heads, h = jobs[j] % kv_heads;
+        pack(key_cache, tables + s * table_stride, lens[s], block_size, kv_heads, h, storage.data() + at[s]);
+      }
+    });
+    for (int64_t s = 0; s < num_seqs; ++s)
+      if (at[s] >= 0) packed[s] = {storage.data() + at[s], packed_tiles(lens[s]) * head_dim / 2 * 16};
+  }
+#endif
+  return packed;
+}
 
 template <typename T, typename C>
 void attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
@@ -547,6 +701,11 @@ void attention(const at::Tensor& query, const at::Tensor& key_cache, const at::T
   const auto attend = head_dim == 64    ? attend_rows<T, C, 64>
                       : head_dim == 128 ? attend_rows<T, C, 128>
                                         : attend_rows<T, C, 0>;
+  // Reused across calls by the thread that calls (the engine's): a chunk's keys take as many bytes again.
+  static thread_local std::vector<uint32_t> packed_storage;
+  const std::vector<PackedKeys> packed =
+      pack_chunks<T, C>(k, tables, block_tables.stride(0), loc, lens, seq_lens.size(0), block_size, kv_heads,
+                        head_dim, packed_storage);
   const int64_t num_items = static_cast<int64_t>(items.size());
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items));
   // Items are taken one at a time from a shared counter, the last first: decodes arrive
@@ -559,7 +718,7 @@ void attention(const at::Tensor& query, const at::Tensor& key_cache, const at::T
       const WorkItem& item = items[num_items - 1 - i];
       attend(q + item.first_row * query.stride(0), query.stride(0), o + item.first_row * out.stride(0),
              out.stride(0), item.rows, k, v, tables + item.seq * block_tables.stride(0), item.context, block_size,
-             kv_heads, group, head_dim, static_cast<float>(scale), scratch);
+             kv_heads, group, head_dim, static_cast<float>(scale), packed[item.seq], scratch);
     }
   });
 }
