@@ -5,6 +5,7 @@
 // query heads are scored against every key of the context as the block table finds them,
 // causally, then the values are summed with the softmax weights. Keys and values are read
 // in place, once per item; a chunk over a cached prefix reads the prefix where it lies.
+// A long prompt chunk's keys are first laid out once, for all its items (pack_keys).
 //
 // The same source builds four ways (engine/cpu_kernels.py picks the best the CPU runs):
 // with -mavx512f/bw/vl/dq the inner loops use 16-float vectors, adding -mavx512bf16 the
@@ -362,88 +363,141 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// A prompt chunk's items all score the same keys, and score_keys_bf16 spends more on the
-// horizontal sums that end each dot product than on the products. So a chunk of many rows
-// has its keys laid out once per call for dot products with nothing to sum across lanes:
-// for KV head h and tile t of 16 context positions, the 32-bit word (p, k) holds dimensions
-// 2p and 2p + 1 of the key at position 16t + k. Tiles come in pairs, the positions past the
-// context zero.
+#else
+template <typename T, typename C, int HD>
+constexpr bool kBf16Dot = false;
+#endif
+
+#if ITERSERVE_VECTOR_BITS > 0
+// A prompt chunk's items all score the same keys, and score_keys spends as much on the
+// horizontal sums that end each dot product as on the products, more with bfloat16 dot
+// products. So a chunk of many rows has its keys laid out once per call for dot products
+// that sum nothing across lanes: in tiles of Vec::kWidth context positions, one vector per
+// word of a key (a Lanes' worth of its dimensions), lane k for the tile's k-th key. A
+// query's word, broadcast, then meets the same word of a tile's keys in one instruction.
+// Tiles come in pairs; the positions past the context are zero (and never stored).
 constexpr int64_t kPackedRows = 16;  // a chunk of fewer rows scores its keys as a decode does
 
-inline int64_t packed_tiles(int64_t context) { return (context + 31) / 32 * 2; }
+// Keys widened to float, a dimension a word: any vector build, any cache dtype.
+struct FloatLanes {
+  using Word = float;
+  static constexpr int kDims = 1;
+  template <typename C>
+  static Word word(const C* key, int w) { return static_cast<float>(key[w]); }
+  static Vec dot(Vec acc, Word q, const Word* keys) { return fmadd(Vec::splat(q), Vec::load(keys), acc); }
+};
 
-template <int HD>
-void pack_keys_bf16(const c10::BFloat16* key_cache, const int32_t* block_table, int64_t context, int64_t block_size,
-                    int64_t kv_heads, int64_t kv_head, uint32_t* packed) {
-  constexpr int kPairs = HD / 2;
-  const int64_t tiles = packed_tiles(context);
-  uint32_t* tile = packed + kv_head * tiles * kPairs * 16;
-  for (int64_t t = 0; t < tiles; ++t, tile += kPairs * 16)
-    for (int64_t k = 0; k < 16; ++k) {
-      const int64_t position = t * 16 + k;
+#if defined(__AVX512BF16__)
+// bfloat16 keys, two dimensions a word, for vdpbf16ps (the avx512bf16 build's bfloat16 path).
+struct Bf16PairLanes {
+  using Word = uint32_t;
+  static constexpr int kDims = 2;
+  template <typename C>
+  static Word word(const C* key, int w) {
+    Word pair;
+    std::memcpy(&pair, key + 2 * w, sizeof(pair));
+    return pair;
+  }
+  static Vec dot(Vec acc, Word q, const Word* keys) {
+    return {_mm512_dpbf16_ps(acc.v, (__m512bh)_mm512_set1_epi32(static_cast<int>(q)),
+                             (__m512bh)_mm512_loadu_si512(keys))};
+  }
+};
+#endif
+
+// How a path's packed keys are multiplied: kBf16Dot's in bfloat16 pairs, the rest in floats.
+#if defined(__AVX512BF16__)
+template <typename T, typename C, int HD>
+using PackedLanes = std::conditional_t<kBf16Dot<T, C, HD>, Bf16PairLanes, FloatLanes>;
+#else
+template <typename T, typename C, int HD>
+using PackedLanes = FloatLanes;
+#endif
+
+// Head sizes whose key rows are whole vectors (the unrolled paths) pack.
+template <typename C, int HD>
+constexpr bool kPacks = kVectorRows<C, HD>;
+
+inline int64_t packed_tiles(int64_t context) { return (context + 2 * Vec::kWidth - 1) / (2 * Vec::kWidth) * 2; }
+
+// The first n lanes of x to p.
+inline void store_first(Vec x, float* p, int64_t n) {
+  if (n == Vec::kWidth)
+    x.store(p);
+  else
+    x.store(p, static_cast<int>(n));
+}
+
+// Words of one KV head's packed keys: every word of a key, for each of its tiles.
+template <typename Lanes, int HD>
+inline int64_t packed_head_words(int64_t context) { return packed_tiles(context) * HD / Lanes::kDims * Vec::kWidth; }
+
+// KV head `kv_head`'s keys of a sequence's first `context` positions, as the block table
+// finds them, into its part of `packed`.
+template <typename Lanes, typename C, int HD>
+void pack_keys(const C* key_cache, const int32_t* block_table, int64_t context, int64_t block_size,
+               int64_t kv_heads, int64_t kv_head, typename Lanes::Word* packed) {
+  constexpr int kWords = HD / Lanes::kDims, kWidth = Vec::kWidth;
+  typename Lanes::Word* tile = packed + kv_head * packed_head_words<Lanes, HD>(context);
+  for (int64_t t = 0; t < packed_tiles(context); ++t, tile += kWords * kWidth)
+    for (int64_t k = 0; k < kWidth; ++k) {
+      const int64_t position = t * kWidth + k;
       if (position >= context) {
-        for (int p = 0; p < kPairs; ++p) tile[p * 16 + k] = 0;
+        for (int w = 0; w < kWords; ++w) tile[w * kWidth + k] = 0;
         continue;
       }
       const int64_t slot = static_cast<int64_t>(block_table[position / block_size]) * block_size +
                            position % block_size;
-      const c10::BFloat16* key = key_cache + (slot * kv_heads + kv_head) * HD;
-      for (int p = 0; p < kPairs; ++p) std::memcpy(tile + p * 16 + k, key + 2 * p, sizeof(uint32_t));
+      const C* key = key_cache + (slot * kv_heads + kv_head) * HD;
+      for (int w = 0; w < kWords; ++w) tile[w * kWidth + k] = Lanes::template word<C>(key, w);
     }
 }
 
-// scores[v * stride + i] = scale * q_v . key_i for the query vectors v < width (bfloat16,
-// HD apart) and the first `context` keys, packed by pack_keys_bf16 (one KV head's tiles).
-// A query's pair of dimensions, broadcast, meets the same pair of 16 keys in one vdpbf16ps:
-// each lane sums its own key's product. Two tiles and 12 query vectors a pass keep 24
-// accumulators in registers, the rest for the tiles' words.
-template <int HD>
-void score_packed_bf16(const c10::BFloat16* q, int64_t width, const uint32_t* packed, int64_t context, float scale,
-                       float* scores, int64_t stride) {
-  constexpr int kPairs = HD / 2;
-  constexpr int kVectorsPerPass = 12;
-  const uint32_t* q_words = reinterpret_cast<const uint32_t*>(q);
-  const __m512 scale_v = _mm512_set1_ps(scale);
-  for (int64_t t = 0; t * 16 < context; t += 2) {
-    const uint32_t* tile = packed + t * kPairs * 16;
-    const int64_t first = std::min<int64_t>(16, context - t * 16);
-    const int64_t second = std::clamp<int64_t>(context - (t + 1) * 16, 0, 16);
+// scores[v * stride + i] = scale * q_v . key_i for the query vectors v < width (HD apart, as
+// Lanes' words) and the first `context` keys of one KV head packed by pack_keys. A pass takes
+// two tiles and as many query vectors as leave registers for the tiles' words.
+template <typename Lanes, int HD>
+void score_packed(const typename Lanes::Word* q, int64_t width, const typename Lanes::Word* packed,
+                  int64_t context, float scale, float* scores, int64_t stride) {
+  constexpr int kWords = HD / Lanes::kDims, kWidth = Vec::kWidth;
+  constexpr int kVectorsPerPass = ITERSERVE_VECTOR_BITS == 512 ? 12 : 6;
+  const Vec scale_v = Vec::splat(scale);
+  for (int64_t t = 0; t * kWidth < context; t += 2) {
+    const typename Lanes::Word* tile = packed + t * kWords * kWidth;
+    const int64_t first = std::min<int64_t>(kWidth, context - t * kWidth);
+    const int64_t second = std::clamp<int64_t>(context - (t + 1) * kWidth, 0, kWidth);
     for (int64_t v0 = 0; v0 < width; v0 += kVectorsPerPass) {
       const int64_t vectors = std::min<int64_t>(kVectorsPerPass, width - v0);
-      __m512 acc[kVectorsPerPass][2];
+      Vec acc[kVectorsPerPass][2];
 #pragma GCC unroll 16
-      for (int v = 0; v < kVectorsPerPass; ++v) acc[v][0] = acc[v][1] = _mm512_setzero_ps();
-      for (int p = 0; p < kPairs; ++p) {
-        const __m512bh keys0 = (__m512bh)_mm512_loadu_si512(tile + p * 16);
-        const __m512bh keys1 = (__m512bh)_mm512_loadu_si512(tile + (kPairs + p) * 16);
+      for (int v = 0; v < kVectorsPerPass; ++v) acc[v][0] = acc[v][1] = Vec::splat(0.0f);
+      for (int w = 0; w < kWords; ++w) {
 #pragma GCC unroll 16
         for (int v = 0; v < kVectorsPerPass; ++v) {
           if (v < vectors) {
-            const __m512bh pair = (__m512bh)_mm512_set1_epi32(static_cast<int>(q_words[(v0 + v) * kPairs + p]));
-            acc[v][0] = _mm512_dpbf16_ps(acc[v][0], pair, keys0);
-            acc[v][1] = _mm512_dpbf16_ps(acc[v][1], pair, keys1);
+            const typename Lanes::Word word = q[(v0 + v) * kWords + w];
+            acc[v][0] = Lanes::dot(acc[v][0], word, tile + w * kWidth);
+            acc[v][1] = Lanes::dot(acc[v][1], word, tile + (kWords + w) * kWidth);
           }
         }
       }
 #pragma GCC unroll 16
       for (int v = 0; v < kVectorsPerPass; ++v) {
         if (v < vectors) {
-          float* s = scores + (v0 + v) * stride + t * 16;
-          _mm512_mask_storeu_ps(s, static_cast<__mmask16>((1u << first) - 1), _mm512_mul_ps(acc[v][0], scale_v));
-          _mm512_mask_storeu_ps(s + 16, static_cast<__mmask16>((1u << second) - 1), _mm512_mul_ps(acc[v][1], scale_v));
+          float* s = scores + (v0 + v) * stride + t * kWidth;
+          store_first(acc[v][0] * scale_v, s, first);
+          if (second > 0) store_first(acc[v][1] * scale_v, s + kWidth, second);
         }
       }
     }
   }
 }
-#else
-template <typename T, typename C, int HD>
-constexpr bool kBf16Dot = false;
 #endif
 
-// A sequence's keys as pack_keys_bf16 lays them out, `head_words` per KV head; none: null.
+// A sequence's keys as pack_keys lays them out (its Lanes' words, 4 bytes each), `head_words`
+// per KV head; none: null.
 struct PackedKeys {
-  const uint32_t* words = nullptr;
+  const void* words = nullptr;
   int64_t head_words = 0;
 };
 
@@ -499,13 +553,16 @@ void attend_rows(const T* query, int64_t query_stride, T* out, int64_t out_strid
     return cache + static_cast<int64_t>(block_table[b]) * block_size * slot_stride;
   };
 
-#if defined(__AVX512BF16__)
-  if constexpr (dot) {
+#if ITERSERVE_VECTOR_BITS > 0
+  if constexpr (kPacks<C, HD>) {
     if (packed_keys.words != nullptr) {
+      // The queries as the Lanes' words: with `dot` bfloat16 pairs as they came, else scaled floats.
+      using Lanes = PackedLanes<T, C, HD>;
+      const auto* queries = reinterpret_cast<const typename Lanes::Word*>(q);
+      const auto* words = static_cast<const typename Lanes::Word*>(packed_keys.words);
       for (int64_t h = 0; h < kv_heads; ++h)
-        score_packed_bf16<HD>(reinterpret_cast<const T*>(q) + h * width * hd, width,
-                              packed_keys.words + h * packed_keys.head_words, context, scale,
-                              scores + h * width * context, context);
+        score_packed<Lanes, HD>(queries + h * width * hd / Lanes::kDims, width, words + h * packed_keys.head_words,
+                                context, dot ? scale : 1.0f, scores + h * width * context, context);
     }
   }
 #endif
@@ -638,35 +695,38 @@ struct WorkItem {
 };
 
 // The keys of each sequence of at least kPackedRows query rows, packed into `storage` for
-// score_packed_bf16 (in parallel, a KV head of a sequence a job); the other sequences get
-// none, and so does every sequence outside the avx512bf16 build's bfloat16 path.
-template <typename T, typename C>
+// score_packed (in parallel, a KV head of a sequence a job); the other sequences get none,
+// and so does every sequence where attend_rows scores no packed keys (the portable build,
+// head sizes other than 64 and 128).
+template <typename T, typename C, int HD>
 std::vector<PackedKeys> pack_chunks(const C* key_cache, const int32_t* tables, int64_t table_stride,
                                     const int32_t* loc, const int32_t* lens, int64_t num_seqs, int64_t block_size,
-                                    int64_t kv_heads, int64_t head_dim, std::vector<uint32_t>& storage) {
+                                    int64_t kv_heads, std::vector<uint32_t>& storage) {
   std::vector<PackedKeys> packed(num_seqs);
-#if defined(__AVX512BF16__)
-  if constexpr (kBf16Dot<T, C, 64>) {
-    if (head_dim != 64 && head_dim != 128) return packed;
+#if ITERSERVE_VECTOR_BITS > 0
+  if constexpr (kPacks<C, HD>) {
+    using Lanes = PackedLanes<T, C, HD>;
+    using Word = typename Lanes::Word;
+    static_assert(sizeof(Word) == sizeof(uint32_t));
     std::vector<int64_t> at(num_seqs, -1), jobs;
     int64_t words = 0;
     for (int64_t s = 0; s < num_seqs; ++s) {
       if (loc[s + 1] - loc[s] < kPackedRows) continue;
       at[s] = words;
-      words += kv_heads * packed_tiles(lens[s]) * head_dim / 2 * 16;
+      words += kv_heads * packed_head_words<Lanes, HD>(lens[s]);
       for (int64_t h = 0; h < kv_heads; ++h) jobs.push_back(s * kv_heads + h);
     }
     if (jobs.empty()) return packed;
     storage.resize(words);
-    const auto pack = head_dim == 64 ? pack_keys_bf16<64> : pack_keys_bf16<128>;
+    Word* base = reinterpret_cast<Word*>(storage.data());
     at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
         const int64_t s = jobs[j] / kv_heads, h = jobs[j] % kv_heads;
-        pack(key_cache, tables + s * table_stride, lens[s], block_size, kv_heads, h, storage.data() + at[s]);
+        pack_keys<Lanes, C, HD>(key_cache, tables + s * table_stride, lens[s], block_size, kv_heads, h, base + at[s]);
       }
     });
     for (int64_t s = 0; s < num_seqs; ++s)
-      if (at[s] >= 0) packed[s] = {storage.data() + at[s], packed_tiles(lens[s]) * head_dim / 2 * 16};
+      if (at[s] >= 0) packed[s] = {base + at[s], packed_head_words<Lanes, HD>(lens[s])};
   }
 #endif
   return packed;
@@ -701,11 +761,14 @@ void attention(const at::Tensor& query, const at::Tensor& key_cache, const at::T
   const auto attend = head_dim == 64    ? attend_rows<T, C, 64>
                       : head_dim == 128 ? attend_rows<T, C, 128>
                                         : attend_rows<T, C, 0>;
-  // Reused across calls by the thread that calls (the engine's): a chunk's keys take as many bytes again.
+  // Reused across calls by the thread that calls (the engine's): a chunk's keys, as many bytes
+  // again (twice as many where a bfloat16 cache's keys are widened to float).
   static thread_local std::vector<uint32_t> packed_storage;
+  const auto pack = head_dim == 64    ? pack_chunks<T, C, 64>
+                    : head_dim == 128 ? pack_chunks<T, C, 128>
+                                      : pack_chunks<T, C, 0>;
   const std::vector<PackedKeys> packed =
-      pack_chunks<T, C>(k, tables, block_tables.stride(0), loc, lens, seq_lens.size(0), block_size, kv_heads,
-                        head_dim, packed_storage);
+      pack(k, tables, block_tables.stride(0), loc, lens, seq_lens.size(0), block_size, kv_heads, packed_storage);
   const int64_t num_items = static_cast<int64_t>(items.size());
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items));
   // Items are taken one at a time from a shared counter, the last first: decodes arrive
