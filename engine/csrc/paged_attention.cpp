@@ -350,7 +350,7 @@ inline void accumulate_rows_bf16(float* acc, const c10::BFloat16* values, int64_
 }
 
 // e^x to within about 2 ulp: x log2(e) = n + f with |f| <= 1/2, 2^f by its Taylor series to
-// the 6th power (the next term is below 2^-23), and n added to the exponent by vscalefps,
+// the 6th power (the next term is about 2^-23), and n added to the exponent by vscalefps,
 // which takes a result below the float range to 0.
 inline __m512 exp_ps(__m512 x) {
   const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
