@@ -159,8 +159,8 @@ def kernel_batch(block_size):
     than the kernel takes together (8) and not a multiple of them; and one whose long context
     leaves room in the kernel's scratch for fewer rows at a time. Chunks of 16 rows or more
     have their keys packed once for all their rows in the vector builds: (20, 300) and
-    (33, 701) end mid-tile, the second on an odd tile of 16, and the item of a chunk's first
-    rows sees fewer keys than the chunk's context."""
+    (33, 701) end mid-tile, in the first and in the second tile of a pair of 16 keys, and the
+    item of a chunk's first rows sees fewer keys than the chunk's context."""
     decodes = [(1, n) for n in (1, block_size - 1, block_size, block_size + 1, 5, 100, 300)]
     return decodes + [(5, 5), (7, 100), (20, 300), (block_size + 3, block_size + 3), (12, 1000), (33, 701)]
 
