@@ -6,7 +6,7 @@ batching, paging, chunking, prefix caching or preemption.
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
 from engine import LLM, cpu_kernels
 from scheduler import SamplingParams
@@ -68,6 +68,35 @@ def test_tiny_llama_matches_transformers(tiny_model_path, backend, monkeypatch):
     assert llm.engine.paths["layer_ops"] == layer_ops
     assert llm.engine.paths["sampling"] == sampling
     assert got == expected
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("isa", [b.isa for b in cpu_kernels.BUILDS])
+def test_vector_sized_heads_match_transformers_through_each_build(tmp_path, smollm2_path, isa, head_dim,
+                                                                   monkeypatch):
+    """Head sizes 64 and 128 take each vector build's unrolled paths, which the tiny Llama's 16
+    does not, and a prompt chunk of 16 rows or more its keys packed once per call: a 330-token
+    prompt in chunks of 64, each over the chunks before it in the cache."""
+    runnable = [b.isa for b in cpu_kernels.runnable_builds()]
+    if isa not in runnable:
+        pytest.skip(f"this CPU cannot run the {isa} kernel build (it runs {runnable})")
+    config = LlamaConfig(vocab_size=49152, hidden_size=4 * head_dim, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
+    torch.manual_seed(11)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random init scores every key alike, which would hide a wrong score
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.normal_(std=0.1)
+            layer.self_attn.k_proj.weight.normal_(std=0.1)
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(tmp_path)
+    build = cpu_kernels.load(isa)
+    monkeypatch.setattr(cpu_kernels, "load", lambda: build)
+    prompts = PROMPTS[:3] + ["one more time " * 110]
+    got, llm = run_ours(tmp_path, prompts, 16, device="cpu", max_num_batched_tokens=64)
+    assert llm.engine.paths["attention"] == f"C++ kernel, {isa} build"
+    assert got == reference_tokens(tmp_path, prompts, 16)
 
 
 @pytest.mark.parametrize("config_class", [Qwen2Config, MistralConfig])
