@@ -371,12 +371,17 @@ constexpr bool kBf16Dot = false;
 #if ITERSERVE_VECTOR_BITS > 0
 // A prompt chunk's items all score the same keys, and score_keys spends as much on the
 // horizontal sums that end each dot product as on the products, more with bfloat16 dot
-// products. So a chunk of many rows has its keys laid out once per call for dot products
-// that sum nothing across lanes: in tiles of Vec::kWidth context positions, one vector per
-// word of a key (a Lanes' worth of its dimensions), lane k for the tile's k-th key. A
-// query's word, broadcast, then meets the same word of a tile's keys in one instruction.
-// Tiles come in pairs; the positions past the context are zero (and never stored).
-constexpr int64_t kPackedRows = 16;  // a chunk of fewer rows scores its keys as a decode does
+// products. So a chunk has its keys laid out once per call for dot products that sum
+// nothing across lanes: in tiles of Vec::kWidth context positions, one vector per word of
+// a key (a Lanes' worth of its dimensions), lane k for the tile's k-th key. A query's word,
+// broadcast, then meets the same word of a tile's keys in one instruction. Tiles come in
+// pairs; the positions past the context are zero (and never stored).
+//
+// Every chunk of two rows or more packs, short ones too: the sums run in another order than
+// score_keys', so a row's bits would otherwise depend on the chunk around it, and a prompt
+// sent again, its tail computed alone after a prefix-cache hit, could draw other tokens
+// under the same seed. One row (a decode, or a one-token tail) keeps the in-place path.
+constexpr int64_t kPackedRows = 2;
 
 // Keys widened to float, a dimension a word: any vector build, any cache dtype.
 struct FloatLanes {

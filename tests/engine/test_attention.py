@@ -205,6 +205,32 @@ def test_cpu_kernel_reads_a_narrower_cache(dtype, cache_dtype, tolerance, head_d
                                 block_size, 1.0)
 
 
+@pytest.mark.parametrize("isa", [b.isa for b in cpu_kernels.BUILDS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prompt_rows_output_is_the_same_in_any_chunk(dtype, isa):
+    """A prompt's last rows computed within the whole prompt, or as the chunk left after a
+    prefix-cache hit, give the same bits: the packed keys sum a dot product in another order
+    than a decode's lane sums, so every chunk of 2 rows or more packs, and a seeded request
+    sent again draws the same tokens. (A single row is computed as a decode is.)"""
+    kernels = kernel_build(isa)
+    torch.manual_seed(3)
+    heads, kv_heads, head_dim, block_size, context = 9, 3, 64, 16, 300
+    key_cache = torch.randn(32 * block_size, kv_heads, head_dim, dtype=dtype)
+    value_cache = torch.randn_like(key_cache)
+    query = torch.randn(context, heads, head_dim, dtype=dtype)
+    tables = random_tables([context], block_size, 32)
+    lens = torch.tensor([context], dtype=torch.int32)
+
+    def attend(rows):
+        loc = torch.tensor([0, rows], dtype=torch.int32)
+        return kernels.paged_attention(query[context - rows:], key_cache, value_cache, tables, loc, lens, block_size,
+                                       head_dim ** -0.5)
+
+    whole = attend(context)
+    for rows in (2, 12, 15, 16, 44):
+        assert torch.equal(attend(rows), whole[context - rows:]), rows
+
+
 def test_cpu_kernel_refuses_a_sequence_with_more_query_rows_than_context():
     kernels = cpu_kernels.load()
     cache = torch.zeros(64, 1, 8)
