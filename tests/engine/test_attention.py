@@ -157,7 +157,7 @@ def kernel_batch(block_size):
     """(query rows, context) of a flat batch: decodes of a single token, on both sides of a block
     edge, part of a vector and several blocks; a whole prompt; chunks after a prefix, of more rows
     than the kernel takes together (8) and not a multiple of them; and one whose long context
-    leaves room in the kernel's scratch for fewer rows at a time. Chunks of 16 rows or more
+    leaves room in the kernel's scratch for fewer rows at a time. Chunks of 2 rows or more
     have their keys packed once for all their rows in the vector builds: (20, 300) and
     (33, 701) end mid-tile, in the first and in the second tile of a pair of 16 keys, and the
     item of a chunk's first rows sees fewer keys than the chunk's context."""

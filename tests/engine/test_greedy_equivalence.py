@@ -75,7 +75,7 @@ def test_tiny_llama_matches_transformers(tiny_model_path, backend, monkeypatch):
 def test_vector_sized_heads_match_transformers_through_each_build(tmp_path, smollm2_path, isa, head_dim,
                                                                    monkeypatch):
     """Head sizes 64 and 128 take each vector build's unrolled paths, which the tiny Llama's 16
-    does not, and a prompt chunk of 16 rows or more its keys packed once per call: a 330-token
+    does not, and a prompt chunk of 2 rows or more its keys packed once per call: a 330-token
     prompt in chunks of 64, each over the chunks before it in the cache."""
     runnable = [b.isa for b in cpu_kernels.runnable_builds()]
     if isa not in runnable:
