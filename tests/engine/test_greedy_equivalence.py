@@ -29,6 +29,20 @@ PROMPTS = [
 SHARED_PREFIX = "You are a careful assistant. Answer in one short sentence, and never use lists. " * 3
 
 
+def save_random_model(folder, smollm2_path, config, seed: int, redrawn: dict[str, float]) -> None:
+    """A random-weight model of `config` with SmolLM2's tokenizer, saved as a Hugging Face
+    folder; parameters whose names end with a key of `redrawn` drawn again, normal with that std."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            std = next((std for suffix, std in redrawn.items() if name.endswith(suffix)), None)
+            if std is not None:
+                parameter.normal_(std=std)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def smollm2_expected(smollm2_path):
     prompts = PROMPTS + [SHARED_PREFIX + q for q in ("Why is the sky blue?", "What is rain?", "Name a planet.")]
@@ -83,14 +97,8 @@ def test_vector_sized_heads_match_transformers_through_each_build(tmp_path, smol
     config = LlamaConfig(vocab_size=49152, hidden_size=4 * head_dim, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
-    torch.manual_seed(11)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # random init scores every key alike, which would hide a wrong score
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.normal_(std=0.1)
-            layer.self_attn.k_proj.weight.normal_(std=0.1)
-    model.save_pretrained(tmp_path)
-    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(tmp_path)
+    # Random init scores every key alike, which would hide a wrong score.
+    save_random_model(tmp_path, smollm2_path, config, seed=11, redrawn={"q_proj.weight": 0.1, "k_proj.weight": 0.1})
     build = cpu_kernels.load(isa)
     monkeypatch.setattr(cpu_kernels, "load", lambda: build)
     prompts = PROMPTS[:3] + ["one more time " * 110]
@@ -105,15 +113,9 @@ def test_other_llama_family_architectures(tmp_path, smollm2_path, config_class):
     config = config_class(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                           tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
-    torch.manual_seed(7)
-    model = AutoModelForCausalLM.from_config(config)
-    if config_class is Qwen2Config:
-        with torch.no_grad():  # random init leaves biases at zero, which would hide a missing bias
-            for layer in model.model.layers:
-                layer.self_attn.q_proj.bias.normal_(std=0.5)
-                layer.self_attn.k_proj.bias.normal_(std=0.5)
-    model.save_pretrained(tmp_path)
-    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(tmp_path)
+    # Random init leaves biases at zero, which would hide a missing bias.
+    biases = {"q_proj.bias": 0.5, "k_proj.bias": 0.5} if config_class is Qwen2Config else {}
+    save_random_model(tmp_path, smollm2_path, config, seed=7, redrawn=biases)
     prompts = PROMPTS[:4]
     assert run_ours(tmp_path, prompts, 12)[0] == reference_tokens(tmp_path, prompts, 12)
 
