@@ -47,7 +47,10 @@ COPY scheduler ./scheduler
 COPY engine ./engine
 COPY server ./server
 COPY loadtest ./loadtest
-RUN pip install .
+# xgrammar (structured outputs) declares triton, 1 GB installed, which only its CUDA path
+# imports: a CPU image drops it again (torch's CUDA wheels bring their own).
+RUN pip install . \
+    && if ! python -c "import torch, sys; sys.exit(torch.version.cuda is None)"; then pip uninstall -y triton; fi
 
 RUN useradd --create-home --uid 10001 iterserve
 USER iterserve

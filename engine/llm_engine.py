@@ -18,6 +18,7 @@ from engine.loader import (
 )
 from engine.model_runner import LaunchedStep, ModelRunner, StepResult, kv_bytes_per_block
 from engine.sampler import TokenLogprobs
+from engine.structured_output import StructuredOutputs
 from kvcache import KVCacheManager
 from scheduler import (
     InvalidRequestError, Request, RequestStatus, SamplingParams, Scheduler, SchedulerOutput, StepShape,
@@ -26,6 +27,10 @@ from scheduler.request import RequestTimes
 from scheduler.cost_model import load_cost_model
 
 logger = logging.getLogger(__name__)
+
+# How long a step with nothing to run waits for a grammar to compile before it returns (and the
+# engine loop takes any new requests).
+GRAMMAR_WAIT_S = 0.05
 
 
 @dataclass(slots=True)
@@ -83,8 +88,11 @@ class InFlightStep:
 
     @property
     def needs_tokens(self) -> bool:
-        """Whether the next step's sampling needs this step's tokens on the host (penalties)."""
-        return any(s.samples and s.request.sampling_params.has_penalties for s in self.plan.scheduled)
+        """Whether the next step's sampling needs this step's tokens on the host (penalties, and
+        a structured output's grammar, which must follow each token before it can mask the next)."""
+        return any(s.samples and (s.request.sampling_params.has_penalties
+                                  or s.request.sampling_params.structured_output is not None)
+                   for s in self.plan.scheduled)
 
 
 def check_prompt(token_ids: list[int], vocab_size: int, max_model_len: int) -> None:
@@ -136,8 +144,9 @@ class LLMEngine:
             self.kv_cache,
             cost_model=load_cost_model(config.cost_model) if config.cost_model else None,
         )
+        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.device, config.attention_backend,
-                                  num_host_blocks, self.kv_cache_dtype)
+                                  num_host_blocks, self.kv_cache_dtype, self.structured)
         if config.cuda_graphs:
             self.runner.use_static_decode(config.max_num_seqs, self.max_model_len, capture=True,
                                           batch_sizes=config.cuda_graph_sizes)
@@ -222,7 +231,14 @@ class LLMEngine:
             slo_ttft_s=slo_ttft_s,
             slo_tpot_s=slo_tpot_s,
         )
+        if params.structured_output is not None:
+            # Made into a grammar now (a bad one is refused here), compiled beside the engine: the
+            # request waits, held, until it has.
+            grammar = self.structured.grammar(params.structured_output)
+            request.held = True
         self.scheduler.add_request(request)
+        if request.held:
+            self.structured.start(request.request_id, grammar)
         if params.prompt_logprobs is not None:
             self._prompt_logprobs[request.request_id] = [None]
         if self.detokenize:
@@ -244,12 +260,14 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
         self.last_step_shape = None
+        outputs = self._let_go_compiled(0.0)
         if self.async_scheduling:
-            outputs = self._step_async()
+            outputs += self._step_async()
         else:
-            plan, outputs = self._schedule()
+            plan, timed_out = self._schedule()
+            outputs += timed_out
             if plan.is_empty:
-                return outputs
+                return outputs + self._wait_for_grammars()
             self.last_step_shape = plan.shape()
             try:
                 result = self.runner.execute(plan)
@@ -260,7 +278,7 @@ class LLMEngine:
         # (a server's loop, which does more per iteration, times it itself).
         if self.observe_steps and self.last_step_shape is not None:
             self.scheduler.cost_model.observe(self.last_step_shape, time.perf_counter() - started)
-        return outputs
+        return outputs + self._wait_for_grammars()
 
     def _step_async(self) -> list[RequestOutput]:
         """Schedule and launch step N+1, then read back step N, which ran on the device
@@ -297,6 +315,28 @@ class LLMEngine:
             self.last_step_shape = in_flight.shape
         return outputs
 
+    def _wait_for_grammars(self) -> list[RequestOutput]:
+        """With nothing running and a grammar compiling, wait on it a while rather than spin."""
+        if self.structured.num_compiling and not self.scheduler.running and self._in_flight is None:
+            return self._let_go_compiled(GRAMMAR_WAIT_S)
+        return []
+
+    def _let_go_compiled(self, timeout_s: float) -> list[RequestOutput]:
+        """Let the scheduler admit the requests whose grammars have compiled (waiting up to
+        `timeout_s` for one); those whose grammar failed to compile end here, as errors."""
+        outputs = []
+        for request_id, error in self.structured.take_compiled(timeout_s):
+            request = self.scheduler.requests.get(request_id)
+            if request is None:
+                continue
+            request.held = False
+            if error is not None:
+                self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
+                output = self._final_output(request)
+                output.error = error
+                outputs.append(output)
+        return outputs
+
     def _schedule(self) -> tuple[SchedulerOutput, list[RequestOutput]]:
         """The next step's plan, its KV moves done, and the ends of requests that timed out."""
         plan = self.scheduler.schedule()
@@ -319,8 +359,22 @@ class LLMEngine:
             # Recomputed after a preemption, a request is scored again from its start: keep the first.
             if scored is not None and first_index <= len(scored):
                 scored.extend(entries[len(scored) - first_index:])
+        updated = self.scheduler.update(plan, result.sampled_token_ids, advanced)
+        for request in updated:
+            if request.request_id in self.structured and not request.is_finished:
+                self._follow_grammar(request)
         return [self._output(request, request.output_token_ids[-1], result.logprobs.get(request.request_id))
-                for request in self.scheduler.update(plan, result.sampled_token_ids, advanced)]
+                for request in updated]
+
+    def _follow_grammar(self, request: Request) -> None:
+        """Give a constrained request's grammar the token it sampled; a complete grammar ends the
+        request (even under ignore_eos or min_tokens: nothing more would match)."""
+        if not self.structured.accept(request.request_id, request.output_token_ids[-1]):
+            # The mask allowed only tokens the grammar takes: this is a bug, not the client's.
+            logger.error("request %s sampled a token its grammar refuses", request.request_id)
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR)
+        elif self.structured.is_complete(request.request_id):
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
 
     def _fail_step(self, plan: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         logger.exception("model step failed; failing its %d requests", len(plan.scheduled))

@@ -17,6 +17,7 @@ from engine.input_batch import InputBatch, known_token, step_positions
 from engine.model import LlamaForCausalLM
 from engine.prompt_logprobs import PromptLogprobs, PromptSpan, prompt_spans, score_prompts
 from engine.sampler import SampledTokens, Sampler, TokenLogprobs
+from engine.structured_output import StructuredOutputs
 from scheduler import Request, ScheduledRequest, SchedulerOutput
 
 
@@ -60,7 +61,8 @@ def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dt
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device,
-                 attention_backend: str = "auto", num_host_blocks: int = 0, kv_cache_dtype: torch.dtype | None = None):
+                 attention_backend: str = "auto", num_host_blocks: int = 0, kv_cache_dtype: torch.dtype | None = None,
+                 structured: StructuredOutputs | None = None):
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -84,7 +86,7 @@ class ModelRunner:
         )
         # Built (or found in the cache) now, not in the middle of the first step.
         kernels = cpu_kernels.load() if device.type == "cpu" else None
-        self.sampler = Sampler(device, kernels)
+        self.sampler = Sampler(device, kernels, structured)
         self.attention_backend = select_backend(attention_backend, device, self.kv_cache_dtype)
         self.cpu_kernel = kernels if self.attention_backend == "cpu-kernel" else None
         self.triton_kernels = (importlib.import_module("engine.triton_attention")

@@ -1,6 +1,6 @@
-"""Turns one step's logits into tokens: logit bias, penalties, temperature, top-k/top-p/min-p,
-seeds (the draws themselves in engine/draws.py), and the logprobs of the model's own
-distribution."""
+"""Turns one step's logits into tokens: logit bias, penalties, structured outputs' masks,
+temperature, top-k/top-p/min-p, seeds (the draws themselves in engine/draws.py), and the
+logprobs of the model's own distribution."""
 
 from dataclasses import dataclass, field
 import itertools
@@ -9,6 +9,7 @@ import torch
 
 from engine.device_copy import by_row, start_host_copy, to_device
 from engine.draws import draw_by_inverse_cdf, draw_by_race, draw_with_kernel
+from engine.structured_output import StructuredOutputs
 from scheduler import Request
 
 
@@ -21,11 +22,13 @@ class TokenLogprobs:
 
 
 class Sampler:
-    def __init__(self, device: torch.device | str = "cpu", kernel=None):
+    def __init__(self, device: torch.device | str = "cpu", kernel=None, structured: StructuredOutputs | None = None):
         """`kernel`: the CPU kernels' operators (engine.cpu_kernels.load()), whose `sample_tokens`
-        then draws a CPU step's rows; without it torch's ops draw them."""
+        then draws a CPU step's rows; without it torch's ops draw them. `structured`: the
+        engine's grammar matchers, whose masks constrained rows get."""
         self.device = torch.device(device)
         self.kernel = kernel if self.device.type == "cpu" else None
+        self.structured = structured
         # Which draw this sampler takes, for the engine's log and the server's /version.
         if self.device.type == "cuda":
             self.path = "exponential race on the device"
@@ -37,6 +40,8 @@ class Sampler:
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        if self.structured is not None:
+            self.structured.release(request_id)
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits: [len(requests), vocab], in the model's dtype or float32."""
@@ -47,7 +52,7 @@ class Sampler:
         logits are, so an engine can queue the next step before this one's tokens are known."""
         params = [r.sampling_params for r in requests]
         if self.kernel is None and all(p.is_greedy and p.logprobs is None and not p.has_penalties
-                                       and not p.logit_bias for p in params):
+                                       and not p.logit_bias and p.structured_output is None for p in params):
             # The common case needs no float copy of the logits: widening is exact, so the
             # largest is the same token. `max` rather than `argmax`: on CPU, argmax over
             # bfloat16 takes four times as long (both give the first of equal largest values).
@@ -56,12 +61,15 @@ class Sampler:
             return SampledTokens(logits.max(dim=-1).indices)
         model_logits = logits  # processing below works on a copy
         biased, penalised = any(p.logit_bias for p in params), any(p.has_penalties for p in params)
-        if biased or penalised:  # on a float copy: the model's own stay as they are
+        constrained = self.structured is not None and any(p.structured_output is not None for p in params)
+        if biased or penalised or constrained:  # on a float copy: the model's own stay as they are
             logits = logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
         if biased:
             apply_logit_bias(logits, requests)
         if penalised:
             apply_penalties(logits, requests)
+        if constrained:
+            self.structured.apply_masks(logits, requests)
 
         if self.kernel is not None:
             generators = [None if p.is_greedy else self._generator(r) for r, p in zip(requests, params)]

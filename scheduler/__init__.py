@@ -13,7 +13,8 @@ fastapi, so it is deterministic under a virtual clock and a fake model runner.
 
 from scheduler.config import SchedulerConfig
 from scheduler.cost_model import StepCostModel, StepShape
-from scheduler.request import InvalidRequestError, Request, RequestRejectedError, RequestStatus, SamplingParams
+from scheduler.request import InvalidRequestError, Request, RequestRejectedError, RequestStatus, SamplingParams, \
+    StructuredOutput
 from scheduler.output import ScheduledRequest, SchedulerOutput
 from scheduler.scheduler import Scheduler
 
@@ -29,4 +30,5 @@ __all__ = [
     "SchedulerOutput",
     "StepCostModel",
     "StepShape",
+    "StructuredOutput",
 ]

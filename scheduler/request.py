@@ -80,6 +80,32 @@ def meets_targets(arrival_time: float, first_token_time: float | None, last_toke
 
 
 @dataclass(slots=True)
+class StructuredOutput:
+    """What a request's output must match, as vLLM's structured outputs take it. The engine
+    masks every token that would leave the language (engine/structured_output.py)."""
+
+    kind: str  # one of KINDS
+    # json: a JSON schema, as JSON text; regex: a regular expression; choice: a JSON list of
+    # the strings allowed; grammar: an EBNF grammar (GBNF's dialect); json_object: nothing.
+    spec: str = ""
+    # The request field it came from, for a refusal to name (response_format, guided_json, ...).
+    param: str = field(default="structured_outputs", compare=False)
+
+    KINDS = ("json", "json_object", "regex", "choice", "grammar")
+    MAX_SPEC_CHARS = 256 * 1024  # it is compiled on the engine's thread; bounds the stall
+
+    def validate(self) -> None:
+        if self.kind not in self.KINDS:
+            raise InvalidRequestError(f"{self.param}: the kind must be one of {list(self.KINDS)}, got {self.kind!r}",
+                                      param=self.param)
+        if not isinstance(self.spec, str) or len(self.spec) > self.MAX_SPEC_CHARS:
+            raise InvalidRequestError(f"{self.param} must be text of at most {self.MAX_SPEC_CHARS} characters",
+                                      param=self.param)
+        if self.kind != "json_object" and not self.spec:
+            raise InvalidRequestError(f"{self.param}: a {self.kind} constraint needs its {self.kind}", param=self.param)
+
+
+@dataclass(slots=True)
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0
@@ -103,6 +129,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # OpenAI's logit_bias: added to these tokens' logits before penalties and sampling.
     logit_bias: dict[int, float] | None = None
+    # The output must match this (JSON, a schema, a regex, a choice, a grammar): tokens that
+    # cannot continue it are masked before sampling, and completing it ends the request.
+    structured_output: StructuredOutput | None = None
 
     MAX_LOGPROBS = 20
     MAX_LOGIT_BIAS = 100.0
@@ -152,6 +181,8 @@ class SamplingParams:
         for param, ok, message in checks:
             if not ok:
                 raise InvalidRequestError(f"{param} {message}, got {getattr(self, param)!r}", param=param)
+        if self.structured_output is not None:
+            self.structured_output.validate()
 
 
 # Not frozen, though never changed (a change is a `replace`): a frozen dataclass sets each field
@@ -187,6 +218,7 @@ class Request:
     slo_ttft_s: float | None = None  # targets for the slo policy: time to first token,
     slo_tpot_s: float | None = None  # and time per output token after it
     best_effort: bool = False  # its TTFT target was out of reach at the door: it runs after those with targets
+    held: bool = False  # not admitted until the engine lets go (its structured output's grammar is compiling)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     # The one counter chunked prefill, prefix hits, recompute and decode all advance.

@@ -101,13 +101,15 @@ class Scheduler:
     def next_admissible(self) -> Request | None:
         """The waiting request to offer a seat: the policy's next that the batching mode lets
         in (under static or dynamic batching, a member of the launched batch: a request that
-        came later may outrank them) and, with KV caps, whose tenant has room."""
+        came later may outrank them), not held by the engine and, with KV caps, whose tenant has room."""
         request = self.waiting.peek()
         if self._may_admit(request):
             return request
         return next((r for r in self.waiting if self._may_admit(r)), None)
 
     def _may_admit(self, request: Request) -> bool:
+        if request.held:
+            return False
         if self.kv_caps.binding and self.kv_caps.has_no_room(request.tenant):
             return False
         return self.batching.may_admit(request)

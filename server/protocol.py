@@ -105,8 +105,9 @@ class GenerationRequest(APIRequest):
     # Targets for --scheduling-policy slo (default: the tenant's): time to first token, time per output token.
     slo_ttft_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
     slo_tpot_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
-    # vLLM's extensions that constrain what is generated. Refused (a 400), not ignored as unknown
-    # fields are: unconstrained text would pass for constrained.
+    # vLLM's extensions that constrain what is generated (server/serving.py, structured_output).
+    # allowed_token_ids and bad_words are refused (a 400), not ignored as unknown fields are:
+    # unconstrained text would pass for constrained.
     guided_json: object = None
     guided_regex: object = None
     guided_choice: object = None

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import dataclasses
 from dataclasses import dataclass, field
 import functools
+import json
 import time
 import uuid
 
@@ -17,7 +18,7 @@ from fastapi import Request
 
 from engine import RequestOutput
 from engine.sampler import TokenLogprobs
-from scheduler import InvalidRequestError, SamplingParams
+from scheduler import InvalidRequestError, SamplingParams, StructuredOutput
 from scheduler.tenants import Tenant, Tenants
 from server.async_engine import AsyncEngine, OutputStream
 from server.engine_core import EngineInfo, EngineRequest
@@ -145,14 +146,13 @@ class Generation:
         return Usage.of(prompt_tokens, completion_tokens)
 
 
-CONSTRAINING_EXTENSIONS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
-                           "allowed_token_ids", "bad_words")
+# vLLM's extensions that constrain what is generated and that this server cannot honour.
+UNSUPPORTED_CONSTRAINTS = ("allowed_token_ids", "bad_words")
 
 
 def reject_unsupported(body: GenerationRequest, **fields) -> None:
     """400 for fields a client set that this server cannot honour (rather than ignoring them)."""
-    constraints = {name: getattr(body, name) is not None for name in CONSTRAINING_EXTENSIONS}
-    constraints["response_format"] = (body.response_format or {}).get("type", "text") != "text"
+    constraints = {name: getattr(body, name) is not None for name in UNSUPPORTED_CONSTRAINTS}
     for name, unsupported in {**fields, **constraints}.items():
         if unsupported:
             raise BadRequestError(f"{name} is not supported by this server", param=name)
@@ -160,6 +160,74 @@ def reject_unsupported(body: GenerationRequest, **fields) -> None:
         raise BadRequestError("stream_options is only allowed when stream is true", param="stream_options")
     if body.prompt_logprobs is not None and body.stream:
         raise BadRequestError("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
+
+
+def structured_output(body: GenerationRequest) -> StructuredOutput | None:
+    """The one constraint a request puts on its output, from whichever field it used: OpenAI's
+    `response_format` (json_object, json_schema), vLLM's `structured_outputs` ({"json": ...},
+    {"regex": ...}, {"choice": [...]}, {"grammar": ...}, {"json_object": true}), or vLLM's older
+    `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`. InvalidRequestError
+    when a field is malformed or more than one constraint is given."""
+    found: list[StructuredOutput] = []
+    response_format = body.response_format
+    if response_format is not None:
+        kind = response_format.get("type")
+        if kind == "json_object":
+            found.append(StructuredOutput("json_object", param="response_format"))
+        elif kind == "json_schema":
+            named = response_format.get("json_schema")
+            schema = named.get("schema") if isinstance(named, dict) else None
+            if not isinstance(schema, dict):
+                raise InvalidRequestError("response_format json_schema needs json_schema.schema, a JSON schema object",
+                                          param="response_format")
+            found.append(StructuredOutput("json", json.dumps(schema), param="response_format"))
+        elif kind != "text":
+            raise InvalidRequestError(f"response_format type must be text, json_object or json_schema, got {kind!r}",
+                                      param="response_format")
+    guided = {"json": body.guided_json, "regex": body.guided_regex, "choice": body.guided_choice,
+              "grammar": body.guided_grammar}
+    for kind, value in guided.items():
+        if value is not None:
+            found.append(constraint(kind, value, f"guided_{kind}"))
+    if body.structured_outputs is not None:
+        options = body.structured_outputs
+        if not isinstance(options, dict):
+            raise InvalidRequestError("structured_outputs must be an object", param="structured_outputs")
+        if options.get("json_object"):
+            found.append(StructuredOutput("json_object", param="structured_outputs"))
+        for kind in ("json", "regex", "choice", "grammar"):
+            if options.get(kind) is not None:
+                found.append(constraint(kind, options[kind], "structured_outputs"))
+        unknown = set(options) & {"structural_tag"}
+        if unknown:
+            raise InvalidRequestError(f"structured_outputs {sorted(unknown)[0]} is not supported by this server",
+                                      param="structured_outputs")
+    if len(found) > 1:
+        raise InvalidRequestError(f"a request takes one structured output; this one gives "
+                                  f"{', '.join(sorted({c.param for c in found}))} with {len(found)} constraints",
+                                  param=found[1].param)
+    return found[0] if found else None
+
+
+def constraint(kind: str, value: object, param: str) -> StructuredOutput:
+    """One of vLLM's constraint fields as the engine takes it; a JSON schema may come as an
+    object or as its text, a choice as a list of strings."""
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise InvalidRequestError(f"{param} must be a JSON schema", param=param) from None
+        if not isinstance(value, dict):
+            raise InvalidRequestError(f"{param} must be a JSON schema object", param=param)
+        return StructuredOutput("json", json.dumps(value), param=param)
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise InvalidRequestError(f"{param} must be a list of non-empty strings", param=param)
+        return StructuredOutput("choice", json.dumps(value), param=param)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError(f"{param} must be a non-empty string", param=param)
+    return StructuredOutput(kind, value, param=param)
 
 
 def sampling_params(body: GenerationRequest, max_tokens: int | None, num_prompt_tokens: int, max_model_len: int,
@@ -196,6 +264,7 @@ def sampling_params(body: GenerationRequest, max_tokens: int | None, num_prompt_
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         logit_bias=token_biases(body.logit_bias),
+        structured_output=structured_output(body),
         **{name: value for name, value in given.items() if value is not None},
     )
 

@@ -57,6 +57,9 @@ def test_it_answers_as_the_engine_thread_does(process_server, tiny_server):
          "logprobs": 2},
         {"model": "tiny", "prompt": "seeded", "max_tokens": 8, "temperature": 1.0, "seed": 7, "n": 2},
         {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5, "temperature": 0},
+        # A constraint crosses to the engine process, and its grammar is followed there.
+        {"model": "tiny", "prompt": "pick", "max_tokens": 9, "temperature": 1.0, "seed": 3, "n": 2,
+         "guided_regex": "[a-f]{3}-[0-9]{2}"},
     ]
     for body in bodies:
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
@@ -64,6 +67,11 @@ def test_it_answers_as_the_engine_thread_does(process_server, tiny_server):
         assert got.status_code == expected.status_code == 200
         assert got.json()["choices"] == expected.json()["choices"]
         assert got.json()["usage"] == expected.json()["usage"]
+    # A grammar that does not compile is the engine's refusal, a 400 naming the field, from either.
+    bad = {"model": "tiny", "prompt": "pick", "max_tokens": 4, "structured_outputs": {"grammar": "root ::= "}}
+    for server in (process_server, tiny_server):
+        refused = post(server, "/v1/completions", bad)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "structured_outputs"
 
 
 def test_a_stream_matches_the_whole_answer(process_server):

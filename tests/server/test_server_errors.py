@@ -43,11 +43,21 @@ BAD_COMPLETIONS = [
     ({"logit_bias": {"7": 101}}, "logit_bias", None),
     ({"logit_bias": {"-7": 1}}, "logit_bias", None),
     ({"logit_bias": {"49152": 1}}, "logit_bias", None),  # outside the vocabulary
-    # vLLM's constrained decoding: refused, since unconstrained text would pass for it.
-    ({"guided_choice": ["yes", "no"]}, "guided_choice", None),
-    ({"guided_json": {"type": "object"}}, "guided_json", None),
-    ({"structured_outputs": {"regex": "[0-9]+"}}, "structured_outputs", None),
-    ({"response_format": {"type": "json_object"}}, "response_format", None),
+    # Structured outputs that are malformed, or do not compile (the engine's refusal), or more than one.
+    ({"guided_choice": []}, "guided_choice", None),
+    ({"guided_choice": "yes"}, "guided_choice", None),
+    ({"guided_json": "not json"}, "guided_json", None),
+    ({"guided_json": {"type": "nonsense"}}, "guided_json", None),
+    ({"guided_regex": "("}, "guided_regex", None),
+    ({"structured_outputs": {"regex": "("}}, "structured_outputs", None),
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs", None),
+    ({"structured_outputs": "json"}, "structured_outputs", None),
+    ({"guided_regex": "[0-9]+", "guided_choice": ["a"]}, "guided_choice", None),
+    ({"response_format": {"type": "xml"}}, "response_format", None),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", None),
+    # vLLM's token-level constraints: refused, since unconstrained text would pass for them.
+    ({"allowed_token_ids": [5, 6]}, "allowed_token_ids", None),
+    ({"bad_words": ["no"]}, "bad_words", None),
     ({"min_p": 1.5}, "min_p", None),
     ({"max_tokens": 0}, "max_tokens", None),
     ({"n": 0}, "n", None),
@@ -83,7 +93,8 @@ BAD_CHATS = [
     ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     ({"max_completion_tokens": 10_000}, "max_completion_tokens"),  # the field the client used
     ({"max_tokens": 10_000}, "max_tokens"),
-    ({"guided_regex": "[a-z]+"}, "guided_regex"),
+    ({"guided_grammar": "root ::= "}, "guided_grammar"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "[a-z]+"}, "guided_regex"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
 ]
 

@@ -1,7 +1,10 @@
 """The official `openai` client against a real server on the tiny random Llama (the text is noise)."""
 
 import json
+import re
+from typing import Literal
 
+import pydantic
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -216,6 +219,38 @@ def test_logit_bias_reaches_the_sampler(client, http):
                                           temperature=0.8, seed=1, logit_bias={str(token): 100},
                                           extra_body={"ignore_eos": True})
     assert chat.choices[0].message.content == expected
+
+
+class Verdict(pydantic.BaseModel):
+    """What the client's `parse` turns the reply into (an enum and a bool: the tiny model's
+    noise would wander in a free string, and the test would wait on max_tokens)."""
+
+    answer: Literal["yes", "no", "maybe"]
+    sure: bool
+
+
+def test_structured_outputs_through_the_official_client(client):
+    """Each way a client asks: the SDK's `parse` (response_format json_schema, strict), OpenAI's
+    json_object, and vLLM's fields, streamed and with n > 1."""
+    messages = [{"role": "user", "content": "Is the sky blue?"}]
+    parsed = client.chat.completions.parse(model="tiny", messages=messages, response_format=Verdict, max_tokens=40,
+                                           temperature=1.0, seed=3)
+    assert isinstance(parsed.choices[0].message.parsed, Verdict)
+    assert parsed.choices[0].finish_reason == "stop"
+    choice = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, n=3, temperature=1.0,
+                                       extra_body={"guided_choice": ["red", "green"]})
+    assert [c.text for c in choice.choices if c.text not in ("red", "green")] == []
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, stream=True,
+                                            extra_body={"structured_outputs": {"regex": "[0-9]{2}:[0-9]{2}"}})
+    assert re.fullmatch("[0-9]{2}:[0-9]{2}", "".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+    # json_object: any object; the tiny model's noise may not close it within max_tokens, so
+    # what is checked is that every token kept it a prefix of a JSON object.
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                           response_format={"type": "json_object"})
+    text = reply.choices[0].message.content
+    assert text.startswith("{")
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
 
 
 def test_chat_template_options_render_as_vllm_renders_them(http):

@@ -4,6 +4,7 @@ Kept to a handful of short greedy generations: SmolLM2 is slow on two busy cores
 """
 
 import openai
+import pydantic
 import pytest
 
 from server_harness import API_KEY
@@ -36,3 +37,20 @@ def test_streamed_chat_stops_at_a_stop_string(smollm2):
 
 def test_models_default_name(smollm2):
     assert [model.id for model in smollm2.models.list().data] == ["smollm2"]
+
+
+class City(pydantic.BaseModel):
+    name: str
+    country: str
+    is_capital: bool
+
+
+def test_chat_answers_in_the_schema_asked_for(smollm2):
+    """The SDK's `parse` with a Pydantic model: the real model, masked to the schema, answers
+    in it, and the answer is still the model's (the capital it knows)."""
+    chat = smollm2.chat.completions.parse(
+        model="smollm2", messages=[{"role": "user", "content": "Describe the capital of France as JSON."}],
+        response_format=City, max_tokens=60, temperature=0)
+    city = chat.choices[0].message.parsed
+    assert chat.choices[0].finish_reason == "stop"
+    assert city.name == "Paris" and city.country.lower() == "france" and city.is_capital, city
