@@ -327,7 +327,8 @@ class LLMEngine:
         outputs = []
         for request_id, error in self.structured.take_compiled(timeout_s):
             request = self.scheduler.requests.get(request_id)
-            if request is None:
+            if request is None:  # ended meanwhile (its grammar is released with it; this is a stray)
+                self.structured.release(request_id)
                 continue
             request.held = False
             if error is not None:

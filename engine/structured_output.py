@@ -21,6 +21,8 @@ import torch
 
 from scheduler import InvalidRequestError, Request, StructuredOutput
 
+GRAMMAR_CACHE_BYTES = 256 * 1024 * 1024
+
 
 class StructuredOutputs:
     """The grammars of the engine's constrained requests, by request id: compiling, then
@@ -30,7 +32,7 @@ class StructuredOutputs:
     milliseconds) and finds every malformed schema, regex or grammar, so those are refused at
     the door. Compiling the grammar against the vocabulary is the slow part, from microseconds
     to minutes (xgrammar is cubic in a JSON object's optional properties: 2,000 of them took
-    37 s on 2 cores), so it runs on a thread of its own, which xgrammar lets run beside the
+    37 s on one core), so it runs on a thread of its own, which xgrammar lets run beside the
     engine's (it releases the GIL); the engine schedules the request once it is done, and
     requests without a constraint never wait on it."""
 
@@ -106,9 +108,10 @@ class StructuredOutputs:
 
             info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                            stop_token_ids=self.eos_token_ids)
-            # One thread: the compile thread is one more beside the torch threads already.
-            # Its cache makes a repeated grammar free.
-            self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
+            # One thread: the compile thread is one more beside the torch threads already. Its
+            # cache makes a repeated grammar free; bounded, since every client can send new ones
+            # (a compiled 20,000-value enum holds 26 MB).
+            self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
         return self._compiler
 
     def release(self, request_id: str) -> None:

@@ -213,14 +213,15 @@ def constraint(kind: str, value: object, param: str) -> StructuredOutput:
     """One of vLLM's constraint fields as the engine takes it; a JSON schema may come as an
     object or as its text, a choice as a list of strings."""
     if kind == "json":
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError:
-                raise InvalidRequestError(f"{param} must be a JSON schema", param=param) from None
-        if not isinstance(value, dict):
-            raise InvalidRequestError(f"{param} must be a JSON schema object", param=param)
-        return StructuredOutput("json", json.dumps(value), param=param)
+        try:
+            text = value if isinstance(value, str) else json.dumps(value)
+            if not isinstance(json.loads(text), dict):
+                raise ValueError("not an object")
+        except (ValueError, TypeError):
+            raise InvalidRequestError(f"{param} must be a JSON schema object", param=param) from None
+        except RecursionError:
+            raise InvalidRequestError(f"{param}: the schema nests too deep", param=param) from None
+        return StructuredOutput("json", text, param=param)
     if kind == "choice":
         if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
             raise InvalidRequestError(f"{param} must be a list of non-empty strings", param=param)

@@ -3,7 +3,10 @@
 import pytest
 
 from kvcache import KVCacheManager
-from scheduler import InvalidRequestError, Request, RequestStatus, SamplingParams, Scheduler, SchedulerConfig
+from scheduler import (
+    InvalidRequestError, Request, RequestStatus, SamplingParams, Scheduler, SchedulerConfig, StructuredOutput,
+)
+from scheduler.request import json_depth
 
 
 @pytest.mark.parametrize("param, value", [
@@ -71,3 +74,32 @@ def test_scheduler_refuses_a_duplicate_id_and_an_unknown_policy():
     assert scheduler.num_waiting == 1
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         Scheduler(SchedulerConfig(max_model_len=32, policy="lottery"), KVCacheManager(num_blocks=8))
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "sjf", "fair", "slo"])
+def test_a_held_request_waits_while_those_behind_it_run(policy):
+    """The engine holds a request whose grammar is compiling: it keeps its place in the queue,
+    the ones after it are admitted, and it is admitted once let go."""
+    scheduler = Scheduler(SchedulerConfig(max_model_len=64, policy=policy), KVCacheManager(num_blocks=32))
+    held = Request("held", [1, 2, 3], SamplingParams(), arrival_time=0.0, held=True)
+    scheduler.add_request(held)
+    scheduler.add_request(Request("next", [4, 5], SamplingParams(), arrival_time=1.0))
+    assert [s.request.request_id for s in scheduler.schedule().scheduled] == ["next"]
+    assert held.status is RequestStatus.WAITING and scheduler.num_waiting == 1
+    held.held = False
+    assert {s.request.request_id for s in scheduler.schedule().scheduled} == {"next", "held"}
+
+
+@pytest.mark.parametrize("text, depth", [
+    ("3", 0), ('"[[{"', 0), ('{"a": 1}', 1), ('{"a": "}}}", "b": [1, {"c": [2]}]}', 4),
+    ('{"a": "\\"[[[\\\\", "b": {}}', 2), ("[" * 5000 + "]" * 5000, 5000),
+])
+def test_json_depth_counts_brackets_outside_strings(text, depth):
+    assert json_depth(text) == depth
+
+
+def test_a_schema_nested_too_deep_is_refused():
+    nested = '{"type": "object", "properties": {"a": ' * 40 + "{}" + "}}" * 40
+    with pytest.raises(InvalidRequestError) as error:
+        SamplingParams(structured_output=StructuredOutput("json", nested, "guided_json"))
+    assert error.value.param == "guided_json" and "nests more than" in str(error.value)

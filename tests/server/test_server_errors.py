@@ -1,5 +1,7 @@
 """Every failure answers with the one envelope and the right status: 400 (never 422), 401, 404, 413."""
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -7,6 +9,11 @@ import pytest
 from server_harness import API_KEY
 
 pytestmark = pytest.mark.slow
+
+def NESTED(levels: int) -> str:
+    """A JSON schema, as text, of objects nested `levels` deep (two JSON levels each)."""
+    return '{"type": "object", "properties": {"a": ' * levels + '{"type": "string"}' + '}, "required": ["a"]}' * levels
+
 
 COMPLETION = {"model": "tiny", "prompt": "Hello", "max_tokens": 4}
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
@@ -48,6 +55,10 @@ BAD_COMPLETIONS = [
     ({"guided_choice": "yes"}, "guided_choice", None),
     ({"guided_json": "not json"}, "guided_json", None),
     ({"guided_json": {"type": "nonsense"}}, "guided_json", None),
+    ({"guided_json": NESTED(40)}, "guided_json", None),  # past MAX_SCHEMA_DEPTH
+    ({"guided_json": NESTED(3000)}, "guided_json", None),  # past what the json module reads
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": json.loads(NESTED(40))}}},
+     "response_format", None),
     ({"guided_regex": "("}, "guided_regex", None),
     ({"structured_outputs": {"regex": "("}}, "structured_outputs", None),
     ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs", None),
