@@ -14,6 +14,7 @@ import torch
 
 from engine import LLM
 from scheduler import SamplingParams
+from tiny_llm import make_llm
 
 PROMPTS = [
     "The capital of France is",
@@ -26,14 +27,8 @@ PROMPTS = [
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
-def make_llm(path, async_scheduling: bool, **config) -> LLM:
-    config.setdefault("num_kv_blocks", 256)
-    return LLM(str(path), dtype="float32", device="cpu", max_model_len=128, block_size=4, num_threads=1,
-               async_scheduling=async_scheduling, **config)
-
-
 def generate(path, async_scheduling: bool, params=GREEDY, prompts=PROMPTS, **config):
-    llm = make_llm(path, async_scheduling, **config)
+    llm = make_llm(path, async_scheduling=async_scheduling, **config)
     completions = llm.generate(prompts, params)
     assert_drained(llm)
     return [(c.token_ids, c.finish_reason, c.logprobs) for c in completions], llm.engine
@@ -90,7 +85,7 @@ def test_a_request_is_not_scheduled_past_its_last_token(tiny_model_path):
     request computes its prompt and max_tokens - 1 outputs, no more, as synchronously."""
     computed = {}
     for async_scheduling in (False, True):
-        llm = make_llm(tiny_model_path, async_scheduling)
+        llm = make_llm(tiny_model_path, async_scheduling=async_scheduling)
         scheduler = llm.engine.scheduler
         schedule = scheduler.schedule
         tokens = computed[async_scheduling] = {}
@@ -138,7 +133,7 @@ def test_penalties_and_logprobs_under_async_scheduling(tiny_model_path):
 def test_a_request_aborted_while_its_step_is_in_flight(tiny_model_path):
     """The abort ends it at once and frees its blocks; the token its queued step samples is
     dropped, and the requests beside it go on as if it had never been there."""
-    llm = make_llm(tiny_model_path, True)
+    llm = make_llm(tiny_model_path, async_scheduling=True)
     engine = llm.engine
     ids = [engine.add_request(prompt, GREEDY) for prompt in PROMPTS[:3]]
     outputs = {request_id: [] for request_id in ids}
@@ -163,7 +158,7 @@ def test_padded_static_decode_steps_take_their_inputs_from_the_step_in_flight(ti
     """The CUDA-graph path's buffers, run eagerly: a decode's input id is written into the
     static buffer on the device from the step before's samples."""
     expected, _ = generate(tiny_model_path, False)
-    llm = make_llm(tiny_model_path, True)
+    llm = make_llm(tiny_model_path, async_scheduling=True)
     llm.engine.runner.use_static_decode(llm.engine.config.max_num_seqs, 128, capture=False)
     got = [(c.token_ids, c.finish_reason, c.logprobs) for c in llm.generate(PROMPTS, GREEDY)]
     assert_drained(llm)
@@ -204,7 +199,7 @@ def test_launching_a_step_never_waits_for_the_gpu(tiny_model_path, backend):
 def test_each_call_is_timed_against_the_step_it_reads_back(tiny_model_path):
     """A call's time is mostly the wait for the step in flight, so the cost model (the slo
     policy plans with it) must see that step's shape, not the shape of the one just launched."""
-    llm = make_llm(tiny_model_path, True, max_num_batched_tokens=16)
+    llm = make_llm(tiny_model_path, async_scheduling=True, max_num_batched_tokens=16)
     engine, runner = llm.engine, llm.engine.runner
     launched_shapes, collected = {}, []
     launch, collect = runner.launch, runner.collect

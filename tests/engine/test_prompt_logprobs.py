@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine import LLM
 from scheduler import SamplingParams
+from tiny_llm import make_llm
 
 PROMPTS = [
     "The capital of France is",
@@ -32,11 +32,6 @@ def reference(tiny_model_path):
             logits = model(torch.tensor([token_ids])).logits[0]
         return torch.log_softmax(logits.float(), dim=-1)
     return logprobs
-
-
-def make_llm(path, **config) -> LLM:
-    config.setdefault("num_kv_blocks", 256)
-    return LLM(str(path), dtype="float32", device="cpu", max_model_len=128, block_size=4, num_threads=1, **config)
 
 
 def check_against_reference(completion, reference, number: int) -> None:

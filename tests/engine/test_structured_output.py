@@ -12,9 +12,9 @@ import re
 import pytest
 import torch
 
-from engine import LLM
 from engine.structured_output import StructuredOutputs
 from scheduler import InvalidRequestError, SamplingParams, StructuredOutput
+from tiny_llm import make_llm
 
 SCHEMA = {
     "type": "object",
@@ -51,11 +51,6 @@ def follows(kind: str, text: str) -> bool:
     if kind == "choice":
         return text in CHOICES
     return text in ("The answer is yes.", "The answer is no.", "I do not know.")
-
-
-def make_llm(path, **config) -> LLM:
-    config.setdefault("num_kv_blocks", 256)
-    return LLM(str(path), dtype="float32", device="cpu", max_model_len=128, block_size=4, num_threads=1, **config)
 
 
 @pytest.fixture(scope="module")
