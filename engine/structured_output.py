@@ -14,6 +14,7 @@ start-up (about a second) only if a client asks.
 """
 
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+import functools
 import json
 import re
 
@@ -83,19 +84,8 @@ class StructuredOutputs:
 
     def grammar(self, constraint: StructuredOutput):
         """The constraint as xgrammar's Grammar, before it is compiled against the vocabulary."""
-        import xgrammar
-
-        kind, spec = constraint.kind, constraint.spec
         try:
-            if kind == "json":
-                return xgrammar.Grammar.from_json_schema(spec, any_whitespace=False)
-            if kind == "json_object":
-                return xgrammar.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
-            if kind == "regex":
-                return xgrammar.Grammar.from_regex(spec)
-            if kind == "choice":
-                return xgrammar.Grammar.from_ebnf(choice_grammar(spec))
-            return xgrammar.Grammar.from_ebnf(spec)
+            return converted(constraint.kind, constraint.spec)
         except InvalidRequestError as error:
             raise InvalidRequestError(f"{constraint.param}: {error}", param=constraint.param) from None
         except (RuntimeError, ValueError) as error:  # xgrammar's parse and conversion errors
@@ -140,6 +130,24 @@ class StructuredOutputs:
             self._matchers[requests[row].request_id].fill_next_token_bitmask(bitmask, row)
         xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
                                              vocab_size=self.vocab_size, indices=rows)
+
+
+# A request's choices and prompts all carry the same constraint, and each is a request of its
+# own: the grammar is made once for them, not once each on the engine's thread.
+@functools.lru_cache(maxsize=64)
+def converted(kind: str, spec: str):
+    """xgrammar's Grammar for a constraint of `kind` (StructuredOutput.KINDS) and `spec`."""
+    import xgrammar
+
+    if kind == "json":
+        return xgrammar.Grammar.from_json_schema(spec, any_whitespace=False)
+    if kind == "json_object":
+        return xgrammar.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
+    if kind == "regex":
+        return xgrammar.Grammar.from_regex(spec)
+    if kind == "choice":
+        return xgrammar.Grammar.from_ebnf(choice_grammar(spec))
+    return xgrammar.Grammar.from_ebnf(spec)
 
 
 def reason(error: Exception) -> str:
