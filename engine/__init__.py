@@ -6,6 +6,7 @@ step from `scheduler/` and reports sampled tokens back. Knows nothing of HTTP.
 
 from engine.config import EngineConfig
 from engine.llm import LLM
-from engine.llm_engine import Completion, LLMEngine, RequestOutput
+from engine.llm_engine import LLMEngine
+from engine.outputs import Completion, RequestOutput
 
 __all__ = ["Completion", "EngineConfig", "LLM", "LLMEngine", "RequestOutput"]

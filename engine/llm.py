@@ -4,7 +4,8 @@ import time
 from typing import Sequence
 
 from engine.config import EngineConfig
-from engine.llm_engine import Completion, LLMEngine
+from engine.llm_engine import LLMEngine
+from engine.outputs import Completion
 from scheduler import SamplingParams
 
 Prompt = str | list[int]
